@@ -1,0 +1,133 @@
+"""Typed model configuration: one dataclass per component, shared by every model file.
+
+These dataclasses are the contract between the model code, the recipes (YAML) and the checkpoints
+(`config.json` next to the weights). Field names are the YAML keys under `model:`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass
+class VisionConfig:
+    """Student video ViT (DESIGN 3.4). Input video is float in [0, 1], shape [B, T, 3, H, W]."""
+
+    size: str = "b16"  # tiny | demo | b16 | l16 (sets the defaults below when built by preset)
+    img_size: int = 224
+    patch_size: int = 16
+    width: int = 768
+    depth: int = 12
+    heads: int = 12
+    mlp_ratio: float = 4.0
+    drop_path: float = 0.1
+    norm_eps: float = 1e-6
+    stem: str = "rgb"  # rgb | diff (RGB + difference to previous frame) | tubelet2
+    grad_checkpointing: bool = False
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+
+@dataclass
+class TeacherConfig:
+    """Frozen CLIP image ViT applied per frame (DESIGN 3.1)."""
+
+    weights: str | None = None  # OpenAI/open_clip state dict file, HF CLIP folder, or stmvl teacher dir
+    img_size: int = 224
+    patch_size: int = 16
+    width: int = 768
+    layers: int = 12
+    heads: int = 12
+    embed_dim: int = 512  # C, the projection width = MVM target width
+    return_layers: int = 6  # K
+    input_norm: str = "clip"  # clip | imagenet (UMT parity) | none
+    temporal_fusion: bool = False  # ActionCLIP-style temporal transformer over T at each position
+    temporal_fusion_layers: int = 1
+
+
+@dataclass
+class TextConfig:
+    """BERT text encoder with fusion (cross-attention) layers from `fusion_start` on (DESIGN 3.6)."""
+
+    weights: str | None = None  # HF BERT folder, or "minilm" for the packaged MiniLM-L6
+    vocab: str | None = None  # vocab.txt or folder; None = the weights folder's, else packaged bert-base-uncased
+    vocab_size: int = 30522
+    hidden: int = 768
+    layers: int = 12
+    heads: int = 12
+    intermediate: int = 3072
+    max_position: int = 512
+    type_vocab: int = 2
+    layer_norm_eps: float = 1e-12
+    fusion_start: int = 9  # F: layers [0, F) text-only, [F, layers) add cross-attention to video
+    max_length: int = 32
+    freeze_below: int = 0  # text-only layers below this index (and embeddings if > 0) get no gradient
+
+
+@dataclass
+class PredictorConfig:
+    """Temporal point predictor (DESIGN 3.2)."""
+
+    dim: int = 512  # d: teacher tokens are projected W -> d before the pair CNN
+    hidden: int = 256
+    head_hidden: int = 128
+    point_scale: float = 0.75
+    plateau: float = 0.25
+    slope: float = 1.5
+    floor: float = 1.0
+    jitter: float = 0.2
+    jitter_halve_at: float | None = None  # fraction of training after which the jitter offsets halve
+
+
+@dataclass
+class MaskConfig:
+    """Masking strategies and ratios (DESIGN 3.3). Masks: bool [B, T*N], True = masked."""
+
+    video_strategy: str = "stm"  # random | tube | attention | attention_inverse | stm
+    video_ratio: float = 0.7
+    image_strategy: str = "attention_inverse"
+    image_ratio: float = 0.5
+    logits: str = "log"  # log (Gumbel-top-k on log s) | reference (s used as logits, as the original code)
+    tau: float = 0.05
+    lam_init: float = 0.5
+    lam_lr: float = 5e-2
+    predictor_lr: float | None = None  # None = the base lr
+    seed: int = 0
+
+
+@dataclass
+class LossConfig:
+    """Loss weights and options (DESIGN 3.7)."""
+
+    vtc: float = 1.0
+    vtm: float = 1.0
+    mlm: float = 1.0
+    mvm: float = 1.0
+    mlm_prob: float = 0.5
+    temporal_negatives: bool = False  # time-reversed clip as extra negative for its own caption
+    foil_negatives: bool = False  # corpus-provided foil captions as extra text negatives
+
+
+@dataclass
+class ModelConfig:
+    """The assembled STM / UMT model (DESIGN 3)."""
+
+    preset: str = "stm"  # stm | umt (fills the method defaults; explicit keys win)
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    predictor: PredictorConfig = field(default_factory=PredictorConfig)
+    mask: MaskConfig = field(default_factory=MaskConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    embed_dim: int = 512  # VTC projection width
+    temp_init: float = 0.07
+    temp_min: float = 0.001
+    temp_max: float = 0.5
+    pass2_tokens: str = "masked"  # masked (reference) | visible (reuse pass 1) | all
+    decoder: str = "st"  # st (spatio-temporal decoder) | linear (UMT)
+    mvm_tokens: str = "all"  # all (STM) | visible (UMT's UTA)
