@@ -1,0 +1,46 @@
+"""`stmvl <command> [args]`: a thin dispatcher; every command parses its own arguments in its own module."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# command -> (module, function, one-line help). Modules are imported lazily so `stmvl --help` is instant.
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "demo": ("stmvl.demo", "cli_main", "synthetic corpus -> teacher -> STM pretraining -> evaluation + report"),
+    "synth": ("stmvl.data.synth", "cli_main", "write the synthetic temporal video-text corpus"),
+    "check-data": ("stmvl.data.check", "cli_main", "decode a whole corpus and report missing/corrupt media"),
+    "shards": ("stmvl.data.shards", "cli_main", "write webdataset tar shards from an annotation file"),
+    "train-teacher": ("stmvl.train.commands", "train_teacher_main", "train the demo's tiny CLIP image teacher"),
+    "pretrain": ("stmvl.train.commands", "pretrain_main", "pretrain an STM / UMT model from a recipe"),
+    "finetune": ("stmvl.train.commands", "finetune_main", "finetune on retrieval, QA or multiple choice"),
+    "evaluate": ("stmvl.train.commands", "evaluate_main", "zero-shot / finetuned evaluation of a checkpoint"),
+    "convert": ("stmvl.models.weights", "convert_main", "convert foreign checkpoints (UMT) to stmvl"),
+    "search": ("stmvl.api", "search_main", "search a folder of videos with a text query"),
+    "show-masks": ("stmvl.report", "show_masks_main", "draw the masks of every strategy on a video"),
+}
+
+
+def _usage() -> str:
+    width = max(len(c) for c in COMMANDS)
+    lines = ["usage: stmvl <command> [args]   (stmvl <command> --help for a command's options)", "", "commands:"]
+    lines += [f"  {name:<{width}}  {help_}" for name, (_, _, help_) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"stmvl: unknown command {name!r}; commands: {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    module, func, _ = COMMANDS[name]
+    result = getattr(importlib.import_module(module), func)(rest)
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
