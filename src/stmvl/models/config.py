@@ -29,6 +29,7 @@ class VisionConfig:
     norm_eps: float = 1e-6
     stem: str = "rgb"  # rgb | diff (RGB + difference to previous frame) | tubelet2
     grad_checkpointing: bool = False
+    pos_embed: str = "1d"  # 1d (sincos over the T*N token index, UMT) | 3d (separable over t, row, column)
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
 
@@ -48,6 +49,9 @@ class TeacherConfig:
     input_norm: str = "clip"  # clip | imagenet (UMT parity) | none
     temporal_fusion: bool = False  # ActionCLIP-style temporal transformer over T at each position
     temporal_fusion_layers: int = 1
+    act: str = "quick_gelu"  # quick_gelu (OpenAI CLIP) | gelu (open_clip LAION models)
+    norm_eps: float = 1e-5
+    max_frames: int = 32  # size of the temporal fusion's frame position table
 
 
 @dataclass
@@ -66,6 +70,7 @@ class TextConfig:
     layer_norm_eps: float = 1e-12
     fusion_start: int = 9  # F: layers [0, F) text-only, [F, layers) add cross-attention to video
     max_length: int = 32
+    dropout: float = 0.1  # hidden and attention dropout (BERT's hidden_dropout_prob)
     freeze_below: int = 0  # text-only layers below this index (and embeddings if > 0) get no gradient
 
 

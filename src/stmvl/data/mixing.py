@@ -1,0 +1,175 @@
+"""Distributed batch sampling and the media-type mixing stream (DESIGN 4, "Media mixing").
+
+The stream keeps one loader per media type (video, image), each with its own batch size. Every step is one media
+type; the order of media types in an epoch is a shuffle seeded by (seed, epoch) only, so it is identical on all
+ranks (every rank runs the same media type at the same step, which DDP needs because the model runs different
+code paths for T = 1 and T > 1). Which samples a rank gets depends on (seed, epoch, rank, world_size) only; the
+content of a sample on (seed, epoch, index) (see datasets.py), so a run is reproducible independently of the
+number of DataLoader workers.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Mapping
+
+import numpy as np
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+
+class DistributedBatchSampler(Sampler[list[int]]):
+    """Seeded per-epoch permutation, split across ranks, cut into batches.
+
+    Each rank gets ``num_batches`` batches of ``batch_size`` indices; the permutation is padded by wrapping so that
+    every rank has the same number of batches (with ``drop_last`` the incomplete tail batch is dropped instead).
+    ``start_batch`` skips that many batches of the current epoch without touching the dataset (resume).
+    """
+
+    def __init__(self, num_samples: int, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
+                 shuffle: bool = True, drop_last: bool = True):
+        if num_samples < 1 or batch_size < 1:
+            raise ValueError(f"need num_samples >= 1 and batch_size >= 1, got {num_samples}, {batch_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+        self.num_samples, self.batch_size = num_samples, batch_size
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.shuffle, self.drop_last = shuffle, drop_last
+        self.epoch, self.start_batch = 0, 0
+        per_rank = num_samples // world_size if drop_last else math.ceil(num_samples / world_size)
+        self.num_batches = per_rank // batch_size if drop_last else math.ceil(per_rank / batch_size)
+        if self.num_batches == 0:
+            raise ValueError(f"{num_samples} samples give no full batch of {batch_size} on each of {world_size} ranks "
+                             f"(drop_last=True): lower the batch size")
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = int(epoch), int(start_batch)
+
+    def rank_indices(self) -> np.ndarray:
+        """This rank's sample indices for the current epoch, in order (num_batches * batch_size or fewer)."""
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, self.epoch, 0xBA7C]).permutation(self.num_samples)
+        else:
+            order = np.arange(self.num_samples)
+        per_rank = self.num_batches * self.batch_size if self.drop_last else math.ceil(
+            self.num_samples / self.world_size)
+        total = per_rank * self.world_size
+        if total > len(order):
+            order = np.resize(order, total)  # wrap around so every rank gets the same count
+        return order[self.rank:total:self.world_size][: self.num_batches * self.batch_size]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        indices = self.rank_indices().tolist()
+        for b in range(self.start_batch, self.num_batches):
+            batch = indices[b * self.batch_size:(b + 1) * self.batch_size]
+            if batch:
+                yield batch
+
+    def __len__(self) -> int:
+        return self.num_batches - self.start_batch
+
+
+@dataclass
+class MediaSource:
+    """One media type of the stream: its dataset, per-rank batch size and collate function."""
+
+    dataset: Dataset
+    batch_size: int
+    collate_fn: Callable[[list], Any]
+
+
+def media_schedule(counts: Mapping[str, int], seed: int, epoch: int) -> list[str]:
+    """The media type of every step of an epoch: ``counts[m]`` entries of each, shuffled by (seed, epoch) only."""
+    names = sorted(counts)  # sorted: the order must not depend on dict insertion order on different ranks
+    steps = [name for name in names for _ in range(counts[name])]
+    order = np.random.default_rng([seed, epoch, 0x3D1A]).permutation(len(steps))
+    return [steps[i] for i in order]
+
+
+class MixedBatchStream:
+    """Iterate collated batches, one media type per step, over several per-media DataLoaders.
+
+    Args:
+        sources: media name -> MediaSource.
+        weights: optional media name -> factor on that media's batches per epoch (1 = one pass over its data;
+            0.5 = half of its batches; 2 = two passes). Default 1 for each.
+        rank, world_size: this process's share of every dataset.
+        num_workers: DataLoader workers per media loader (results do not depend on it).
+
+    ``len(stream)`` = steps per epoch. ``state_dict()`` -> {"epoch", "step"}: after ``load_state_dict`` the next
+    iteration continues the epoch at that step; the skipped batches are not loaded.
+    """
+
+    def __init__(self, sources: Mapping[str, MediaSource], seed: int = 0, weights: Mapping[str, float] | None = None,
+                 rank: int = 0, world_size: int = 1, num_workers: int = 0, pin_memory: bool = False,
+                 prefetch_factor: int | None = None):
+        if not sources:
+            raise ValueError("MixedBatchStream needs at least one media source")
+        weights = dict(weights or {})
+        unknown = set(weights) - set(sources)
+        if unknown:
+            raise ValueError(f"weights given for unknown media {sorted(unknown)}; sources are {sorted(sources)}")
+        self.sources = dict(sources)
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.num_workers, self.pin_memory, self.prefetch_factor = num_workers, pin_memory, prefetch_factor
+        self.samplers = {
+            name: DistributedBatchSampler(len(src.dataset), src.batch_size, rank, world_size, seed=seed + i)
+            for i, (name, src) in enumerate(sorted(self.sources.items()))
+        }
+        self.weights = {name: float(weights.get(name, 1.0)) for name in self.sources}
+        for name, w in self.weights.items():
+            if not w > 0:
+                raise ValueError(f"weight of media {name!r} must be > 0, got {w}")
+        self.counts = {name: max(1, round(self.weights[name] * self.samplers[name].num_batches))
+                       for name in self.sources}
+        self.epoch, self.step = 0, 0
+
+    def __len__(self) -> int:
+        return sum(self.counts.values())
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start ``epoch`` from its first step."""
+        self.epoch, self.step = int(epoch), 0
+
+    def schedule(self, epoch: int | None = None) -> list[str]:
+        """Media type of every step of ``epoch`` (default: the current one); identical on all ranks."""
+        return media_schedule(self.counts, self.seed, self.epoch if epoch is None else epoch)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "step": self.step}
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        self.epoch, self.step = int(state["epoch"]), int(state["step"])
+
+    def _pass_iterator(self, name: str, pass_index: int, start_batch: int) -> Iterator[Any]:
+        """Batches of one pass over a media's data; pass p of epoch e uses sampler epoch e * 1000 + p."""
+        source, sampler = self.sources[name], self.samplers[name]
+        sampler_epoch = self.epoch * 1000 + pass_index
+        sampler.set_epoch(sampler_epoch, start_batch)
+        if hasattr(source.dataset, "set_epoch"):
+            source.dataset.set_epoch(sampler_epoch)
+        kwargs: dict[str, Any] = {}
+        if self.num_workers > 0 and self.prefetch_factor is not None:
+            kwargs["prefetch_factor"] = self.prefetch_factor
+        loader = DataLoader(source.dataset, batch_sampler=sampler, collate_fn=source.collate_fn,
+                            num_workers=self.num_workers, pin_memory=self.pin_memory, **kwargs)
+        return iter(loader)
+
+    def _media_batches(self, name: str, skip: int) -> Iterator[Any]:
+        """All batches of ``name`` for this epoch after skipping ``skip`` of them (possibly several passes)."""
+        per_pass = self.samplers[name].num_batches
+        pass_index, start = divmod(skip, per_pass)
+        while True:
+            yield from self._pass_iterator(name, pass_index, start)
+            pass_index, start = pass_index + 1, 0
+
+    def __iter__(self) -> Iterator[Any]:
+        schedule = self.schedule()
+        done = schedule[: self.step]
+        iterators = {name: self._media_batches(name, done.count(name)) for name in self.sources}
+        # generators start their DataLoader lazily, so a media absent from the rest of the epoch costs nothing
+        for name in schedule[self.step:]:
+            batch = next(iterators[name])
+            self.step += 1
+            yield batch
+        self.epoch, self.step = self.epoch + 1, 0

@@ -1,0 +1,469 @@
+"""The synthetic temporal video-text corpus (DESIGN 4.1): ``stmvl synth --out DIR``.
+
+Each clip shows 1 or 2 coloured shapes on a static, per-clip random texture; each object has one motion (moves
+left/right/up/down, grows, shrinks, stays). With two objects, the first moves during the first half of the clip and
+the second during the second half. Everything is a function of integer frame indices, so **reversing the motion
+attributes renders exactly the reversed frames** (``render_clip(reverse_attributes(a)) == render_clip(a)[::-1]``):
+the foil caption of a clip (its reversed attributes, same wording) describes the time-reversed clip, and a model
+blind to frame order scores exactly chance on the probe. No clip is 'stays'-only, so a foil always differs from its
+caption. See docs/synthetic_corpus.md for the vocabulary and templates.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+SHAPES = ("circle", "square", "triangle", "star", "diamond", "cross")
+COLORS = {
+    "red": (225, 35, 35), "green": (40, 195, 60), "blue": (45, 85, 235), "yellow": (245, 225, 40),
+    "purple": (155, 55, 205), "orange": (250, 140, 25), "white": (248, 248, 248), "cyan": (40, 215, 225),
+}
+SIZES = ("small", "large")
+MOTIONS = ("left", "right", "up", "down", "grows", "shrinks", "stays")
+REVERSED_MOTION = {"left": "right", "right": "left", "up": "down", "down": "up", "grows": "shrinks",
+                   "shrinks": "grows", "stays": "stays"}
+# synonyms: index i of a motion's list and of its reverse's list are the same wording style, so a foil keeps the
+# caption's style and differs only in the motion itself
+MOTION_PHRASES = {
+    "left": ("moves to the left", "slides to the left", "travels leftward", "goes left"),
+    "right": ("moves to the right", "slides to the right", "travels rightward", "goes right"),
+    "up": ("moves up", "slides upward", "rises", "goes up"),
+    "down": ("moves down", "slides downward", "sinks", "goes down"),
+    "grows": ("grows", "gets bigger", "expands", "grows larger"),
+    "shrinks": ("shrinks", "gets smaller", "contracts", "shrinks in size"),
+    "stays": ("stays still", "does not move", "remains in place", "stays put"),
+}
+SHAPE_WORDS = {"circle": ("circle", "disk"), "square": ("square", "box"), "triangle": ("triangle",),
+               "star": ("star",), "diamond": ("diamond", "rhombus"), "cross": ("cross", "plus sign")}
+SINGLE_TEMPLATES = ("{a} {m}", "{the} {m}", "there is {a} that {m}", "in this video {a} {m}", "we see {a} that {m}")
+PAIR_TEMPLATES = ("first {a1} {m1}, then {a2} {m2}", "{a1} {m1} first, and then {a2} {m2}",
+                  "{a1} {m1} before {a2} {m2}", "{the1} {m1}, after that {the2} {m2}")
+STATIC_TEMPLATES = ("{a}", "a picture of {a}", "{a} on a textured background", "an image showing {a}")
+QA_ANSWERS = tuple(sorted(set(COLORS) | set(SHAPES) | set(MOTIONS)))
+
+SMALL_RADIUS, LARGE_RADIUS = 0.11, 0.19  # fractions of the frame side
+FPS = 8
+SPLIT_CODES = {"train": 1, "test": 2, "probe": 3}
+
+
+# ----------------------------------------------------------------------------------------------------------- attributes
+def _place(rng: np.random.Generator, motion: str, radius_px: float, size: int) -> tuple[list, list]:
+    """Start and end (x, y, r) in pixels for one object and motion, kept inside the frame."""
+    small, large = SMALL_RADIUS * size, LARGE_RADIUS * size
+    r0, r1 = {"grows": (small, large), "shrinks": (large, small)}.get(motion, (radius_px, radius_px))
+    margin = max(r0, r1) + 1.0
+    lo, hi = margin, size - margin
+    travel = rng.uniform(0.3, 0.45) * size
+    x, y = rng.uniform(lo, hi), rng.uniform(lo, hi)
+    if motion in ("left", "right"):
+        x = rng.uniform(lo + travel, hi) if motion == "left" else rng.uniform(lo, hi - travel)
+        end = (x - travel if motion == "left" else x + travel, y)
+    elif motion in ("up", "down"):
+        y = rng.uniform(lo + travel, hi) if motion == "up" else rng.uniform(lo, hi - travel)
+        end = (x, y - travel if motion == "up" else y + travel)
+    else:
+        end = (x, y)
+    return [round(x, 3), round(y, 3), round(r0, 3)], [round(end[0], 3), round(end[1], 3), round(r1, 3)]
+
+
+def _paths_overlap(other: dict, start: list, end: list) -> bool:
+    """Whether a new object's path (start -> end) comes within touching distance of an existing object's path."""
+    steps = np.linspace(0.0, 1.0, 9)[:, None]
+    path_a = np.asarray(other["start"]) * (1 - steps) + np.asarray(other["end"]) * steps
+    path_b = np.asarray(start) * (1 - steps) + np.asarray(end) * steps
+    gaps = np.hypot(path_a[:, None, 0] - path_b[None, :, 0], path_a[:, None, 1] - path_b[None, :, 1])
+    reach = max(other["start"][2], other["end"][2]) + max(start[2], end[2]) + 1.0
+    return bool(gaps.min() < reach)
+
+
+def sample_attributes(rng: np.random.Generator, size: int) -> dict[str, Any]:
+    """Random clip attributes: background seed, 1-2 objects (shape, colour, size, motion, start, end, z, wording)."""
+    num_objects = 1 if rng.random() < 0.5 else 2
+    objects: list[dict] = []
+    attempts = 0
+    while len(objects) < num_objects:
+        shape, color = str(rng.choice(SHAPES)), str(rng.choice(list(COLORS)))
+        if any(o["shape"] == shape or o["color"] == color for o in objects):
+            continue  # distinct shape and colour keep "the red ..." / "the circle" unambiguous in captions and QA
+        motion = str(rng.choice(MOTIONS))
+        if motion == "stays" and (num_objects == 1 or any(o["motion"] == "stays" for o in objects)):
+            continue  # a 'stays'-only clip is its own reversal: its foil would equal its caption
+        size_word = {"grows": "small", "shrinks": "large"}.get(motion, str(rng.choice(SIZES)))
+        radius = (SMALL_RADIUS if size_word == "small" else LARGE_RADIUS) * size
+        start, end = _place(rng, motion, radius, size)
+        if objects and _paths_overlap(objects[0], start, end) and attempts < 100:
+            attempts += 1
+            continue  # overlapping objects would hide each other's shape; the cap keeps tiny frames generating
+        objects.append({"shape": shape, "color": color, "size": size_word, "motion": motion, "start": start,
+                        "end": end, "z": len(objects), "noun": int(rng.integers(0, 2)),
+                        "verb": int(rng.integers(0, 4)), "say_size": bool(rng.random() < 0.5)})
+    template = int(rng.integers(0, len(SINGLE_TEMPLATES) if num_objects == 1 else len(PAIR_TEMPLATES)))
+    return {"background": int(rng.integers(0, 2**31)), "objects": objects, "template": template}
+
+
+def reverse_attributes(attrs: dict[str, Any]) -> dict[str, Any]:
+    """Attributes of the time-reversed clip: each motion reversed (start <-> end), object order (first/then) swapped.
+
+    Wording choices travel with their object, and ``z`` (drawing order) is kept, so the render is the exact reverse.
+    """
+    reversed_objects = []
+    for obj in reversed(attrs["objects"]):
+        new = dict(obj, motion=REVERSED_MOTION[obj["motion"]], start=list(obj["end"]), end=list(obj["start"]))
+        if obj["motion"] in ("grows", "shrinks"):
+            new["size"] = "large" if obj["size"] == "small" else "small"
+        reversed_objects.append(new)
+    return dict(attrs, objects=reversed_objects)
+
+
+# ------------------------------------------------------------------------------------------------------------ captions
+def _noun_phrase(obj: dict, article: str, with_size: bool) -> str:
+    words = SHAPE_WORDS[obj["shape"]]
+    size = f"{obj['size']} " if with_size else ""
+    return _with_article(article, f"{size}{obj['color']} {words[obj['noun'] % len(words)]}")
+
+
+def _with_article(article: str, phrase: str) -> str:
+    if article == "a" and phrase[0] in "aeiou":
+        article = "an"
+    return f"{article} {phrase}"
+
+
+def _mentions_size(obj: dict) -> bool:
+    # a growing/shrinking object has no single size, so its captions never name one
+    return obj["say_size"] and obj["motion"] not in ("grows", "shrinks")
+
+
+def caption(attrs: dict[str, Any]) -> str:
+    """The caption of a clip from its attributes and stored wording choices."""
+    objs = attrs["objects"]
+    motion = [MOTION_PHRASES[o["motion"]][o["verb"]] for o in objs]
+    if len(objs) == 1:
+        o = objs[0]
+        return SINGLE_TEMPLATES[attrs["template"]].format(
+            a=_noun_phrase(o, "a", _mentions_size(o)), the=_noun_phrase(o, "the", _mentions_size(o)), m=motion[0])
+    o1, o2 = objs
+    return PAIR_TEMPLATES[attrs["template"]].format(
+        a1=_noun_phrase(o1, "a", _mentions_size(o1)), a2=_noun_phrase(o2, "a", _mentions_size(o2)),
+        the1=_noun_phrase(o1, "the", _mentions_size(o1)), the2=_noun_phrase(o2, "the", _mentions_size(o2)),
+        m1=motion[0], m2=motion[1])
+
+
+def foil_caption(attrs: dict[str, Any]) -> str:
+    """The caption of the time-reversed clip, in the same wording: the probe's wrong answer."""
+    return caption(reverse_attributes(attrs))
+
+
+def caption_key(attrs: dict[str, Any]) -> tuple:
+    """What a caption asserts: per object in order (colour, shape, motion, size or None when not said)."""
+    return tuple((o["color"], o["shape"], o["motion"], o["size"] if _mentions_size(o) else None)
+                 for o in attrs["objects"])
+
+
+def clip_matches(key: tuple, attrs: dict[str, Any]) -> bool:
+    """Whether a clip with ``attrs`` satisfies the caption key ``key`` (retrieval ground truth)."""
+    objs = attrs["objects"]
+    if len(objs) != len(key):
+        return False
+    return all(o["color"] == c and o["shape"] == s and o["motion"] == m and (z is None or o["size"] == z)
+               for o, (c, s, m, z) in zip(objs, key))
+
+
+def _static_size(obj: dict, at_end: bool) -> str:
+    """Size word of an object on the first or last frame."""
+    if obj["motion"] == "grows":
+        return "large" if at_end else "small"
+    if obj["motion"] == "shrinks":
+        return "small" if at_end else "large"
+    return obj["size"]
+
+
+def static_caption(attrs: dict[str, Any], at_end: bool, template: int) -> str:
+    """Caption of a single frame (first or last): sizes are those of that frame, no motion words."""
+    phrases = []
+    for obj in attrs["objects"]:
+        words = SHAPE_WORDS[obj["shape"]]
+        phrases.append(_with_article("a", f"{_static_size(obj, at_end)} {obj['color']} {words[obj['noun'] % len(words)]}"))
+    return STATIC_TEMPLATES[template].format(a=" and ".join(phrases))
+
+
+# ----------------------------------------------------------------------------------------------------------- rendering
+def render_background(seed: int, size: int) -> np.ndarray:
+    """A smooth random texture (sum of low-frequency waves + fine static grain), float [size, size, 3] in 0..255."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64) / size
+    base = rng.uniform(70, 110) + rng.uniform(-12, 12, size=3)
+    image = np.broadcast_to(base, (size, size, 3)).copy()
+    for _ in range(4):
+        fx, fy = rng.uniform(-3, 3, size=2)
+        phase = rng.uniform(0, 2 * np.pi)
+        wave = np.sin(2 * np.pi * (fx * xx + fy * yy) + phase)
+        image += wave[..., None] * rng.uniform(8, 20) * rng.uniform(0.6, 1.0, size=3)
+    image += rng.normal(0, 5, size=(size, size, 3))
+    return np.clip(image, 0, 255)
+
+
+def _shape_distance(shape: str, dx: np.ndarray, dy: np.ndarray, r: float) -> np.ndarray:
+    """Approximate signed distance (pixels, < 0 inside) of a shape of radius r centred at the origin."""
+    if shape == "circle":
+        return np.hypot(dx, dy) - r
+    if shape == "square":
+        return np.maximum(np.abs(dx), np.abs(dy)) - 0.82 * r
+    if shape == "diamond":
+        return (np.abs(dx) + np.abs(dy) - 1.1 * r) / np.sqrt(2.0)
+    if shape == "triangle":  # pointing up (image y grows downwards); edge normals at 90, 210, 330 degrees
+        angles = np.deg2rad([90.0, 210.0, 330.0])
+        return np.max([np.cos(a) * dx + np.sin(a) * dy for a in angles], axis=0) - 0.55 * r
+    if shape == "star":
+        theta = np.arctan2(dy, dx) + np.pi / 2
+        return np.hypot(dx, dy) - r * (0.7 + 0.3 * np.cos(5 * theta))
+    if shape == "cross":
+        arm = 0.34 * r
+        return np.minimum(np.maximum(np.abs(dx) - r, np.abs(dy) - arm), np.maximum(np.abs(dx) - arm, np.abs(dy) - r))
+    raise ValueError(f"unknown shape {shape!r}")
+
+
+def _progress(slot: int, num_objects: int, frame: int, last: int) -> int:
+    """Integer progress numerator (denominator ``last``) of object ``slot`` at ``frame``.
+
+    Integers keep reversal exact: positions are (start * (last - p) + end * p) / last, which is symmetric in floating
+    point under (start, end, p) -> (end, start, last - p).
+    """
+    if num_objects == 1:
+        return frame
+    return int(np.clip(2 * frame - slot * last, 0, last))
+
+
+def render_clip(attrs: dict[str, Any], size: int = 64, frames: int = 16) -> np.ndarray:
+    """Render a clip: uint8 [frames, size, size, 3] (RGB)."""
+    if frames < 2:
+        raise ValueError(f"a clip needs at least 2 frames, got {frames}")
+    background = render_background(attrs["background"], size)
+    return np.stack([render_frame(attrs, size, frames, f, background) for f in range(frames)])
+
+
+def render_frame(attrs: dict[str, Any], size: int, frames: int, frame: int,
+                 background: np.ndarray | None = None) -> np.ndarray:
+    """Frame ``frame`` of a clip as uint8 [size, size, 3]."""
+    image = (render_background(attrs["background"], size) if background is None else background).copy()
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64) + 0.5
+    last = frames - 1
+    slots = {id(o): i for i, o in enumerate(attrs["objects"])}
+    for obj in sorted(attrs["objects"], key=lambda o: o["z"]):
+        p = _progress(slots[id(obj)], len(attrs["objects"]), frame, last)
+        x, y, r = ((s * (last - p) + e * p) / last for s, e in zip(obj["start"], obj["end"]))
+        alpha = np.clip(0.5 - _shape_distance(obj["shape"], xx - x, yy - y, r), 0.0, 1.0)[..., None]
+        image = image * (1.0 - alpha) + np.asarray(COLORS[obj["color"]], dtype=np.float64) * alpha
+    return np.clip(np.rint(image), 0, 255).astype(np.uint8)
+
+
+def rgb_to_yuv420p(rgb: np.ndarray) -> np.ndarray:
+    """uint8 [H, W, 3] RGB -> planar yuv420p [H * 3 / 2, W] (BT.601 limited range, 2x2-averaged chroma).
+
+    Converting here instead of inside FFmpeg pins the colour matrix and the chroma filter, so the encoder input
+    depends on nothing but the rendered frames.
+    """
+    h, w, _ = rgb.shape
+    if h % 2 or w % 2:
+        raise ValueError(f"yuv420p needs even frame sides, got {w}x{h}")
+    x = rgb.astype(np.float64) / 255.0
+    r, g, b = x[..., 0], x[..., 1], x[..., 2]
+    y = 16 + 65.481 * r + 128.553 * g + 24.966 * b
+    cb = 128 - 37.797 * r - 74.203 * g + 112.0 * b
+    cr = 128 + 112.0 * r - 93.786 * g - 18.214 * b
+
+    def subsample(plane: np.ndarray) -> np.ndarray:
+        return plane.reshape(h // 2, 2, w // 2, 2).mean(axis=(1, 3))
+
+    def to_u8(plane: np.ndarray) -> np.ndarray:
+        return np.clip(np.rint(plane), 0, 255).astype(np.uint8)
+
+    chroma = np.concatenate([to_u8(subsample(cb)).reshape(-1), to_u8(subsample(cr)).reshape(-1)])
+    return np.concatenate([to_u8(y).reshape(-1), chroma]).reshape(h * 3 // 2, w)
+
+
+def write_mp4(path: str | os.PathLike, frames: np.ndarray, fps: int = FPS, crf: int = 10) -> None:
+    """Encode uint8 [F, H, W, 3] frames as H.264 (yuv420p) mp4 with reproducible bytes.
+
+    Single-threaded, and adaptive B-frame placement and macroblock-tree rate control are off: with them x264 was
+    observed to encode the same 16 frames differently from run to run.
+    """
+    import av
+
+    with av.open(str(path), mode="w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=fps, options={"crf": str(crf), "preset": "veryfast",
+                                                             "x264-params": "b-adapt=0:mbtree=0"})
+        stream.width, stream.height = frames.shape[2], frames.shape[1]
+        stream.pix_fmt = "yuv420p"
+        stream.codec_context.thread_count = 1
+        for array in frames:
+            frame = av.VideoFrame.from_ndarray(rgb_to_yuv420p(array), format="yuv420p")
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+# ------------------------------------------------------------------------------------------------------------- corpus
+@dataclass(frozen=True)
+class _ClipJob:
+    out: str
+    split: str
+    index: int
+    seed: int
+    size: int
+    frames: int
+    image: bool  # also write the image-text frame (train split)
+
+
+def clip_rng(seed: int, split: str, index: int) -> np.random.Generator:
+    """The generator of one clip: depends only on (seed, split, index), not on the worker that renders it."""
+    return np.random.default_rng([seed, SPLIT_CODES[split], index])
+
+
+def _make_clip(job: _ClipJob) -> dict[str, Any]:
+    rng = clip_rng(job.seed, job.split, job.index)
+    attrs = sample_attributes(rng, job.size)
+    rel = f"videos/{job.split}/{job.split}_{job.index:05d}.mp4"
+    frames = render_clip(attrs, job.size, job.frames)
+    write_mp4(Path(job.out) / rel, frames)
+    record: dict[str, Any] = {"video": rel, "caption": caption(attrs), "foil": foil_caption(attrs),
+                              "attributes": attrs}
+    if job.image:
+        at_end = bool(rng.random() < 0.5)
+        image_rel = f"images/{job.split}/{job.split}_{job.index:05d}.png"
+        from PIL import Image
+
+        Image.fromarray(frames[-1 if at_end else 0]).save(Path(job.out) / image_rel, optimize=False)
+        record["image_record"] = {"image": image_rel,
+                                  "caption": static_caption(attrs, at_end, int(rng.integers(0, 4)))}
+    return record
+
+
+def _qa_record(rng: np.random.Generator, video: str, attrs: dict, question_id: int) -> dict[str, Any]:
+    obj = attrs["objects"][int(rng.integers(0, len(attrs["objects"])))]
+    kind = int(rng.integers(0, 3))
+    if kind == 0:
+        question, answer = f"what color is the {obj['shape']}", obj["color"]
+    elif kind == 1:
+        question, answer = f"what shape is the {obj['color']} object", obj["shape"]
+    else:
+        question, answer = f"how does the {obj['color']} {obj['shape']} move", obj["motion"]
+    return {"video": video, "question": question, "answer": answer, "question_id": question_id}
+
+
+def _mc_record(rng: np.random.Generator, video: str, attrs: dict) -> dict[str, Any]:
+    """Five options: the caption, its foil and three single-attribute edits (different colour/shape/motion)."""
+    true_key = caption_key(attrs)
+    options = [caption(attrs), foil_caption(attrs)]
+    for _ in range(200):
+        if len(options) == 5:
+            break
+        edited = json.loads(json.dumps(attrs))
+        obj = edited["objects"][int(rng.integers(0, len(edited["objects"])))]
+        field = ("color", "shape", "motion")[int(rng.integers(0, 3))]
+        pool = {"color": list(COLORS), "shape": list(SHAPES), "motion": [m for m in MOTIONS if m != "stays"]}[field]
+        obj[field] = str(rng.choice(pool))
+        text = caption(edited)
+        if caption_key(edited) != true_key and text not in options:
+            options.append(text)
+    if len(options) != 5:
+        raise RuntimeError(f"could not build 5 distinct MC options for {video}")
+    order = rng.permutation(5)
+    shuffled = [options[i] for i in order]
+    return {"video": video, "caption": shuffled, "answer": int(np.where(order == 0)[0][0])}
+
+
+def _retrieval_records(records: list[dict]) -> list[dict]:
+    """Test clips with per-text ground truth = every test clip whose attributes satisfy the caption."""
+    out = []
+    for record in records:
+        key = caption_key(record["attributes"])
+        gt = [j for j, other in enumerate(records) if clip_matches(key, other["attributes"])]
+        out.append({"video": record["video"], "caption": record["caption"], "gt": gt})
+    return out
+
+
+def _dump(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=None, separators=(",", ":"), sort_keys=True) + "\n", encoding="utf-8")
+
+
+def generate_corpus(out: str | os.PathLike, seed: int = 0, train: int = 3000, test: int = 500, probe: int = 500,
+                    size: int = 64, frames: int = 16, workers: int | None = None) -> dict[str, Any]:
+    """Write the corpus under ``out`` and return its manifest (counts, files, seconds taken).
+
+    Layout: ``videos/{train,test,probe}/*.mp4``, ``images/train/*.png``, ``annotations/*.json``
+    (train_video, train_image, test_video, retrieval_test, probe, qa_train, qa_test, qa_answers, mc_test) and
+    ``manifest.json``. All media paths are relative to ``out``.
+    """
+    if size < 32 or frames < 2 or min(train, test, probe) < 0:
+        raise ValueError(f"need size >= 32, frames >= 2, non-negative counts; got size={size} frames={frames}")
+    started = time.perf_counter()
+    root = Path(out)
+    for sub in ("videos/train", "videos/test", "videos/probe", "images/train", "annotations"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    jobs = [_ClipJob(str(root), split, i, seed, size, frames, split == "train")
+            for split, count in (("train", train), ("test", test), ("probe", probe)) for i in range(count)]
+    workers = workers or os.cpu_count() or 1
+    if workers > 1 and len(jobs) > 1:
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            results = pool.map(_make_clip, jobs, chunksize=max(1, len(jobs) // (workers * 8)))
+    else:
+        results = [_make_clip(job) for job in jobs]
+    by_split: dict[str, list[dict]] = {"train": [], "test": [], "probe": []}
+    for job, record in zip(jobs, results):
+        by_split[job.split].append(record)
+    files = _write_annotations(root / "annotations", by_split, seed)
+    manifest = {"seed": seed, "size": size, "frames": frames, "fps": FPS, "counts": {k: len(v) for k, v in
+                by_split.items()}, "files": files, "vocabulary": {"shapes": list(SHAPES), "colors": list(COLORS),
+                "sizes": list(SIZES), "motions": list(MOTIONS)}}
+    _dump(root / "manifest.json", manifest)
+    return dict(manifest, seconds=time.perf_counter() - started)
+
+
+def _write_annotations(folder: Path, by_split: dict[str, list[dict]], seed: int) -> dict[str, str]:
+    train, test, probe = by_split["train"], by_split["test"], by_split["probe"]
+    qa_rng, mc_rng = np.random.default_rng([seed, 11]), np.random.default_rng([seed, 12])
+    content = {
+        "train_video": [{k: r[k] for k in ("video", "caption", "foil", "attributes")} for r in train],
+        "train_image": [r["image_record"] for r in train],
+        "test_video": [{k: r[k] for k in ("video", "caption", "foil", "attributes")} for r in test],
+        "retrieval_test": _retrieval_records(test),
+        "probe": [{k: r[k] for k in ("video", "caption", "foil", "attributes")} for r in probe],
+        "qa_train": [_qa_record(qa_rng, r["video"], r["attributes"], i) for i, r in enumerate(train)],
+        "qa_test": [_qa_record(qa_rng, r["video"], r["attributes"], len(train) + i) for i, r in enumerate(test)],
+        "qa_answers": list(QA_ANSWERS),
+        "mc_test": [_mc_record(mc_rng, r["video"], r["attributes"]) for r in test],
+    }
+    files = {}
+    for name, data in content.items():
+        _dump(folder / f"{name}.json", data)
+        files[name] = f"annotations/{name}.json"
+    return files
+
+
+def cli_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="stmvl synth", description="write the synthetic temporal video-text corpus")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--train", type=int, default=3000, help="train clips (each also gives one image-text pair)")
+    parser.add_argument("--test", type=int, default=500)
+    parser.add_argument("--probe", type=int, default=500)
+    parser.add_argument("--size", type=int, default=64, help="frame side in pixels")
+    parser.add_argument("--frames", type=int, default=16)
+    parser.add_argument("--workers", type=int, default=None, help="processes (default: all CPUs)")
+    args = parser.parse_args(argv)
+    manifest = generate_corpus(args.out, seed=args.seed, train=args.train, test=args.test, probe=args.probe,
+                               size=args.size, frames=args.frames, workers=args.workers)
+    counts = manifest["counts"]
+    print(f"wrote {counts['train']} train / {counts['test']} test / {counts['probe']} probe clips "
+          f"({args.size}px, {args.frames} frames) to {args.out} in {manifest['seconds']:.1f}s")
+    return 0

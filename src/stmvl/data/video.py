@@ -1,0 +1,335 @@
+"""Video and image reading: frame sampling, PyAV decoding (decord optional), Pillow images.
+
+All readers return uint8 tensors ``[T, 3, H, W]`` (images: T = 1) and raise :class:`MediaError` with a ``reason`` in
+``missing | empty | undecodable | too_short`` so that callers (quarantine, check-data) can classify failures.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import math
+import os
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+SAMPLING_MODES = ("rand", "middle", "fps")
+BACKENDS = ("pyav", "decord")
+FAILURE_REASONS = ("missing", "empty", "undecodable", "too_short")
+
+# Decode forward instead of seeking when the next wanted frame is at most this many frames ahead: a seek lands on a
+# keyframe and decodes forward anyway, so short gaps are cheaper to decode straight through.
+SEEK_GAP_FRAMES = 64
+
+Media = str | os.PathLike | bytes
+
+
+class MediaError(RuntimeError):
+    """A media file could not be used. ``reason`` is one of FAILURE_REASONS; ``path`` names the file."""
+
+    def __init__(self, path: str, reason: str, detail: str = ""):
+        if reason not in FAILURE_REASONS:
+            raise ValueError(f"unknown media failure reason {reason!r}")
+        self.path, self.reason, self.detail = str(path), reason, detail
+        super().__init__(f"{path}: {reason}" + (f" ({detail})" if detail else ""))
+
+
+def sample_frame_indices(
+    num_total: int,
+    num_frames: int,
+    mode: str = "rand",
+    rng: np.random.Generator | None = None,
+    fps: float | None = None,
+    sample_fps: float = 1.0,
+    first: int = 0,
+) -> list[int]:
+    """Indices of ``num_frames`` frames out of ``num_total`` (offset by ``first``, for trimmed clips).
+
+    - ``rand``: split [0, num_total) into num_frames equal segments; one uniformly random frame per segment, both
+      segment ends included.
+    - ``middle``: the middle frame of each segment (evaluation).
+    - ``fps``: frames at ``sample_fps`` per second from the start (``fps`` = the video's native rate), first
+      num_frames of them.
+    Videos shorter than num_frames (or fps sampling running out) repeat the last frame.
+    """
+    if num_total < 1:
+        raise ValueError(f"cannot sample frames from a video with {num_total} frames")
+    if num_frames < 1:
+        raise ValueError(f"num_frames must be >= 1, got {num_frames}")
+    if mode not in SAMPLING_MODES:
+        raise ValueError(f"unknown sampling mode {mode!r}; expected one of {SAMPLING_MODES}")
+    if mode == "fps":
+        if not fps or fps <= 0 or sample_fps <= 0:
+            raise ValueError(f"fps sampling needs the video fps (> 0) and sample_fps (> 0), got {fps}, {sample_fps}")
+        step = fps / sample_fps
+        indices = [int(round(k * step)) for k in range(num_frames) if int(round(k * step)) < num_total]
+    elif num_total < num_frames:
+        indices = list(range(num_total))
+    else:
+        edges = np.linspace(0, num_total, num_frames + 1).astype(int)
+        lows, highs = edges[:-1], edges[1:] - 1  # inclusive segment bounds
+        if mode == "rand":
+            if rng is None:
+                raise ValueError("rand sampling needs an rng (numpy Generator)")
+            indices = [int(rng.integers(lo, hi + 1)) for lo, hi in zip(lows, highs)]
+        else:
+            indices = [int((lo + hi) // 2) for lo, hi in zip(lows, highs)]
+    indices += [indices[-1]] * (num_frames - len(indices))
+    return [first + i for i in indices]
+
+
+@dataclass
+class VideoInfo:
+    """Stream metadata: frame count (estimated when the container does not store one), fps, duration in seconds."""
+
+    num_frames: int
+    fps: float
+    duration: float
+
+
+def _check_file(media: Media) -> str:
+    """Return a printable name for ``media`` after the missing/empty checks."""
+    if isinstance(media, (bytes, bytearray)):
+        if len(media) == 0:
+            raise MediaError("<bytes>", "empty", "zero bytes")
+        return "<bytes>"
+    path = os.fspath(media)
+    if not os.path.exists(path):
+        raise MediaError(path, "missing", "file does not exist")
+    if os.path.getsize(path) == 0:
+        raise MediaError(path, "empty", "zero bytes")
+    return path
+
+
+def _open_container(media: Media, name: str):
+    import av
+
+    source = io.BytesIO(media) if isinstance(media, (bytes, bytearray)) else os.fspath(media)
+    try:
+        container = av.open(source)
+    except (av.error.FFmpegError, OSError, ValueError) as err:
+        raise MediaError(name, "undecodable", f"cannot open: {err}") from err
+    if not container.streams.video:
+        container.close()
+        raise MediaError(name, "undecodable", "no video stream")
+    return container
+
+
+def _stream_info(container, stream) -> VideoInfo:
+    fps = float(stream.average_rate or stream.guessed_rate or 0) or 25.0
+    if stream.duration is not None and stream.time_base is not None:
+        duration = float(stream.duration * stream.time_base)
+    elif container.duration is not None:
+        duration = container.duration / 1_000_000
+    else:
+        duration = 0.0
+    num = int(stream.frames or 0)
+    if num <= 0:  # webm and some streams store no frame count: estimate from the duration
+        num = int(math.floor(duration * fps + 0.5))
+    return VideoInfo(num_frames=num, fps=fps, duration=duration)
+
+
+def _frame_index(frame, stream, fps: float, start_time: float) -> int | None:
+    if frame.pts is None or stream.time_base is None:
+        return None
+    return int(round((float(frame.pts * stream.time_base) - start_time) * fps))
+
+
+def _decode_wanted(container, stream, wanted: Sequence[int], fps: float, name: str) -> dict[int, np.ndarray]:
+    """Decode the frames at the sorted unique indices ``wanted``: sequentially, seeking only across long gaps.
+
+    Returns index -> HWC uint8 array. Indices past the real end of the stream (frame counts estimated from the
+    duration can overshoot) are absent; the caller repeats the last decoded frame for them.
+    """
+    import av
+
+    start_time = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
+    out: dict[int, np.ndarray] = {}
+    pending = deque(wanted)
+    need_seek = pending[0] > SEEK_GAP_FRAMES
+    position = -1  # index of the last decoded frame
+    try:
+        while pending:
+            if need_seek:
+                timestamp = int((pending[0] / fps + start_time) / stream.time_base)
+                container.seek(timestamp, stream=stream, backward=True, any_frame=False)
+                need_seek = False
+            stream_ended = True
+            for frame in container.decode(stream):
+                index = _frame_index(frame, stream, fps, start_time)
+                position = position + 1 if index is None else index
+                if position < pending[0]:
+                    continue
+                array = frame.to_ndarray(format="rgb24")
+                while pending and pending[0] <= position:
+                    out[pending.popleft()] = array
+                if not pending or pending[0] - position > SEEK_GAP_FRAMES:
+                    need_seek, stream_ended = bool(pending), False
+                    break
+            if stream_ended:
+                break
+    except av.error.FFmpegError as err:
+        if not out:
+            raise MediaError(name, "undecodable", f"decode failed: {err}") from err
+        # a corrupt tail after good frames: keep them; the caller repeats the last good frame
+    if not out:
+        raise MediaError(name, "undecodable", "no frame could be decoded")
+    return out
+
+
+def read_video(
+    media: Media,
+    num_frames: int,
+    sampling: str = "rand",
+    rng: np.random.Generator | None = None,
+    *,
+    backend: str = "pyav",
+    start: float | None = None,
+    end: float | None = None,
+    min_frames: int = 1,
+    sample_fps: float = 1.0,
+) -> tuple[torch.Tensor, list[int]]:
+    """Decode ``num_frames`` sampled frames of a video file (path) or in-memory bytes.
+
+    Args:
+        start, end: optional trimming in seconds; sampling then covers only [start, end).
+        min_frames: fewer frames than this (after trimming) raises MediaError(reason="too_short").
+    Returns:
+        (uint8 [T, 3, H, W], the sampled frame indices in the untrimmed video).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown video backend {backend!r}; expected one of {BACKENDS}")
+    name = _check_file(media)
+    if backend == "decord":
+        return _read_video_decord(media, name, num_frames, sampling, rng, start, end, min_frames, sample_fps)
+    container = _open_container(media, name)
+    try:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        info = _stream_info(container, stream)
+        first, last = _trim_range(info, start, end)
+        available = last - first
+        if available < max(min_frames, 1):
+            raise MediaError(name, "too_short", f"{available} frames, need at least {max(min_frames, 1)}")
+        indices = sample_frame_indices(available, num_frames, sampling, rng, fps=info.fps, sample_fps=sample_fps,
+                                       first=first)
+        decoded = _decode_wanted(container, stream, sorted(set(indices)), info.fps, name)
+    finally:
+        container.close()
+    frames = _assemble(decoded, indices)
+    return frames, indices
+
+
+def _trim_range(info: VideoInfo, start: float | None, end: float | None) -> tuple[int, int]:
+    first = int(round(start * info.fps)) if start else 0
+    last = info.num_frames if end is None else min(info.num_frames, int(round(end * info.fps)))
+    return min(first, info.num_frames), last
+
+
+def _assemble(decoded: dict[int, np.ndarray], indices: Sequence[int]) -> torch.Tensor:
+    """Stack frames in sampling order; an index that did not decode reuses the closest earlier decoded frame."""
+    keys = sorted(decoded)
+    arrays = []
+    for i in indices:
+        earlier = [k for k in keys if k <= i]
+        arrays.append(decoded[earlier[-1] if earlier else keys[0]])
+    stacked = np.stack(arrays)  # [T, H, W, 3]
+    return torch.from_numpy(stacked).permute(0, 3, 1, 2).contiguous()
+
+
+def _read_video_decord(media, name, num_frames, sampling, rng, start, end, min_frames, sample_fps):
+    if importlib.util.find_spec("decord") is None:
+        raise ImportError("video backend 'decord' was chosen but the decord package is not installed; "
+                          "install it (pip install decord) or use backend='pyav'")
+    import decord
+
+    source = io.BytesIO(media) if isinstance(media, (bytes, bytearray)) else os.fspath(media)
+    try:
+        reader = decord.VideoReader(source, num_threads=1)
+    except Exception as err:  # decord raises its own DECORDError and RuntimeError variants
+        raise MediaError(name, "undecodable", f"decord cannot open: {err}") from err
+    fps = float(reader.get_avg_fps()) or 25.0
+    info = VideoInfo(num_frames=len(reader), fps=fps, duration=len(reader) / fps)
+    first, last = _trim_range(info, start, end)
+    if last - first < max(min_frames, 1):
+        raise MediaError(name, "too_short", f"{last - first} frames, need at least {max(min_frames, 1)}")
+    indices = sample_frame_indices(last - first, num_frames, sampling, rng, fps=fps, sample_fps=sample_fps,
+                                   first=first)
+    try:
+        batch = reader.get_batch(indices).asnumpy()
+    except Exception as err:
+        raise MediaError(name, "undecodable", f"decord decode failed: {err}") from err
+    return torch.from_numpy(batch).permute(0, 3, 1, 2).contiguous(), indices
+
+
+def video_info(media: Media) -> VideoInfo:
+    """Container metadata (frame count estimated from duration x fps when the stream stores none)."""
+    name = _check_file(media)
+    container = _open_container(media, name)
+    try:
+        return _stream_info(container, container.streams.video[0])
+    finally:
+        container.close()
+
+
+def count_decodable_frames(media: Media) -> int:
+    """Decode every frame of a video and return how many decoded (used by check-data). Raises MediaError."""
+    import av
+
+    name = _check_file(media)
+    container = _open_container(media, name)
+    count = 0
+    try:
+        for _ in container.decode(container.streams.video[0]):
+            count += 1
+    except av.error.FFmpegError as err:
+        if count == 0:
+            raise MediaError(name, "undecodable", f"decode failed: {err}") from err
+        raise MediaError(name, "undecodable", f"decode failed after {count} frames: {err}") from err
+    finally:
+        container.close()
+    if count == 0:
+        raise MediaError(name, "undecodable", "no frame could be decoded")
+    return count
+
+
+def read_image(media: Media) -> torch.Tensor:
+    """Read an image file (path or bytes) with Pillow as uint8 [1, 3, H, W] (RGB)."""
+    from PIL import Image, UnidentifiedImageError
+
+    name = _check_file(media)
+    source = io.BytesIO(media) if isinstance(media, (bytes, bytearray)) else os.fspath(media)
+    try:
+        with Image.open(source) as image:
+            array = np.asarray(image.convert("RGB"))
+    except (UnidentifiedImageError, OSError, ValueError) as err:
+        raise MediaError(name, "undecodable", f"Pillow cannot read: {err}") from err
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).unsqueeze(0).contiguous()
+
+
+def read_media(
+    media: Media,
+    media_type: str,
+    num_frames: int,
+    sampling: str = "rand",
+    rng: np.random.Generator | None = None,
+    **video_kwargs,
+) -> torch.Tensor:
+    """uint8 [T, 3, H, W] from a video (T = num_frames) or an image (T = 1)."""
+    if media_type == "image":
+        return read_image(media)
+    if media_type != "video":
+        raise ValueError(f"unknown media type {media_type!r}; expected 'video' or 'image'")
+    frames, _ = read_video(media, num_frames, sampling, rng, **video_kwargs)
+    return frames
+
+
+def resolve_media_path(media_root: str | os.PathLike, rel_path: str) -> Path:
+    """Join a record's media path to the corpus media root (absolute record paths are kept)."""
+    path = Path(rel_path)
+    return path if path.is_absolute() else Path(media_root) / path

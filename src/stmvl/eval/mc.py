@@ -1,0 +1,108 @@
+"""Multiple-choice video-text scoring (MSRVTT-MC style, DESIGN 6).
+
+For a clip and its K candidate sentences:
+``score_k = 0.7 * softmax(itm_logits_k)[1] + 0.3 * softmax_k(itc_k / temp)`` where ``itc_k`` is the mean over frames
+of the cosine between the frames and option k, and the second softmax runs over the clip's options. The prediction is
+the argmax (the first option on an exact tie). ITM-only and ITC-only accuracies are reported beside the combined one.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+from stmvl.eval.features import (
+    autocast_context,
+    describe_protocol,
+    evaluation_mode,
+    map_clips,
+    positive_probability,
+    tokenize,
+)
+
+ITM_WEIGHT = 0.7
+ITC_WEIGHT = 0.3
+DEFAULT_MC_TEXT_LEN = 32
+
+
+def combine_option_scores(itm_prob: torch.Tensor, itc: torch.Tensor, temp: float | torch.Tensor) -> torch.Tensor:
+    """The MC score of every option.
+
+    Args:
+        itm_prob: [B, K] ITM positive probabilities.
+        itc: [B, K] ITC similarities (frame-mean cosine).
+        temp: contrastive temperature (ITC logits are ``itc / temp``).
+
+    Returns:
+        [B, K] ``0.7 * itm_prob + 0.3 * softmax_K(itc / temp)``.
+    """
+    temp = torch.as_tensor(temp, dtype=torch.float32).detach().cpu()
+    return ITM_WEIGHT * itm_prob.float() + ITC_WEIGHT * (itc.float() / temp).softmax(dim=-1)
+
+
+def _option_count(options: Sequence[Sequence[str]]) -> int:
+    counts = {len(item_options) for item_options in options}
+    if len(counts) != 1:
+        raise ValueError(f"every multiple-choice item needs the same number of options, got counts {sorted(counts)}")
+    return counts.pop()
+
+
+def evaluate_mc(
+    model: Any,
+    dataset: Any,
+    *,
+    batch_size: int = 16,
+    num_workers: int = 0,
+    device: torch.device | str = "cpu",
+    autocast: bool = False,
+    max_text_len: int | None = None,
+) -> dict[str, Any]:
+    """Multiple-choice accuracy.
+
+    Args:
+        model: follows the protocol of :mod:`stmvl.eval.features` (including ``temp``).
+        dataset: items with ``"video"`` uint8 [T, 3, H, W], ``"options"`` (K strings, the same K for all items)
+            and ``"answer"`` (int index of the correct option).
+        batch_size: clips per forward (each clip runs K ITM pairs).
+        max_text_len: tokenizer truncation; defaults to ``dataset.max_text_len`` or 32.
+
+    Returns:
+        ``{"acc", "itm_acc", "itc_acc"}`` in [0, 1], ``"n"`` and ``"protocol"``.
+    """
+    device = torch.device(device)
+    max_len = max_text_len or getattr(dataset, "max_text_len", None) or DEFAULT_MC_TEXT_LEN
+    temp = model.temp
+
+    def score(batch: dict[str, Any]) -> tuple[torch.Tensor, ...]:
+        size, num_options = batch["video"].shape[0], _option_count(batch["options"])
+        # Options flattened clip-major: row b * K + k is option k of clip b.
+        tokens = tokenize(model, [text for options in batch["options"] for text in options], max_len)
+        ids, mask = tokens["input_ids"].to(device), tokens["attention_mask"].to(device)
+        with autocast_context(device, autocast):
+            video_tokens, frame_embeds = model.video_features(batch["video"].to(device))
+            text_states, text_embeds = model.text_features(ids, mask)
+            logits = model.itm_logits(video_tokens.repeat_interleave(num_options, dim=0), text_states, mask)
+        text_embeds = text_embeds.float().view(size, num_options, -1)
+        itc = torch.einsum("bfe,bke->bkf", frame_embeds.float(), text_embeds).mean(-1).cpu()
+        itm = positive_probability(logits).view(size, num_options).cpu()
+        combined = combine_option_scores(itm, itc, temp)
+        answer = torch.as_tensor(batch["answer"], dtype=torch.long)
+        return tuple((scores.argmax(dim=-1) == answer).float() for scores in (combined, itm, itc))
+
+    with evaluation_mode(model):
+        correct, itm_correct, itc_correct = map_clips(dataset, score, batch_size=batch_size, num_workers=num_workers)
+    return {
+        "acc": float(correct.mean()),
+        "itm_acc": float(itm_correct.mean()),
+        "itc_acc": float(itc_correct.mean()),
+        "n": int(correct.numel()),
+        "protocol": describe_protocol(
+            dataset,
+            task="multiple_choice",
+            score=f"{ITM_WEIGHT} * softmax(itm)[1] + {ITC_WEIGHT} * softmax_options(itc / temp)",
+            temp=float(torch.as_tensor(temp).detach().float()),
+            text_max_len=max_len,
+            autocast="bf16" if autocast else "fp32",
+        ),
+    }

@@ -1,0 +1,142 @@
+"""Temporal probe: does the model prefer the true caption over its temporal foil (DESIGN 4.1, 6)?
+
+Each item has a clip and two captions that differ only in temporal order ("moves left" vs "moves right", "first ...
+then ..." swapped); reversing the motion turns one into the other, so a frame-order-blind model cannot beat chance.
+Accuracy is reported by ITC (mean over frames of the cosine) and by ITM (positive probability). A tie counts as half
+a correct answer, so a model that scores caption and foil identically gets exactly 50%.
+
+The control evaluation (``shuffle_frames``) feeds the same clips with their frames reordered: ``"reverse"`` or
+``"permute"`` (a fixed, seeded, non-identity permutation per clip). A probe that measures frame order must fall to
+about chance under it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from stmvl.eval.features import (
+    autocast_context,
+    describe_protocol,
+    evaluation_mode,
+    map_clips,
+    positive_probability,
+    tokenize,
+)
+
+SHUFFLE_MODES = (None, "reverse", "permute")
+DEFAULT_PROBE_TEXT_LEN = 32
+
+
+def frame_permutation(index: int, num_frames: int, mode: str | None, seed: int = 0) -> torch.Tensor:
+    """Frame order used for clip ``index`` in the control evaluation.
+
+    Args:
+        index: dataset index (each clip gets its own fixed permutation).
+        num_frames: T.
+        mode: None (identity), ``"reverse"`` or ``"permute"``.
+        seed: base seed of the permutations.
+
+    Returns:
+        long [T], a permutation of ``range(T)``; for ``"permute"`` never the identity when T > 1 (an unshuffled clip
+        would leak order into the control).
+    """
+    if mode not in SHUFFLE_MODES:
+        raise ValueError(f"shuffle_frames must be one of {SHUFFLE_MODES}, got {mode!r}")
+    identity = torch.arange(num_frames)
+    if mode is None:
+        return identity
+    if mode == "reverse":
+        return identity.flip(0)
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + index)
+    order = torch.randperm(num_frames, generator=generator)
+    while num_frames > 1 and torch.equal(order, identity):
+        order = torch.randperm(num_frames, generator=generator)
+    return order
+
+
+class ShuffledFrames:
+    """A view of a clip dataset with the frames of item i reordered by :func:`frame_permutation`."""
+
+    def __init__(self, dataset: Any, mode: str | None, seed: int = 0):
+        self.dataset, self.mode, self.seed = dataset, mode, seed
+        frame_permutation(0, 1, mode)  # validate the mode before any clip is decoded
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        item = dict(self.dataset[index])
+        video = item["video"]
+        item["video"] = video[frame_permutation(index, video.shape[0], self.mode, self.seed)]
+        return item
+
+    def __getattr__(self, name: str) -> Any:
+        # Protocol attributes (split, num_frames, ...) come from the wrapped dataset.
+        if name == "dataset":
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+
+def preference_credit(true_score: torch.Tensor, foil_score: torch.Tensor) -> torch.Tensor:
+    """1 where the caption wins, 0.5 on a tie, 0 where the foil wins: [B], [B] -> float [B]."""
+    return (true_score > foil_score).float() + 0.5 * (true_score == foil_score).float()
+
+
+def evaluate_probe(
+    model: Any,
+    dataset: Any,
+    *,
+    batch_size: int = 32,
+    num_workers: int = 0,
+    device: torch.device | str = "cpu",
+    autocast: bool = False,
+    shuffle_frames: str | None = None,
+    seed: int = 0,
+    max_text_len: int | None = None,
+) -> dict[str, Any]:
+    """Temporal probe accuracy by ITC and by ITM.
+
+    Args:
+        model: follows the protocol of :mod:`stmvl.eval.features`.
+        dataset: items with ``"video"`` uint8 [T, 3, H, W], ``"caption"`` and ``"foil"`` (str).
+        shuffle_frames: None, ``"reverse"`` or ``"permute"`` (control evaluation).
+        seed: seed of the ``"permute"`` orders.
+        max_text_len: tokenizer truncation; defaults to ``dataset.max_text_len`` or 32.
+
+    Returns:
+        ``{"itc_acc", "itm_acc"}`` in [0, 1], ``"n"`` (clips) and ``"protocol"``.
+    """
+    device = torch.device(device)
+    max_len = max_text_len or getattr(dataset, "max_text_len", None) or DEFAULT_PROBE_TEXT_LEN
+    clips = ShuffledFrames(dataset, shuffle_frames, seed) if shuffle_frames else dataset
+
+    def score(batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        size = batch["video"].shape[0]
+        tokens = tokenize(model, batch["caption"] + batch["foil"], max_len)
+        ids, mask = tokens["input_ids"].to(device), tokens["attention_mask"].to(device)
+        with autocast_context(device, autocast):
+            video_tokens, frame_embeds = model.video_features(batch["video"].to(device))
+            text_states, text_embeds = model.text_features(ids, mask)
+            logits = model.itm_logits(torch.cat([video_tokens, video_tokens]), text_states, mask)
+        itc = (frame_embeds.float().repeat(2, 1, 1) * text_embeds.float()[:, None]).sum(-1).mean(-1)
+        itm = positive_probability(logits)
+        return preference_credit(itc[:size], itc[size:]), preference_credit(itm[:size], itm[size:])
+
+    with evaluation_mode(model):
+        itc_credit, itm_credit = map_clips(clips, score, batch_size=batch_size, num_workers=num_workers)
+    return {
+        "itc_acc": float(itc_credit.mean()),
+        "itm_acc": float(itm_credit.mean()),
+        "n": int(itc_credit.numel()),
+        "protocol": describe_protocol(
+            dataset,
+            task="temporal_probe",
+            shuffle_frames=shuffle_frames or "none",
+            shuffle_seed=seed if shuffle_frames == "permute" else None,
+            text_max_len=max_len,
+            ties="half credit",
+            autocast="bf16" if autocast else "fp32",
+        ),
+    }

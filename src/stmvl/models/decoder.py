@@ -1,0 +1,140 @@
+"""MVM decoders: STM's spatio-temporal decoder (DESIGN 3.5) and UMT's plain linear decoder.
+
+Both map student tokens of width D to teacher target width C. STM builds one STDecoder per returned student layer;
+the decoder reconstructs every token of the clip (visible and masked), UMT's decoder only the visible ones.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from stmvl.models.config import PredictorConfig
+from stmvl.models.layers import sincos_3d
+from stmvl.models.predictor import TemporalPointPredictor, pairs_to_frames
+
+
+def scatter_to_grid(visible: Tensor, keep: Tensor) -> Tensor:
+    """Put the kept tokens back at their positions; every other slot is 0.
+
+    Args:
+        visible: [B, n, D] tokens of the kept positions, in increasing token-index order.
+        keep: bool [B, T*N], True = kept; n kept per sample.
+
+    Returns:
+        [B, T*N, D].
+    """
+    b, total = keep.shape
+    grid = visible.new_zeros(b, total, visible.shape[-1])
+    grid[keep] = visible.reshape(-1, visible.shape[-1])
+    return grid
+
+
+class PredictionHead(nn.Module):
+    """Linear(D -> C) + LayerNorm: the per-token head onto the teacher's target space."""
+
+    def __init__(self, width: int, out_dim: int):
+        super().__init__()
+        self.head = nn.Linear(width, out_dim)
+        self.norm = nn.LayerNorm(out_dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.norm(self.head(x))
+
+
+class LinearDecoder(PredictionHead):
+    """UMT's decoder: tokens [B, n, D] -> [B, n, C] (the tokens already carry the encoder's position embedding).
+
+    Submodule names `head` and `norm` match UMT's `clip_decoder.i.{head,norm}` checkpoint keys.
+    """
+
+
+class PairAlignment(nn.Module):
+    """Pair-alignment block: a temporal point predictor over adjacent frames of the zero-filled grid.
+
+    Gives the aligned frame map (tokens weighted by their frame's temporal heatmap) and the interaction map (the
+    pair CNN's features averaged per frame, mixed over time by a Conv3d(3,1,1) and projected to D).
+    """
+
+    def __init__(self, width: int, cfg: PredictorConfig):
+        super().__init__()
+        self.predictor = TemporalPointPredictor(width, cfg)
+        self.temporal_mix = nn.Conv3d(cfg.hidden, cfg.hidden, kernel_size=(3, 1, 1), padding=(1, 0, 0))
+        self.interaction_proj = nn.Linear(cfg.hidden, width)
+
+    def forward(self, zero_filled: Tensor, gh: int, gw: int, halve_jitter: bool = False) -> tuple[Tensor, Tensor] | None:
+        """zero_filled [B, T, N, D] -> (aligned [B, T, N, D], interaction [B, T, N, D]); None when T = 1."""
+        out = self.predictor(zero_filled, gh, gw, halve_jitter)
+        if out is None:
+            return None
+        aligned = out.frame_map.unsqueeze(-1) * zero_filled
+        both_frames = out.features.unsqueeze(2).expand(-1, -1, 2, -1, -1, -1)  # a pair's features serve both frames
+        per_frame = pairs_to_frames(both_frames)  # [B, T, hidden, gh, gw]
+        mixed = self.temporal_mix(per_frame.transpose(1, 2))  # [B, hidden, T, gh, gw]
+        b, hidden, t = mixed.shape[:3]
+        interaction = self.interaction_proj(mixed.reshape(b, hidden, t, gh * gw).permute(0, 2, 3, 1))
+        return aligned, interaction
+
+
+class STDecoder(nn.Module):
+    """Spatio-temporal decoder for one student layer (DESIGN 3.5).
+
+    Args:
+        width: student width D.
+        text_width: width of the caption embedding that fills the masked slots (projected to D when different).
+        out_dim: teacher target width C.
+        predictor_cfg: configuration of the pair-alignment predictor (its own weights).
+    """
+
+    def __init__(self, width: int, text_width: int, out_dim: int, predictor_cfg: PredictorConfig | None = None):
+        super().__init__()
+        self.width = width
+        self.text_proj = nn.Linear(text_width, width) if text_width != width else nn.Identity()
+        self.alignment = PairAlignment(width, predictor_cfg or PredictorConfig())
+        self.fc_aligned = nn.Linear(width, width)
+        self.fc_interaction = nn.Linear(width, width)
+        # Zero-init residual branches: the decoder starts as the text-filled grid and learns how much to align.
+        for fc in (self.fc_aligned, self.fc_interaction):
+            nn.init.zeros_(fc.weight)
+            nn.init.zeros_(fc.bias)
+        self.head = PredictionHead(width, out_dim)
+
+    def forward(
+        self,
+        visible: Tensor,
+        keep: Tensor,
+        frames: int,
+        gh: int,
+        gw: int,
+        text_embed: Tensor,
+        mask_weight: Tensor | None = None,
+        halve_jitter: bool = False,
+    ) -> Tensor:
+        """Predict teacher targets for every token of the clip.
+
+        Args:
+            visible: [B, n, D] student tokens of the kept positions.
+            keep: bool [B, T*N], True = kept (visible).
+            frames, gh, gw: the token grid (T frames of gh x gw).
+            text_embed: [B, D_text] caption embedding (text encoder class token).
+            mask_weight: [B, T*N] float mask, 1 = masked, equal to ~keep in value; when it carries a
+                straight-through gradient (STM masking), the MVM loss trains the mask scores through it.
+
+        Returns:
+            [B, T*N, C] predictions.
+        """
+        b, total = keep.shape
+        n = gh * gw
+        if total != frames * n:
+            raise ValueError(f"mask covers {total} tokens, the grid {frames}x{gh}x{gw} has {frames * n}")
+        m = (~keep).to(visible.dtype) if mask_weight is None else mask_weight.to(visible.dtype)
+        m = m.unsqueeze(-1)
+        zero_filled = scatter_to_grid(visible, keep) * (1 - m)
+        text = self.text_proj(text_embed).unsqueeze(1)
+        pos = sincos_3d(frames, gh, gw, self.width).to(visible.device, visible.dtype)
+        out = zero_filled + m * text + pos
+        maps = self.alignment(zero_filled.view(b, frames, n, -1), gh, gw, halve_jitter)
+        if maps is not None:
+            aligned, interaction = maps
+            out = out + self.fc_aligned(aligned.flatten(1, 2)) + self.fc_interaction(interaction.flatten(1, 2))
+        return self.head(out)

@@ -1,0 +1,295 @@
+"""Pretraining losses (DESIGN 3.5, 3.7): VTC, VTM, MLM, MVM and UMT's UTA.
+
+Distributed contrastive learning: `gather_with_grad` all-gathers embeddings across ranks; its backward all-reduces
+(sums) the gradient of the gathered tensor before taking this rank's slice. Every rank computes the same global-batch
+loss, so the summed slice gradient is world_size times d(loss)/d(local embeddings), and DDP's averaging over ranks
+then yields exactly the gradient of the global-batch loss (UMT keeps only the local slice and under-weights VTC by the
+world size).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor
+
+IGNORE_INDEX = -100
+
+
+def distributed_world() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        ctx.rank, ctx.batch = dist.get_rank(), x.shape[0]
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts, 0)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad[ctx.rank * ctx.batch : (ctx.rank + 1) * ctx.batch]
+
+
+def gather_with_grad(x: Tensor) -> Tensor:
+    """All-gather [B, ...] from every rank -> [world*B, ...] (rank-major), differentiable (see module docstring).
+
+    Identity when torch.distributed is not initialised or has one process. Every rank must pass the same B.
+    """
+    if distributed_world() == 1:
+        return x
+    return _GatherWithGrad.apply(x)
+
+
+def gather_no_grad(x: Tensor) -> Tensor:
+    """All-gather without gradient (ids, masks)."""
+    if distributed_world() == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts, 0)
+
+
+# ----------------------------------------------------------------------------------------------------------- VTC
+
+
+def frame_similarity(text: Tensor, video: Tensor) -> Tensor:
+    """Cosine similarity averaged over frames.
+
+    Args:
+        text: [Bt, E] text embeddings.
+        video: [Bv, E] or [Bv, T', E] video embeddings (one per frame, or pooled).
+
+    Returns:
+        [Bt, Bv] mean over frames of cos(text_i, video_j,f).
+    """
+    text = F.normalize(text, dim=-1)
+    video = F.normalize(video if video.dim() == 3 else video.unsqueeze(1), dim=-1)
+    return torch.einsum("ie,jfe->ijf", text, video).mean(-1)
+
+
+def paired_similarity(text: Tensor, video: Tensor) -> Tensor:
+    """Row-wise frame-averaged cosine of text_i with video_i: [B]."""
+    text = F.normalize(text, dim=-1)
+    video = F.normalize(video if video.dim() == 3 else video.unsqueeze(1), dim=-1)
+    return torch.einsum("ie,ife->if", text, video).mean(-1)
+
+
+def soft_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
+    """Mean over rows of -sum_j targets_ij log softmax(logits)_ij; targets rows sum to 1."""
+    return -(targets * F.log_softmax(logits, dim=-1)).sum(-1).mean()
+
+
+def positive_targets(row_ids: Tensor, col_ids: Tensor) -> Tensor:
+    """Multi-positive targets: uniform over the columns whose sample id equals the row's id. [R, C]."""
+    pos = (row_ids.view(-1, 1) == col_ids.view(1, -1)).float()
+    return pos / pos.sum(1, keepdim=True).clamp_min(1.0)
+
+
+def with_negative_column(logits: Tensor, targets: Tensor, extra: Tensor) -> tuple[Tensor, Tensor]:
+    """Append one negative logit per row (extra: [R]) with target 0."""
+    return torch.cat([logits, extra.unsqueeze(1)], 1), torch.cat([targets, targets.new_zeros(targets.shape[0], 1)], 1)
+
+
+def vtc_loss(
+    video: Tensor,
+    text: Tensor,
+    sample_ids: Tensor,
+    temp: Tensor | float,
+    *,
+    reversed_video: Tensor | None = None,
+    foil_text: Tensor | None = None,
+    gather: bool = True,
+) -> Tensor:
+    """Video-text contrastive loss over the global batch with multi-positive soft targets.
+
+    Args:
+        video: [B, E] or [B, T', E] video projections (local batch).
+        text: [B, E] text projections.
+        sample_ids: [B] global sample ids; equal ids are positives of each other.
+        temp: temperature (a tensor keeps it learnable).
+        reversed_video: optional [B, (T',) E] time-reversed clips: an extra negative for their own caption.
+        foil_text: optional [B, E] foil captions: an extra negative text for their own video.
+        gather: gather across ranks (set False to compute the local-batch loss under torch.distributed).
+
+    Returns:
+        scalar: mean of the text-to-video and video-to-text soft-target cross entropies.
+    """
+    gather_fn = gather_with_grad if gather else (lambda x: x)
+    ids_fn = gather_no_grad if gather else (lambda x: x)
+    video_all, text_all, ids_all = gather_fn(video), gather_fn(text), ids_fn(sample_ids)
+    t2v = frame_similarity(text_all, video_all) / temp
+    targets = positive_targets(ids_all, ids_all)
+    t2v_logits, t2v_targets = t2v, targets
+    v2t_logits, v2t_targets = t2v.t(), targets.t()
+    if reversed_video is not None:
+        extra = paired_similarity(text_all, gather_fn(reversed_video)) / temp
+        t2v_logits, t2v_targets = with_negative_column(t2v_logits, t2v_targets, extra)
+    if foil_text is not None:
+        extra = paired_similarity(gather_fn(foil_text), video_all) / temp
+        v2t_logits, v2t_targets = with_negative_column(v2t_logits, v2t_targets, extra)
+    return 0.5 * (soft_cross_entropy(t2v_logits, t2v_targets) + soft_cross_entropy(v2t_logits, v2t_targets))
+
+
+# ----------------------------------------------------------------------------------------------------------- VTM
+
+
+def sample_hard_negatives(sim: Tensor, sample_ids: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """Draw one hard negative per row and per column of a local similarity matrix.
+
+    Each negative is drawn with probability softmax(sim) with every positive (same sample id) set to 0.
+
+    Args:
+        sim: [B, B] text-to-video similarity (row = text, column = video).
+        sample_ids: [B].
+
+    Returns:
+        (video index per text [B], text index per video [B]); -1 where a row has no negative at all (every sample
+        of the batch shares its id).
+    """
+    positive = sample_ids.view(-1, 1) == sample_ids.view(1, -1)
+
+    def draw(scores: Tensor) -> Tensor:
+        weights = torch.softmax(scores.float(), dim=1).masked_fill(positive, 0.0)
+        has_negative = weights.sum(1) > 0
+        picks = torch.full((scores.shape[0],), -1, dtype=torch.long, device=scores.device)
+        if has_negative.any():
+            drawn = torch.multinomial(weights[has_negative].cpu(), 1, generator=generator).view(-1)
+            picks[has_negative] = drawn.to(scores.device)
+        return picks
+
+    sim = sim.detach()
+    return draw(sim), draw(sim.t())
+
+
+def vtm_loss(
+    fuse: Callable[[Tensor, Tensor, Tensor], Tensor],
+    itm_head: Callable[[Tensor], Tensor],
+    video_tokens: Tensor,
+    text_states: Tensor,
+    text_mask: Tensor,
+    sim: Tensor,
+    sample_ids: Tensor,
+    *,
+    generator: torch.Generator | None = None,
+    reversed_tokens: Tensor | None = None,
+    foil_states: Tensor | None = None,
+    foil_mask: Tensor | None = None,
+) -> Tensor:
+    """Video-text matching: positives, one hard negative video per text and one hard negative text per video.
+
+    Args:
+        fuse: fusion layers, fuse(text_states [P, L, H], text_mask [P, L], video_tokens [P, n, D]) -> [P, L, H].
+        itm_head: [P, H] -> [P, 2] logits (class 1 = match).
+        video_tokens: [B, n, D]; text_states: [B, L, H] text-only states; text_mask: [B, L].
+        sim: [B, B] local text-to-video similarity used to draw the negatives.
+        reversed_tokens: optional [B, n, D] tokens of the time-reversed clips (extra negative for their caption).
+        foil_states, foil_mask: optional [B, L, H] / [B, L] foil captions (extra negative for their video).
+
+    Returns:
+        scalar 2-way cross entropy over all pairs (3B without the options).
+    """
+    neg_video, neg_text = sample_hard_negatives(sim, sample_ids, generator)
+    texts_with_neg_video = (neg_video >= 0).nonzero().view(-1)
+    videos_with_neg_text = (neg_text >= 0).nonzero().view(-1)
+    pair_text = [text_states, text_states[texts_with_neg_video], text_states[neg_text[videos_with_neg_text]]]
+    pair_mask = [text_mask, text_mask[texts_with_neg_video], text_mask[neg_text[videos_with_neg_text]]]
+    pair_video = [video_tokens, video_tokens[neg_video[texts_with_neg_video]], video_tokens[videos_with_neg_text]]
+    if reversed_tokens is not None:
+        pair_text.append(text_states)
+        pair_mask.append(text_mask)
+        pair_video.append(reversed_tokens)
+    if foil_states is not None:
+        pair_text.append(foil_states)
+        pair_mask.append(foil_mask)
+        pair_video.append(video_tokens)
+    b = video_tokens.shape[0]
+    labels = torch.zeros(sum(x.shape[0] for x in pair_video), dtype=torch.long, device=video_tokens.device)
+    labels[:b] = 1
+    fused = fuse(torch.cat(pair_text), torch.cat(pair_mask), torch.cat(pair_video))
+    return F.cross_entropy(itm_head(fused[:, 0]), labels)
+
+
+# ----------------------------------------------------------------------------------------------------------- MLM
+
+
+def mlm_mask(
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    *,
+    vocab_size: int,
+    mask_token_id: int,
+    special_ids: set[int] | list[int],
+    prob: float = 0.5,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
+    """BERT masking: each non-special, non-pad token is chosen with `prob`; chosen tokens become [MASK] (80%),
+    a random token (10%) or stay unchanged (10%).
+
+    Args:
+        input_ids, attention_mask: [B, L].
+
+    Returns:
+        (masked input ids [B, L], labels [B, L] = original id at chosen positions, IGNORE_INDEX elsewhere).
+    """
+    cpu_ids = input_ids.cpu()
+    u_choose, u_kind = torch.rand((2, *cpu_ids.shape), generator=generator)
+    random_tokens = torch.randint(0, vocab_size, cpu_ids.shape, generator=generator)
+    special = torch.isin(cpu_ids, torch.tensor(sorted(special_ids), dtype=cpu_ids.dtype))
+    eligible = (attention_mask.cpu() > 0) & ~special
+    chosen = eligible & (u_choose < prob)
+    to_mask = chosen & (u_kind < 0.8)
+    to_random = chosen & (u_kind >= 0.8) & (u_kind < 0.9)
+    masked = torch.where(to_mask, torch.full_like(cpu_ids, mask_token_id), cpu_ids)
+    masked = torch.where(to_random, random_tokens, masked)
+    labels = torch.where(chosen, cpu_ids, torch.full_like(cpu_ids, IGNORE_INDEX))
+    return masked.to(input_ids.device), labels.to(input_ids.device)
+
+
+def mlm_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """Cross entropy over masked positions. logits [B, L, V], labels [B, L] (IGNORE_INDEX = not masked).
+
+    When no token is masked the loss is 0 but still connected to the graph (so DDP sees every parameter used).
+    """
+    if not (labels != IGNORE_INDEX).any():
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX)
+
+
+# ------------------------------------------------------------------------------------------------------ MVM / UTA
+
+
+def mvm_loss(prediction: Tensor, target: Tensor) -> Tensor:
+    """Masked video modelling loss: mean(2 - 2 cos) over every token and layer.
+
+    Args:
+        prediction, target: [K, B, n, C] (or any matching shapes with channels last).
+    """
+    p = F.normalize(prediction.float(), dim=-1)
+    t = F.normalize(target.float(), dim=-1)
+    return (2 - 2 * (p * t).sum(-1)).mean()
+
+
+def select_tokens(x: Tensor, keep: Tensor) -> Tensor:
+    """[..., B, T*N, C] -> [..., B, n, C]: the kept tokens (keep: bool [B, T*N], the same count per sample)."""
+    b, total = keep.shape
+    n = int(keep[0].sum())
+    return x[..., keep, :].reshape(*x.shape[:-3], b, n, x.shape[-1])
+
+
+def uta_loss(prediction: Tensor, target: Tensor, keep: Tensor) -> Tensor:
+    """UMT's unmasked token alignment: the MVM loss on the visible tokens only.
+
+    Args:
+        prediction: [K, B, n, C] decoder outputs for the kept tokens.
+        target: [K, B, T*N, C] teacher targets of the whole clip.
+        keep: bool [B, T*N], True = visible.
+    """
+    return mvm_loss(prediction, select_tokens(target, keep))

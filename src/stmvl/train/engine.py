@@ -1,0 +1,580 @@
+"""The one training loop of stmvl: pretraining, finetuning and teacher training are `Task`s run by `Trainer`.
+
+The engine owns everything that is the same for every task (DESIGN 5): seeding, device and process group, AdamW
+with parameter groups, the per-step warmup + cosine schedule, autocast (bf16, or fp16 with a grad scaler),
+gradient accumulation, clipping, the NaN/inf guard, DDP, checkpoints and resume, logging and evaluation calls.
+The task owns the model, the data and the loss.
+
+Exact resume: the data position (epoch, batch in epoch) and every RNG state are saved with each checkpoint; a task
+whose batch order depends only on (seed, epoch) and whose randomness comes from the global RNGs reproduces, after
+`runtime.resume`, the losses of an uninterrupted run bit for bit on CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import sys
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from stmvl.config import RunConfig, save_config
+from stmvl.train import distributed as D
+from stmvl.train.checkpoint import MODEL_FILE, latest_checkpoint, load_checkpoint, load_weights, save_checkpoint
+from stmvl.train.logging import MetricsWriter, Progress, truncate_metrics
+from stmvl.train.optim import build_optimizer, default_param_groups
+from stmvl.train.schedule import WarmupCosineSchedule
+
+__all__ = [
+    "Task",
+    "TrainContext",
+    "Trainer",
+    "NonFiniteLossError",
+    "unwrap_model",
+    "resolve_precision",
+    "seed_everything",
+    "capture_rng_state",
+    "restore_rng_state",
+]
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised when more than `optim.max_nonfinite_steps` steps had a non-finite loss or gradient."""
+
+
+@runtime_checkable
+class Task(Protocol):
+    """What the engine needs from a task. Required members:
+
+    - `build_model() -> nn.Module`: the full model on CPU (the engine moves it to the device).
+    - `steps_per_epoch`: int (attribute or property), the number of batches `train_batches` yields per epoch on
+      this rank; with `optim.grad_accum = A` an epoch has ceil(steps_per_epoch / A) optimizer steps.
+    - `train_batches(epoch, start_step) -> Iterable`: the epoch's batches starting at batch index `start_step`
+      (> 0 after a resume). For exact resume the order must depend only on (seed, epoch).
+    - `train_step(model, batch, step) -> dict[str, Tensor]`: forward pass under the engine's autocast; returns
+      scalar tensors, including the `"loss"` to minimise (the engine does backward and the optimizer step). Call
+      `model(...)` (the DDP wrapper's forward) so that gradients are synchronised; `unwrap_model(model)` gives the
+      plain module for other methods.
+
+    Optional hooks, used when present:
+
+    - `setup(ctx: TrainContext)`: called before `build_model`, with device, ranks, precision and flags
+      (grad_checkpointing, compile); `ctx.total_steps` is filled in before the first step.
+    - `frozen_submodules`: names of top-level submodules kept out of DDP, the optimizer and train mode (e.g.
+      `("teacher",)`). Default: every child module whose parameters all have requires_grad False.
+    - `param_groups(model) -> list[dict]`: optimizer groups (`params`, optional `lr` or `lr_scale`,
+      `weight_decay`, `name`). Default: `default_param_groups` (no decay on biases, norms, 1-D, temp, pos*).
+    - `evaluate(model, epoch) -> dict[str, float]`: called on every rank (model unwrapped, eval mode, no_grad).
+    - `checkpoint_state_dict(model) -> dict[str, Tensor]`: the weights to save (default: the full state dict;
+      submodules left out must be frozen ones, they are then not required when loading).
+    - `compile_model(model) -> nn.Module`: how to compile when runtime.compile is on (default torch.compile).
+    - `state_dict() -> dict` / `load_state_dict(dict)`: extra task state saved with checkpoints.
+    """
+
+    def build_model(self) -> nn.Module: ...
+
+    def train_batches(self, epoch: int, start_step: int) -> Iterable[Any]: ...
+
+    def train_step(self, model: nn.Module, batch: Any, step: int) -> dict[str, torch.Tensor]: ...
+
+
+@dataclass
+class TrainContext:
+    """What a task may know about the run; handed to `task.setup(ctx)`."""
+
+    cfg: RunConfig
+    run_dir: Path
+    device: torch.device
+    rank: int
+    world_size: int
+    local_rank: int
+    precision: str  # resolved: bf16 | fp16 | fp32
+    grad_checkpointing: bool
+    compile: bool
+    total_steps: int = 0
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The engine's autocast context (for evaluation code that wants the training precision)."""
+        return _autocast(self.device, self.precision)
+
+
+def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """bf16 where the device supports it, else fp16 (with a grad scaler); fp32 and fp16 pass through."""
+    if precision not in ("bf16", "fp16", "fp32"):
+        raise ValueError(f"optim.precision: {precision!r} is not one of bf16, fp16, fp32")
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        print("[engine] this GPU has no bf16: using fp16 autocast with a grad scaler", file=sys.stderr)
+        return "fp16"
+    return precision
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The plain module inside DDP and/or torch.compile wrappers."""
+    while True:
+        if isinstance(model, DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """This process's RNG states as tensors and plain values (loadable with weights_only=True)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    """Inverse of `capture_rng_state`."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _flatten(metrics: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in metrics.items():
+        name = f"{prefix}/{key}" if prefix else str(key)
+        if isinstance(value, dict):
+            out.update(_flatten(value, name))
+        else:
+            out[name] = value.item() if isinstance(value, torch.Tensor) and value.numel() == 1 else value
+    return out
+
+
+StepCallback = Callable[["Trainer", int, dict[str, float]], None]
+
+
+class Trainer:
+    """Runs `task` under `cfg` (optim / runtime / eval sections). `fit()` trains to the end and returns a summary.
+
+    `callbacks` are called on every rank after each optimizer step (after logging and checkpointing) as
+    `callback(trainer, global_step, step_metrics)`.
+    """
+
+    def __init__(self, cfg: RunConfig, task: Task, run_dir: str | Path | None = None,
+                 callbacks: Iterable[StepCallback] = ()) -> None:
+        for member in ("build_model", "train_batches", "train_step", "steps_per_epoch"):
+            if not hasattr(task, member):
+                raise TypeError(f"task {type(task).__name__} lacks required member {member!r} (see stmvl.train.Task)")
+        self.cfg = cfg
+        self.task = task
+        self.run_dir = Path(run_dir if run_dir is not None else cfg.runtime.out_dir)
+        self.callbacks = list(callbacks)
+        self.global_step = 0
+        self.nonfinite_steps = 0
+        self.best: dict[str, Any] = {}
+        self.last_eval: dict[str, Any] = {}
+        self.last_checkpoint: Path | None = None
+
+    # ------------------------------------------------------------------------------------------------ set-up
+    def _setup(self) -> None:
+        rt, o = self.cfg.runtime, self.cfg.optim
+        if rt.threads:
+            torch.set_num_threads(rt.threads)
+        self.dist = D.init_distributed(rt.backend, rt.device)
+        self.device = self.dist.device
+        self.precision = resolve_precision(o.precision, self.device)
+        self.ctx = TrainContext(
+            cfg=self.cfg, run_dir=self.run_dir, device=self.device, rank=self.dist.rank,
+            world_size=self.dist.world_size, local_rank=self.dist.local_rank, precision=self.precision,
+            grad_checkpointing=rt.grad_checkpointing, compile=rt.compile,
+        )
+        # same seed on every rank while building, so that every rank starts from identical weights
+        seed_everything(rt.seed)
+        if hasattr(self.task, "setup"):
+            self.task.setup(self.ctx)
+        model = self.task.build_model()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"task.build_model() returned {type(model).__name__}, expected torch.nn.Module")
+        self.model = model.to(self.device)
+        self.frozen = self._frozen_names()
+        for name in self.frozen:
+            self.model.get_submodule(name).requires_grad_(False)
+        seed_everything(rt.seed + self.dist.rank)  # per-rank randomness (dropout, masks) from here on
+        self._plan_steps()
+        self.optimizer = build_optimizer(self._param_groups(), o.lr, o.weight_decay, o.betas, o.eps)
+        self.schedule = WarmupCosineSchedule(self.optimizer, self.total_steps, self.warmup_steps, o.min_lr_ratio,
+                                             o.schedule)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+        self.epoch, self.batch_in_epoch = 0, 0
+        resumed = rt.resume and self._resume()
+        if not resumed and rt.init_from:
+            self._init_weights(rt.init_from)
+        self.train_model = self._wrap(self.model)
+        self.writer = MetricsWriter(self.run_dir, rt.tensorboard) if self.dist.is_main else None
+        if self.dist.is_main:
+            save_config(self.cfg, self.run_dir / "config.yaml")
+
+    def _frozen_names(self) -> tuple[str, ...]:
+        declared = getattr(self.task, "frozen_submodules", None)
+        if callable(declared):
+            declared = declared()
+        if declared is not None:
+            names = tuple(declared)
+            for name in names:
+                try:
+                    self.model.get_submodule(name)
+                except AttributeError as exc:
+                    children = ", ".join(n for n, _ in self.model.named_children())
+                    raise ValueError(f"task.frozen_submodules names {name!r}, not a submodule; children: "
+                                     f"{children}") from exc
+            return names
+        frozen = []
+        for name, child in self.model.named_children():
+            params = list(child.parameters())
+            if params and not any(p.requires_grad for p in params):
+                frozen.append(name)
+        return tuple(frozen)
+
+    def _plan_steps(self) -> None:
+        o = self.cfg.optim
+        batches = getattr(self.task, "steps_per_epoch")
+        batches = int(batches() if callable(batches) else batches)
+        if batches < 1:
+            raise ValueError(f"task.steps_per_epoch is {batches}: the training data yields no batch")
+        self.batches_per_epoch = batches
+        self.steps_per_epoch = math.ceil(batches / o.grad_accum)
+        if o.max_steps is not None:
+            self.total_steps = o.max_steps
+        else:
+            self.total_steps = o.epochs * self.steps_per_epoch
+        self.num_epochs = math.ceil(self.total_steps / self.steps_per_epoch)
+        if o.warmup_steps is not None:
+            self.warmup_steps = o.warmup_steps
+        else:
+            self.warmup_steps = int(round(o.warmup_epochs * self.steps_per_epoch))
+        self.warmup_steps = min(self.warmup_steps, self.total_steps)
+        self.ctx.total_steps = self.total_steps
+
+    def _param_groups(self) -> list[dict[str, Any]]:
+        o = self.cfg.optim
+        if not hasattr(self.task, "param_groups"):
+            return default_param_groups(self.model, o.weight_decay, o.no_decay_names, exclude=self.frozen)
+        groups = self.task.param_groups(self.model)
+        frozen_ids = {id(p) for n in self.frozen for p in self.model.get_submodule(n).parameters()}
+        for g in groups:
+            if any(id(p) in frozen_ids for p in g["params"]):
+                raise ValueError(f"task.param_groups put a parameter of a frozen submodule {self.frozen} into group "
+                                 f"{g.get('name', '?')}")
+        return groups
+
+    def _wrap(self, model: nn.Module) -> nn.Module:
+        wrapped = model
+        if self.dist.world_size > 1:
+            ignore = [f"{n}.{k}" for n in self.frozen for k in model.get_submodule(n).state_dict()]
+            # frozen submodules (the teacher) are neither broadcast nor all-reduced by DDP
+            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignore)
+            wrapped = DistributedDataParallel(
+                model,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=self.cfg.runtime.find_unused_parameters,
+            )
+        if self.cfg.runtime.compile:
+            compile_fn = getattr(self.task, "compile_model", None) or torch.compile
+            wrapped = compile_fn(wrapped)
+        return wrapped
+
+    # ------------------------------------------------------------------------------------------ checkpoints
+    def _train_state(self) -> dict[str, Any]:
+        task_state = self.task.state_dict() if hasattr(self.task, "state_dict") else {}
+        return {
+            "version": 1,
+            "global_step": self.global_step,
+            "epoch": self.epoch,
+            "batch_in_epoch": self.batch_in_epoch,
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": D.all_gather_object(capture_rng_state()),
+            "world_size": self.dist.world_size,
+            "nonfinite_steps": self.nonfinite_steps,
+            "best": dict(self.best),
+            "task": task_state,
+        }
+
+    def _model_state(self) -> dict[str, torch.Tensor]:
+        hook = getattr(self.task, "checkpoint_state_dict", None)
+        return hook(self.model) if hook else self.model.state_dict()
+
+    def save(self) -> Path | None:
+        """Write a checkpoint of the current position (collective: call on every rank)."""
+        train_state = self._train_state()  # gathers RNG states: every rank takes part
+        path = None
+        if self.dist.is_main:
+            protect = (self.best["checkpoint"],) if self.best.get("checkpoint") else ()
+            path = save_checkpoint(self.run_dir, self.global_step, self._model_state(), train_state,
+                                   self.cfg.runtime.keep_last, protect=protect)
+        D.barrier()
+        self.last_checkpoint = path or self.run_dir / "checkpoints" / f"step_{self.global_step:08d}"
+        return self.last_checkpoint
+
+    def _load_model_state(self, state: dict[str, torch.Tensor], source: Path) -> None:
+        missing, unexpected = self.model.load_state_dict(state, strict=False)
+        allowed = tuple(f"{n}." for n in self.frozen)
+        missing = [k for k in missing if not k.startswith(allowed)]
+        if missing or unexpected:
+            raise RuntimeError(f"weights in {source} do not match the model: missing {missing[:10]} "
+                               f"({len(missing)}), unexpected {unexpected[:10]} ({len(unexpected)})")
+
+    def _resume(self) -> bool:
+        ckpt = latest_checkpoint(self.run_dir)
+        if ckpt is None:
+            if self.dist.is_main:
+                print(f"[engine] resume: no checkpoint in {self.run_dir}/checkpoints, starting from scratch",
+                      file=sys.stderr)
+            return False
+        model_state, st = load_checkpoint(ckpt, map_location="cpu")
+        self._load_model_state(model_state, ckpt)
+        self.optimizer.load_state_dict(st["optimizer"])
+        self.schedule.load_state_dict(st["schedule"])
+        self.scaler.load_state_dict(st["scaler"])
+        self.global_step, self.epoch, self.batch_in_epoch = st["global_step"], st["epoch"], st["batch_in_epoch"]
+        self.nonfinite_steps = st["nonfinite_steps"]
+        self.best = dict(st["best"])
+        if hasattr(self.task, "load_state_dict"):
+            self.task.load_state_dict(st["task"])
+        rng = st["rng"]
+        if len(rng) == self.dist.world_size:
+            restore_rng_state(rng[self.dist.rank])
+        else:
+            # another world size cannot continue the same random streams; keep runs distinct but reproducible
+            seed_everything(self.cfg.runtime.seed + self.dist.rank + 1000003 * self.global_step)
+            if self.dist.is_main:
+                print(f"[engine] resume: checkpoint has {len(rng)} ranks, run has {self.dist.world_size}: RNG "
+                      "streams are reseeded (losses will not match an uninterrupted run)", file=sys.stderr)
+        if self.dist.is_main:
+            truncate_metrics(self.run_dir, self.global_step)
+            print(f"[engine] resumed from {ckpt} (step {self.global_step}, epoch {self.epoch + 1}, batch "
+                  f"{self.batch_in_epoch})", file=sys.stderr)
+        return True
+
+    def _init_weights(self, source: str) -> None:
+        path = Path(source)
+        if path.is_file():
+            state = load_weights(path)
+        elif (path / MODEL_FILE).is_file():
+            state = load_weights(path / MODEL_FILE)
+        else:
+            state, _ = load_checkpoint(path)
+        self._load_model_state(state, path)
+
+    # ---------------------------------------------------------------------------------------------- training
+    def _set_train_mode(self) -> None:
+        self.train_model.train()
+        for name in self.frozen:
+            self.model.get_submodule(name).eval()
+
+    def _micro_batches(self, it: Iterator[Any], count: int) -> list[Any]:
+        out = []
+        for _ in range(count):
+            try:
+                out.append(next(it))
+            except StopIteration:
+                raise RuntimeError(
+                    f"task.train_batches(epoch={self.epoch}) ran out of batches before steps_per_epoch="
+                    f"{self.batches_per_epoch}") from None
+        return out
+
+    def _forward_backward(self, batches: list[Any]) -> dict[str, torch.Tensor]:
+        sums: dict[str, torch.Tensor] = {}
+        ddp = isinstance(unwrap_ddp(self.train_model), DistributedDataParallel)
+        for i, batch in enumerate(batches):
+            last = i == len(batches) - 1
+            sync = contextlib.nullcontext() if (last or not ddp) else unwrap_ddp(self.train_model).no_sync()
+            with sync:
+                with _autocast(self.device, self.precision):
+                    out = self.task.train_step(self.train_model, batch, self.global_step)
+                loss = self._check_outputs(out)
+                scaled = loss.float() / len(batches)
+                if self.scaler.is_enabled():
+                    scaled = self.scaler.scale(scaled)
+                scaled.backward()
+            for key, value in out.items():
+                v = value.detach().float() if isinstance(value, torch.Tensor) else torch.tensor(float(value))
+                sums[key] = sums.get(key, 0.0) + v
+        return {k: v / len(batches) for k, v in sums.items()}
+
+    @staticmethod
+    def _check_outputs(out: Any) -> torch.Tensor:
+        if not isinstance(out, dict) or "loss" not in out:
+            raise TypeError(f"task.train_step must return a dict with a 'loss' tensor, got {type(out).__name__}"
+                            + (f" with keys {sorted(out)}" if isinstance(out, dict) else ""))
+        loss = out["loss"]
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1 or not loss.requires_grad:
+            raise TypeError("task.train_step()['loss'] must be a scalar tensor that requires grad")
+        return loss
+
+    def _grad_norm(self) -> torch.Tensor:
+        params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        if not params:
+            return torch.zeros(())
+        clip = self.cfg.optim.clip_grad
+        if clip:
+            return torch.nn.utils.clip_grad_norm_(params, clip)
+        return torch.nn.utils.get_total_norm([p.grad for p in params])
+
+    def _optimizer_step(self, batches: list[Any]) -> dict[str, float]:
+        self.optimizer.zero_grad(set_to_none=True)
+        means = self._forward_backward(batches)
+        if self.scaler.is_enabled():
+            self.scaler.unscale_(self.optimizer)
+        grad_norm = self._grad_norm()
+        loss_ok = bool(torch.isfinite(means["loss"]))
+        # fp16 overflows are the scaler's business (it skips and lowers the scale); only a bad loss counts there
+        grads_ok = self.scaler.is_enabled() or bool(torch.isfinite(grad_norm))
+        bad = D.all_reduce_max(0.0 if (loss_ok and grads_ok) else 1.0, self.device) > 0
+        lr = self.optimizer.param_groups[0]["lr"]
+        if bad:
+            self._count_nonfinite(float(means["loss"]), float(grad_norm))
+            if self.scaler.is_enabled():
+                self.scaler.update()
+        elif self.scaler.is_enabled():
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.schedule.step()
+        metrics = {k: float(v) for k, v in means.items()}
+        metrics.update(lr=lr, grad_norm=float(grad_norm), skipped=float(bad))
+        return metrics
+
+    def _count_nonfinite(self, loss: float, grad_norm: float) -> None:
+        self.nonfinite_steps += 1
+        limit = self.cfg.optim.max_nonfinite_steps
+        if self.dist.is_main:
+            print(f"[engine] step {self.global_step + 1}: non-finite loss {loss} / grad norm {grad_norm}: step "
+                  f"skipped ({self.nonfinite_steps} of at most {limit})", file=sys.stderr)
+        if self.nonfinite_steps > limit:
+            raise NonFiniteLossError(
+                f"{self.nonfinite_steps} optimizer steps had a non-finite loss or gradient (last: step "
+                f"{self.global_step + 1}, loss {loss}, grad norm {grad_norm}), more than "
+                f"optim.max_nonfinite_steps={limit}: lower optim.lr, set optim.clip_grad, or check the data")
+
+    def _log(self, window: dict[str, list[float]], progress: Progress) -> None:
+        # `skipped` is a count over the window (identical on all ranks), everything else a mean
+        means = {k: sum(v) if k == "skipped" else sum(v) / len(v) for k, v in window.items()}
+        means = D.all_reduce_mean(means, self.device)
+        if self.dist.is_main:
+            rate = progress.log(self.global_step, self.epoch, self.num_epochs,
+                                {k: v for k, v in means.items() if k in ("loss", "lr") or k.startswith("loss_")})
+            self.writer.write(self.global_step, {"epoch": self.epoch, **means, "steps_per_s": rate})
+
+    def _evaluate(self, epoch: int) -> dict[str, Any]:
+        evaluate = getattr(self.task, "evaluate", None)
+        if evaluate is None:
+            return {}
+        self.model.eval()
+        with torch.no_grad():
+            results = _flatten(evaluate(self.model, epoch) or {})
+        self._set_train_mode()
+        self.last_eval = results
+        if self.dist.is_main:
+            self.writer.write(self.global_step, {"epoch": epoch, **results}, split="eval")
+        key = self.cfg.eval.best_key
+        if key:
+            if key not in results:
+                raise KeyError(f"eval.best_key {key!r} is not among the evaluation results: {sorted(results)}")
+            if not self.best or results[key] > self.best["value"]:
+                name = f"step_{self.global_step:08d}"
+                self.best = {"key": key, "value": float(results[key]), "step": self.global_step,
+                             "checkpoint": name}
+        return results
+
+    def _eval_due(self, epoch_done: int, finished: bool) -> bool:
+        every = self.cfg.eval.every_epochs
+        return finished or (every > 0 and epoch_done % every == 0)
+
+    def fit(self) -> dict[str, Any]:
+        """Train until optim.max_steps / optim.epochs; returns {global_step, run_dir, checkpoint, eval, best}."""
+        self._setup()
+        try:
+            self._train_loop()
+        finally:
+            if self.writer is not None:
+                self.writer.close()
+        return {"global_step": self.global_step, "run_dir": str(self.run_dir),
+                "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
+                "eval": self.last_eval, "best": dict(self.best)}
+
+    def _train_loop(self) -> None:
+        rt, accum = self.cfg.runtime, self.cfg.optim.grad_accum
+        progress = Progress(self.total_steps, self.global_step, enabled=self.dist.is_main and rt.progress)
+        self._set_train_mode()
+        window: dict[str, list[float]] = {}
+        while self.global_step < self.total_steps:
+            batches = iter(self.task.train_batches(self.epoch, self.batch_in_epoch))
+            step_in_epoch = self.batch_in_epoch // accum
+            end_of_epoch = False
+            while not end_of_epoch and self.global_step < self.total_steps:
+                n_micro = min(accum, self.batches_per_epoch - step_in_epoch * accum)
+                metrics = self._optimizer_step(self._micro_batches(batches, n_micro))
+                self.global_step += 1
+                step_in_epoch += 1
+                end_of_epoch = step_in_epoch >= self.steps_per_epoch
+                self.batch_in_epoch = 0 if end_of_epoch else step_in_epoch * accum
+                epoch_done = self.epoch + 1
+                if end_of_epoch:
+                    self.epoch += 1
+                for key, value in metrics.items():
+                    window.setdefault(key, []).append(value)
+                finished = self.global_step >= self.total_steps
+                if self.global_step % rt.log_every == 0 or finished:
+                    self._log(window, progress)
+                    window = {}
+                if end_of_epoch or finished:
+                    if self._eval_due(epoch_done, finished):
+                        self._evaluate(epoch_done - 1)
+                if end_of_epoch or finished or (rt.ckpt_every_steps and self.global_step % rt.ckpt_every_steps == 0):
+                    self.save()
+                for callback in self.callbacks:
+                    callback(self, self.global_step, metrics)
+            del batches  # release DataLoader workers before the next epoch starts its own
+
+
+def unwrap_ddp(model: nn.Module) -> nn.Module:
+    """The DDP wrapper inside a torch.compile wrapper (or the model itself)."""
+    inner = getattr(model, "_orig_mod", None)
+    return inner if isinstance(inner, nn.Module) else model

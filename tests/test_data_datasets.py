@@ -1,0 +1,153 @@
+"""Datasets, collate, broken-media replacement + quarantine, and worker-count independence."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from stmvl.data import synth
+from stmvl.data.datasets import (MCDataset, ProbeDataset, QADataset, RetrievalDataset, VideoTextCollator,
+                                 VideoTextDataset, collate_eval)
+from stmvl.data.quarantine import Quarantine, TooManyBadSamples
+from stmvl.data.text import Tokenizer
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corpus")
+    synth.generate_corpus(root, seed=1, train=10, test=4, probe=3, size=32, frames=8, workers=1)
+    return root
+
+
+def _video_ds(corpus, **kwargs):
+    kwargs.setdefault("num_frames", 4)
+    kwargs.setdefault("img_size", 24)
+    return VideoTextDataset(corpus / "annotations" / "train_video.json", corpus, **kwargs)
+
+
+def test_video_text_samples_and_collate(corpus):
+    ds = _video_ds(corpus, id_offset=100)
+    sample = ds[3]
+    assert sample["video"].shape == (4, 3, 24, 24) and sample["video"].dtype == torch.uint8
+    assert sample["sample_id"] == 103 and sample["index"] == 3
+    record = json.loads((corpus / "annotations" / "train_video.json").read_text())[3]
+    assert sample["caption"] == record["caption"] and sample["foil"] == record["foil"]
+    assert torch.equal(ds[3]["video"], sample["video"])  # same (seed, epoch, index) -> same sample
+    ds.set_epoch(1)
+    assert not torch.equal(ds[3]["video"], sample["video"])  # new epoch -> new frames / crop
+    tokenizer = Tokenizer(max_length=16)
+    batch = VideoTextCollator(tokenizer)([ds[i] for i in range(3)])
+    assert batch["video"].shape == (3, 4, 3, 24, 24) and batch["video"].dtype == torch.float32
+    assert 0.0 <= batch["video"].min() and batch["video"].max() <= 1.0 and batch["video"].max() > 0.5
+    assert batch["sample_id"].tolist() == [100, 101, 102] and batch["media"] == "video"
+    expected = tokenizer([ds.records[i]["caption"] for i in range(3)])
+    assert torch.equal(batch["input_ids"], expected["input_ids"])
+    foil = tokenizer([ds.records[i]["foil"] for i in range(3)])
+    assert torch.equal(batch["foil_input_ids"], foil["input_ids"])
+    assert torch.equal(batch["foil_attention_mask"], foil["attention_mask"])
+
+
+def test_image_corpus_gives_single_frames(corpus):
+    ds = VideoTextDataset(corpus / "annotations" / "train_image.json", corpus, media_type="image", img_size=16,
+                          num_frames=4)
+    sample = ds[0]
+    assert sample["video"].shape == (1, 3, 16, 16) and "foil" not in sample
+    batch = VideoTextCollator(Tokenizer(), media="image")([ds[0], ds[1]])
+    assert batch["media"] == "image" and "foil_input_ids" not in batch
+
+
+def test_samples_do_not_depend_on_worker_count(corpus):
+    ds = _video_ds(corpus)
+    collate = VideoTextCollator(Tokenizer())
+    runs = [torch.cat([b["video"] for b in DataLoader(ds, batch_size=3, collate_fn=collate, num_workers=w)])
+            for w in (0, 2)]
+    assert torch.equal(runs[0], runs[1])
+
+
+def _broken_corpus(corpus, tmp_path):
+    """A copy of the train annotation where 5 of 15 records point to broken media of each kind."""
+    media = tmp_path / "media"
+    records = json.loads((corpus / "annotations" / "train_video.json").read_text())
+    for record in records:
+        target = media / record["video"]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(corpus / record["video"], target)
+    good = (corpus / records[0]["video"]).read_bytes()
+    (media / "zero.mp4").write_bytes(b"")
+    (media / "truncated.mp4").write_bytes(good[: len(good) // 2])
+    (media / "garbage.mp4").write_bytes(np.random.default_rng(0).bytes(3000))
+    synth.write_mp4(media / "short.mp4", synth.render_clip(records[0]["attributes"], 32, 2))
+    bad = {"zero.mp4": "empty", "truncated.mp4": "undecodable", "garbage.mp4": "undecodable",
+           "missing.mp4": "missing", "short.mp4": "too_short"}
+    for i, name in enumerate(bad):
+        records.insert(2 * i + 1, {"video": name, "caption": "broken", "foil": "broken"})
+    path = tmp_path / "broken.json"
+    path.write_text(json.dumps(records))
+    return path, media, bad
+
+
+def test_loader_skips_broken_media_and_quarantines_exactly_them(corpus, tmp_path):
+    annotation, media, bad = _broken_corpus(corpus, tmp_path)
+    quarantine = Quarantine(tmp_path / "run")
+    ds = VideoTextDataset(annotation, media, num_frames=4, img_size=16, quarantine=quarantine, min_frames=4,
+                          max_bad_fraction=0.5)
+    loader = DataLoader(ds, batch_size=5, num_workers=2, collate_fn=VideoTextCollator(Tokenizer()))
+    captions = []
+    for batch in loader:
+        assert batch["video"].shape == (5, 4, 3, 16, 16)
+        captions += [ds.records[i]["caption"] for i in batch["index"].tolist()]
+    assert len(captions) == 15 and "broken" not in captions
+    entries = quarantine.entries()
+    assert sorted((e["path"].rsplit("/", 1)[-1], e["reason"]) for e in entries) == sorted(bad.items())
+    assert all(e["corpus"] == "broken" for e in entries)
+
+
+def test_failure_bound_stops_with_a_clear_error(corpus, tmp_path):
+    annotation, media, _ = _broken_corpus(corpus, tmp_path)
+    ds = VideoTextDataset(annotation, media, num_frames=2, img_size=16, min_frames=4, max_bad_fraction=0.1)
+    ds.guard.min_attempts = 5
+    with pytest.raises(TooManyBadSamples, match=r"max_bad_fraction 10\.0%.*check-data"):
+        for i in range(len(ds)):
+            ds[i]
+
+
+def test_retrieval_modes_and_ground_truth(tmp_path, corpus):
+    clip = "videos/test/test_00000.mp4"
+    records = [{"video": clip, "caption": ["a b", "c d"]}, {"video": clip, "caption": "e f"},
+               {"video": clip, "caption": ["g h"], "gt": [[1, 2]]}]
+    path = tmp_path / "ret.json"
+    path.write_text(json.dumps(records))
+    multi = RetrievalDataset(path, corpus, mode="multi", num_frames=2, img_size=16)
+    assert multi.texts == ["a b", "c d", "e f", "g h"]
+    assert multi.txt2vid == [[0], [0], [1], [1, 2]] and multi.vid2txt == [[0, 1], [2, 3], [3]]
+    para_path = tmp_path / "para.json"
+    para_path.write_text(json.dumps(records[:2]))
+    paragraph = RetrievalDataset(para_path, corpus, mode="paragraph", num_frames=2, img_size=16)
+    assert paragraph.texts == ["a b c d", "e f"] and paragraph.txt2vid == [[0], [1]]
+    single = RetrievalDataset(corpus / "annotations" / "retrieval_test.json", corpus, num_frames=2, img_size=16)
+    gts = [r["gt"] for r in json.loads((corpus / "annotations" / "retrieval_test.json").read_text())]
+    assert single.txt2vid == gts and all(t in single.vid2txt[v] for t, g in enumerate(gts) for v in g)
+    batch = collate_eval([single[0], single[1]])
+    assert batch["video"].shape == (2, 2, 3, 16, 16) and batch["index"].tolist() == [0, 1]
+    records[2]["gt"] = [[7]]
+    path.write_text(json.dumps(records))
+    with pytest.raises(ValueError, match="record 2: field 'gt'"):
+        RetrievalDataset(path, corpus, mode="multi")
+
+
+def test_probe_qa_mc_datasets(corpus):
+    ann = corpus / "annotations"
+    probe = ProbeDataset(ann / "probe.json", corpus, num_frames=8, img_size=32)
+    sample = probe[0]
+    assert sample["caption"] != sample["foil"] and sample["video"].shape == (8, 3, 32, 32)
+    qa = QADataset(ann / "qa_test.json", corpus, ann / "qa_answers.json", num_frames=2, img_size=16)
+    item = qa[1]
+    assert qa.answer_list[item["answer_index"]] == item["answers"][0]
+    mc = MCDataset(ann / "mc_test.json", corpus, num_frames=2, img_size=16)
+    choice = mc[2]
+    assert len(choice["options"]) == 5 and 0 <= choice["answer"] < 5
+    test_captions = [r["caption"] for r in json.loads((ann / "test_video.json").read_text())]
+    assert choice["options"][choice["answer"]] == test_captions[2]

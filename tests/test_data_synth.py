@@ -1,0 +1,111 @@
+"""The synthetic temporal corpus: determinism, exact reversal, foils, ground truth, QA/MC, mp4 fidelity."""
+
+import json
+
+import numpy as np
+import pytest
+
+from stmvl.data import synth
+from stmvl.data.annotations import load_annotations, load_answer_list
+from stmvl.data.video import read_video
+
+COUNTS = dict(train=8, test=6, probe=6)
+
+
+@pytest.fixture(scope="module")
+def corpora(tmp_path_factory):
+    a, b = tmp_path_factory.mktemp("synth_a"), tmp_path_factory.mktemp("synth_b")
+    synth.generate_corpus(a, seed=5, workers=2, **COUNTS)
+    assert synth.cli_main(["--out", str(b), "--seed", "5", "--workers", "1"] +
+                          [f"--{k}={v}" for k, v in COUNTS.items()]) == 0
+    return a, b
+
+
+def test_same_seed_gives_identical_annotations_and_frames(corpora, tmp_path):
+    a, b = corpora
+    for name in ("train_video", "train_image", "test_video", "retrieval_test", "probe", "qa_train", "qa_test",
+                 "qa_answers", "mc_test"):
+        assert (a / "annotations" / f"{name}.json").read_bytes() == (b / "annotations" / f"{name}.json").read_bytes()
+    for rel in ("videos/train/train_00003.mp4", "videos/probe/probe_00005.mp4"):
+        frames_a, _ = read_video(a / rel, 16, "middle")
+        frames_b, _ = read_video(b / rel, 16, "middle")
+        assert frames_a.shape == (16, 3, 64, 64) and np.array_equal(frames_a.numpy(), frames_b.numpy())
+    synth.generate_corpus(tmp_path, seed=6, workers=1, train=2, test=0, probe=0)
+    other = json.loads((tmp_path / "annotations" / "train_video.json").read_text())
+    ours = json.loads((a / "annotations" / "train_video.json").read_text())
+    assert [r["caption"] for r in other] != [r["caption"] for r in ours[:2]]
+
+
+def test_reversed_attributes_render_the_reversed_frames():
+    for seed in range(12):
+        attrs = synth.sample_attributes(np.random.default_rng(seed), 48)
+        frames = synth.render_clip(attrs, 48, 9)
+        assert np.array_equal(frames[::-1], synth.render_clip(synth.reverse_attributes(attrs), 48, 9))
+        assert not np.array_equal(frames[0], frames[-1])  # every clip has motion (no 'stays'-only clips)
+        assert frames.std() > 20  # textured background + objects, not flat
+
+
+def test_probe_foil_describes_the_reversed_motion(corpora):
+    a, _ = corpora
+    records = load_annotations(a / "annotations" / "probe.json", "probe")
+    for record in records:
+        attrs = record["attributes"]
+        assert record["foil"] != record["caption"]
+        assert any(o["motion"] != "stays" for o in attrs["objects"])
+        reversed_attrs = synth.reverse_attributes(attrs)
+        assert record["foil"] == synth.caption(reversed_attrs)
+        assert [o["motion"] for o in reversed_attrs["objects"]] == [
+            synth.REVERSED_MOTION[o["motion"]] for o in reversed(attrs["objects"])]
+    # a hand-built clip: exact wording of caption and foil
+    attrs = {"background": 1, "template": 0, "objects": [
+        {"shape": "circle", "color": "red", "size": "small", "motion": "left", "start": [40, 20, 7], "end": [20, 20, 7],
+         "z": 0, "noun": 0, "verb": 0, "say_size": True},
+        {"shape": "square", "color": "blue", "size": "small", "motion": "grows", "start": [30, 45, 7],
+         "end": [30, 45, 12], "z": 1, "noun": 1, "verb": 0, "say_size": True}]}
+    assert synth.caption(attrs) == "first a small red circle moves to the left, then a blue box grows"
+    assert synth.foil_caption(attrs) == "first a blue box shrinks, then a small red circle moves to the right"
+
+
+def test_retrieval_ground_truth_lists_every_matching_clip():
+    rng = np.random.default_rng(0)
+    clip = synth.sample_attributes(rng, 64)
+    clip["objects"] = clip["objects"][:1]
+    clip["objects"][0].update(motion="left", say_size=False)
+    same_tuple = json.loads(json.dumps(clip))
+    same_tuple["objects"][0].update(size="large" if clip["objects"][0]["size"] == "small" else "small", verb=2)
+    different = json.loads(json.dumps(clip))
+    different["objects"][0]["motion"] = "right"
+    records = [{"video": f"{i}.mp4", "caption": synth.caption(x), "attributes": x}
+               for i, x in enumerate([clip, same_tuple, different])]
+    gts = [r["gt"] for r in synth._retrieval_records(records)]
+    assert gts == [[0, 1], [0, 1], [2]]  # size not said -> both sizes match; a paraphrase has the same gt
+
+
+def test_all_annotation_files_validate_and_are_consistent(corpora):
+    a, _ = corpora
+    ann = a / "annotations"
+    train = load_annotations(ann / "train_video.json", "video")
+    images = load_annotations(ann / "train_image.json", "image")
+    assert len(train) == len(images) == COUNTS["train"]
+    assert all((a / r["image"]).is_file() for r in images)
+    assert all("moves" not in r["caption"] and "grows" not in r["caption"] for r in images)
+    retrieval = load_annotations(ann / "retrieval_test.json", "retrieval")
+    assert all(i in r["gt"] for i, r in enumerate(retrieval))
+    answers = load_answer_list(ann / "qa_answers.json")
+    for record in load_annotations(ann / "qa_test.json", "qa"):
+        assert record["answer"] in answers
+    for record, clip in zip(load_annotations(ann / "mc_test.json", "mc"), load_annotations(
+            ann / "test_video.json", "video")):
+        assert len(set(record["caption"])) == 5 and record["caption"][record["answer"]] == clip["caption"]
+        assert clip["foil"] in record["caption"]
+    manifest = json.loads((a / "manifest.json").read_text())
+    assert manifest["counts"] == {"train": 8, "test": 6, "probe": 6}
+
+
+def test_mp4_keeps_colours(corpora):
+    a, _ = corpora
+    record = load_annotations(a / "annotations" / "train_video.json", "video")[0]
+    rendered = synth.render_clip(record["attributes"], 64, 16).astype(np.float64)
+    decoded, _ = read_video(a / record["video"], 16, "middle")
+    decoded = decoded.permute(0, 2, 3, 1).numpy().astype(np.float64)
+    assert np.abs(decoded - rendered).mean() < 4.0  # crf 10 + yuv420p: small error, colours intact

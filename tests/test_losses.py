@@ -1,0 +1,166 @@
+"""Losses: VTC by hand, VTM negatives, MLM statistics, MVM/UTA values, DDP gradient scaling."""
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from stmvl.models.losses import (
+    IGNORE_INDEX,
+    mlm_loss,
+    mlm_mask,
+    mvm_loss,
+    sample_hard_negatives,
+    uta_loss,
+    vtc_loss,
+    vtm_loss,
+)
+
+
+def test_vtc_equals_hand_computation_with_duplicate_ids():
+    # Unit vectors chosen so that the cosines are easy: t0.v0 = 1, t0.v1 = 0, ...
+    video = torch.tensor([[[1.0, 0.0], [0.0, 1.0]],  # clip 0: two frames
+                          [[0.0, 1.0], [0.0, 1.0]],
+                          [[1.0, 0.0], [1.0, 0.0]]])
+    text = torch.tensor([[1.0, 0.0], [0.0, 2.0], [3.0, 0.0]])
+    ids = torch.tensor([7, 9, 7])  # samples 0 and 2 are positives of each other
+    temp = 0.5
+    # frame-averaged cosines, rows = texts, cols = videos
+    sim = [[0.5, 0.0, 1.0],
+           [0.5, 1.0, 0.0],
+           [0.5, 0.0, 1.0]]
+    targets = [[0.5, 0, 0.5], [0, 1, 0], [0.5, 0, 0.5]]
+
+    def direction(rows):
+        total = 0.0
+        for i in range(3):
+            logz = math.log(sum(math.exp(rows[i][j] / temp) for j in range(3)))
+            total += -sum(targets[i][j] * (rows[i][j] / temp - logz) for j in range(3))
+        return total / 3
+
+    cols = [[sim[j][i] for j in range(3)] for i in range(3)]
+    expected = 0.5 * (direction(sim) + direction(cols))
+    got = vtc_loss(video, text, ids, temp)
+    assert got.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_vtc_temporal_and_foil_negatives_add_one_column_each():
+    video = torch.tensor([[[1.0, 0.0], [0.0, 1.0]], [[0.0, 1.0], [1.0, 0.0]]])
+    text = torch.tensor([[1.0, 1.0], [1.0, -1.0]])
+    ids = torch.tensor([0, 1])
+    reversed_video = video.flip(1)
+    base = vtc_loss(video, text, ids, 1.0)
+    with_rev = vtc_loss(video, text, ids, 1.0, reversed_video=reversed_video)
+    sim = torch.tensor([[1.0, 1.0], [0.0, 0.0]]) / math.sqrt(2)  # frame-averaged cosines
+    rev = torch.tensor([1.0, 0.0]) / math.sqrt(2)  # reversed clip vs its own caption
+    t2v = F.cross_entropy(torch.cat([sim, rev[:, None]], 1), ids)
+    v2t = F.cross_entropy(sim.t(), ids)
+    assert with_rev.item() == pytest.approx(0.5 * (t2v + v2t).item(), rel=1e-6)
+    assert with_rev > base
+    foil = torch.tensor([[1.0, 1.0], [0.0, 1.0]])
+    with_foil = vtc_loss(video, text, ids, 1.0, foil_text=foil)
+    foil_sim = F.cosine_similarity(foil[:, None], video, dim=-1).mean(1)
+    v2t_foil = F.cross_entropy(torch.cat([sim.t(), foil_sim[:, None]], 1), ids)
+    assert with_foil.item() == pytest.approx(0.5 * (F.cross_entropy(sim, ids) + v2t_foil).item(), rel=1e-6)
+
+
+def test_vtm_never_picks_a_positive_as_negative():
+    ids = torch.tensor([0, 0, 1, 2, 2, 2, 3, 4])
+    positive = ids[:, None] == ids[None, :]
+    g = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        sim = torch.randn(8, 8) * 5 + 20 * positive.float()  # positives have by far the highest similarity
+        neg_video, neg_text = sample_hard_negatives(sim, ids, g)
+        assert (neg_video >= 0).all() and (neg_text >= 0).all()
+        assert not positive[torch.arange(8), neg_video].any()
+        assert not positive[neg_text, torch.arange(8)].any()
+
+
+def test_vtm_negatives_follow_similarity_and_rows_without_negatives_are_dropped():
+    ids = torch.tensor([0, 1, 2])
+    sim = torch.tensor([[0.0, 9.0, -9.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    picks = [sample_hard_negatives(sim, ids, torch.Generator().manual_seed(s))[0][0].item() for s in range(50)]
+    assert picks.count(1) >= 48  # exp(9) vs exp(-9)
+    all_same = sample_hard_negatives(torch.randn(3, 3), torch.tensor([5, 5, 5]))
+    assert (all_same[0] == -1).all() and (all_same[1] == -1).all()
+
+
+def test_vtm_loss_scores_3b_pairs_with_labels():
+    seen = {}
+
+    def fuse(states, mask, video):
+        seen["pairs"] = states.shape[0]
+        # fused CLS = text CLS + mean video token, so matching depends on the pair
+        return states + video.mean(1, keepdim=True)
+
+    head = torch.nn.Linear(4, 2)
+    b = 5
+    loss = vtm_loss(fuse, head, torch.randn(b, 3, 4), torch.randn(b, 2, 4), torch.ones(b, 2, dtype=torch.long),
+                    torch.randn(b, b), torch.arange(b), reversed_tokens=torch.randn(b, 3, 4))
+    assert seen["pairs"] == 4 * b
+    assert loss.item() > 0 and loss.requires_grad
+
+
+def test_mlm_masking_statistics_over_10000_tokens():
+    g = torch.Generator().manual_seed(0)
+    vocab, special = 1000, {0, 101, 102, 103}
+    ids = torch.randint(200, vocab, (100, 120), generator=g)
+    ids[:, 0], ids[:, 99] = 101, 102
+    ids[:, 100:] = 0  # padding
+    attn = (ids != 0).long()
+    masked, labels = mlm_mask(ids, attn, vocab_size=vocab, mask_token_id=103, special_ids=special, prob=0.5, generator=g)
+    eligible = attn.bool() & (ids != 101) & (ids != 102)
+    chosen = labels != IGNORE_INDEX
+    assert eligible.sum() == 9800
+    assert not (chosen & ~eligible).any()  # specials and pad never chosen
+    assert torch.equal(labels[chosen], ids[chosen])
+    rate = chosen.sum().item() / eligible.sum().item()
+    assert abs(rate - 0.5) < 0.02
+    n = chosen.sum().item()
+    to_mask = (masked[chosen] == 103).float().mean().item()
+    unchanged = (masked[chosen] == ids[chosen]).float().mean().item()
+    replaced = 1 - to_mask - unchanged
+    assert abs(to_mask - 0.8) < 0.02 and abs(unchanged - 0.1) < 0.015 and abs(replaced - 0.1) < 0.015, n
+    assert torch.equal(masked[~chosen], ids[~chosen])
+
+
+def test_mlm_loss_values_and_no_masked_case():
+    logits = torch.randn(2, 3, 10, requires_grad=True)
+    labels = torch.full((2, 3), IGNORE_INDEX)
+    labels[0, 1], labels[1, 2] = 4, 7
+    expected = 0.5 * (F.cross_entropy(logits[0, 1:2], torch.tensor([4])) + F.cross_entropy(logits[1, 2:3], torch.tensor([7])))
+    assert mlm_loss(logits, labels).item() == pytest.approx(expected.item(), rel=1e-6)
+    zero = mlm_loss(logits, torch.full((2, 3), IGNORE_INDEX))
+    assert zero.item() == 0.0 and zero.requires_grad
+    zero.backward()
+    assert torch.equal(logits.grad, torch.zeros_like(logits))
+
+
+def test_mvm_and_uta_values():
+    target = torch.randn(2, 3, 4, 5)
+    assert mvm_loss(target * 3.0, target).item() == pytest.approx(0.0, abs=1e-6)
+    assert mvm_loss(-target, target).item() == pytest.approx(4.0, abs=1e-6)
+    pred = torch.randn(2, 3, 4, 5)
+    cos = F.cosine_similarity(pred, target, dim=-1)
+    assert mvm_loss(pred, target).item() == pytest.approx((2 - 2 * cos).mean().item(), rel=1e-5)
+    keep = torch.tensor([[True, False, True, False], [False, True, True, False], [True, True, False, False]])
+    visible_pred = torch.stack([target[:, b][:, keep[b]] for b in range(3)], 1)
+    full = torch.randn(2, 3, 4, 5)
+    full[:, keep] = target[:, keep]
+    assert uta_loss(visible_pred, full, keep).item() == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.ddp
+def test_vtc_ddp_gradients_equal_single_process():
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(root / "src"), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+           str(root / "tests" / "ddp_vtc_worker.py")]
+    run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert run.stdout.count("max |grad diff|") == 2

@@ -1,0 +1,68 @@
+"""stmvl.models.text: BERT with fusion layers (HF parity lives in test_weights.py)."""
+
+import pytest
+import torch
+
+from stmvl.models.config import TextConfig
+from stmvl.models.text import BertEncoder
+
+CFG = dict(vocab_size=50, hidden=32, layers=3, heads=4, intermediate=64, max_position=16, dropout=0.0)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return BertEncoder(TextConfig(**CFG, fusion_start=2), cross_width=16).eval()
+
+
+def test_padding_does_not_change_real_tokens(model):
+    ids = torch.randint(5, 50, (1, 5))
+    mask = torch.ones(1, 5, dtype=torch.long)
+    short = model(ids, mask)
+    padded = model(torch.cat([ids, torch.zeros(1, 3, dtype=torch.long)], 1), torch.cat([mask, torch.zeros(1, 3, dtype=torch.long)], 1))
+    assert torch.allclose(short, padded[:, :5], atol=1e-5)
+    video = torch.randn(1, 7, 16)
+    fused_short = model.fuse(short, mask, video)
+    fused_padded = model.fuse(padded, torch.cat([mask, torch.zeros(1, 3, dtype=torch.long)], 1), video)
+    assert torch.allclose(fused_short, fused_padded[:, :5], atol=1e-5)
+
+
+def test_text_only_fusion_and_both_modes(model):
+    ids = torch.randint(5, 50, (2, 6))
+    mask = torch.ones(2, 6, dtype=torch.long)
+    video = torch.randn(2, 7, 16)
+    text = model(ids, mask)
+    x = model.embeddings(ids)
+    for layer in model.layers[:2]:
+        x = layer(x, None)
+    assert torch.allclose(text, x, atol=1e-6)
+    both = model(ids, mask, video_tokens=video)
+    assert torch.allclose(both, model.fuse(text, mask, video), atol=1e-6)
+    # Video tokens marked invalid are ignored.
+    vmask = torch.tensor([[1] * 4 + [0] * 3] * 2)
+    noisy = video.clone()
+    noisy[:, 4:] = 50.0
+    assert torch.allclose(model.fuse(text, mask, video, vmask), model.fuse(text, mask, noisy, vmask), atol=1e-5)
+    assert torch.allclose(model.fuse(text, mask, video, vmask), model.fuse(text, mask, video[:, :4]), atol=1e-5)
+    with pytest.raises(ValueError, match="video_tokens"):
+        model.fuse(text, mask, torch.randn(2, 7, 32))
+
+
+def test_mlm_head_is_tied_to_word_embeddings(model):
+    states = torch.randn(2, 3, 32)
+    h = model.mlm.norm(torch.nn.functional.gelu(model.mlm.dense(states)))
+    assert torch.allclose(model.mlm_logits(states), h @ model.embeddings.word.weight.t() + model.mlm.bias, atol=1e-5)
+    assert not any("decoder" in k for k in model.state_dict())
+
+
+def test_no_fusion_layers_runs_all_layers():
+    torch.manual_seed(0)
+    plain = BertEncoder(TextConfig(**CFG, fusion_start=3)).eval()
+    assert not plain.has_fusion and not any("cross" in k for k in plain.state_dict())
+    ids = torch.randint(5, 50, (1, 4))
+    x = plain.embeddings(ids)
+    for layer in plain.layers:
+        x = layer(x, None)
+    assert torch.allclose(plain(ids, torch.ones_like(ids)), x, atol=1e-6)
+    with pytest.raises(ValueError, match="no fusion layers"):
+        plain.fuse(x, torch.ones_like(ids), torch.randn(1, 2, 32))
