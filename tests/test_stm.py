@@ -26,7 +26,7 @@ def tiny_config(preset: str = "stm", **changes) -> ModelConfig:
     cfg = ModelConfig(
         vision=vit_config("tiny", drop_path=0.0),
         teacher=TeacherConfig(img_size=32, patch_size=8, width=32, layers=2, heads=2, embed_dim=16, return_layers=2),
-        text=TextConfig(hidden=32, layers=2, heads=2, intermediate=64, fusion_start=1, max_length=16, dropout=0.0),
+        text=TextConfig(hidden=64, layers=3, heads=2, intermediate=128, fusion_start=2, max_length=16, dropout=0.0),
         predictor=PredictorConfig(dim=16, hidden=16, head_hidden=8),
         embed_dim=32,
     )

@@ -129,7 +129,8 @@ def validate_record(record: Any, kind: str, path: str | Path, index: int) -> Non
             f"{where}: field 'answer' = {record['answer']} is not an index into the {len(record['caption'])} options"
         )
     if "start" in record and "end" in record and record["end"] <= record["start"]:
-        raise AnnotationError(f"{where}: field 'end' ({record['end']}) must be greater than 'start' ({record['start']})")
+        raise AnnotationError(
+            f"{where}: field 'end' ({record['end']}) must be greater than 'start' ({record['start']})")
 
 
 class PackedRecords:

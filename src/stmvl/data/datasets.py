@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 
 from .annotations import PackedRecords, load_annotations, load_answer_list, media_key
 from .quarantine import BrokenMediaGuard, Quarantine
-from .transforms import EvalTransform, TrainTransform, build_transform, to_float  # noqa: F401
+from .transforms import EvalTransform, TrainTransform, build_transform, to_float
 from .video import read_media, resolve_media_path
 
 RETRIEVAL_MODES = ("single", "paragraph", "multi")

@@ -191,7 +191,8 @@ def static_caption(attrs: dict[str, Any], at_end: bool, template: int) -> str:
     phrases = []
     for obj in attrs["objects"]:
         words = SHAPE_WORDS[obj["shape"]]
-        phrases.append(_with_article("a", f"{_static_size(obj, at_end)} {obj['color']} {words[obj['noun'] % len(words)]}"))
+        noun = words[obj["noun"] % len(words)]
+        phrases.append(_with_article("a", f"{_static_size(obj, at_end)} {obj['color']} {noun}"))
     return STATIC_TEMPLATES[template].format(a=" and ".join(phrases))
 
 

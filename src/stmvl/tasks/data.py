@@ -1,0 +1,119 @@
+"""Build datasets and batch streams from a RunConfig (shared by every task)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from stmvl.config import CorpusConfig, RunConfig
+from stmvl.data.annotations import id_offsets, load_annotations
+from stmvl.data.datasets import ProbeDataset, RetrievalDataset, VideoTextCollator, VideoTextDataset
+from stmvl.data.mixing import MediaSource, MixedBatchStream
+from stmvl.data.quarantine import Quarantine
+from stmvl.data.text import clean_caption
+
+SYNTHETIC_MARKER = "manifest.json"
+
+
+def ensure_synthetic_corpus(cfg: RunConfig, log=print) -> Path | None:
+    """Generate the synthetic corpus of `data.synthetic` unless it is already there (same seed and sizes)."""
+    syn = cfg.data.synthetic
+    if not syn.enabled:
+        return None
+    from stmvl.data.synth import generate_corpus
+
+    root = Path(syn.dir)
+    if (root / SYNTHETIC_MARKER).exists():
+        return root
+    log(f"[stmvl] writing the synthetic corpus to {root} ({syn.num_train} train / {syn.num_test} test / "
+        f"{syn.num_probe} probe clips, {syn.size}px, {syn.frames} frames)")
+    manifest = generate_corpus(root, seed=syn.seed, train=syn.num_train, test=syn.num_test, probe=syn.num_probe,
+                               size=syn.size, frames=syn.frames)
+    log(f"[stmvl] synthetic corpus written in {manifest['seconds']:.1f}s")
+    return root
+
+
+def tokenizer_for(text_cfg):
+    """The WordPiece tokenizer of a text config: its `vocab`, else the weights folder's, else bert-base-uncased."""
+    from stmvl.data.text import Tokenizer
+    from stmvl.models.stm import text_weights_folder
+
+    vocab = text_cfg.vocab
+    folder = text_weights_folder(text_cfg)
+    if vocab is None and folder is not None and (folder / "vocab.txt").is_file():
+        vocab = str(folder)
+    return Tokenizer(vocab, text_cfg.max_length, expected_vocab_size=text_cfg.vocab_size)
+
+
+def _require(path: str, what: str) -> None:
+    if not path or not Path(path).exists():
+        raise FileNotFoundError(f"{what}: {path!r} does not exist (set it in the recipe or with an override, "
+                                f"e.g. paths.data=/your/data)")
+
+
+def pretrain_datasets(cfg: RunConfig, run_dir: Path, seed: int) -> dict[str, list[VideoTextDataset]]:
+    """Media type -> its pretraining datasets, with global sample ids unique across all corpora."""
+    quarantine = Quarantine(run_dir)
+    corpora = [c for c in cfg.data.corpora if c.kind == "pretrain"]
+    if not corpora:
+        raise ValueError("data.corpora has no corpus of kind 'pretrain'")
+    records = []
+    for c in corpora:
+        _require(c.annotation, f"corpus {c.name!r} annotation")
+        records.append(load_annotations(c.annotation, c.media_type))
+    offsets = id_offsets([len(r) for r in records])
+    by_media: dict[str, list[VideoTextDataset]] = {}
+    for c, recs, offset in zip(corpora, records, offsets):
+        ds = VideoTextDataset(
+            recs, c.media_root, id_offset=offset, media_type=c.media_type, num_frames=cfg.data.num_frames,
+            img_size=cfg.data.img_size, sampling=cfg.data.sampling, train=True, hflip=cfg.data.flip, seed=seed,
+            corpus=c.name, quarantine=quarantine, max_bad_fraction=cfg.data.max_bad_fraction,
+        )
+        by_media.setdefault(c.media_type, []).append(ds)
+    return by_media
+
+
+def pretrain_stream(cfg: RunConfig, run_dir: Path, tokenizer, rank: int, world_size: int) -> MixedBatchStream:
+    """The mixed video/image batch stream of a pretraining run (one media type per step)."""
+    seed = cfg.runtime.seed
+    by_media = pretrain_datasets(cfg, run_dir, seed)
+    batch_sizes = {"video": cfg.data.video_batch_size, "image": cfg.data.image_batch_size}
+    sources, weights = {}, {}
+    for media, datasets in by_media.items():
+        dataset = datasets[0] if len(datasets) == 1 else _concat(datasets)
+        collate = VideoTextCollator(tokenizer, media=media, max_length=cfg.model.text.max_length, clean=clean_caption)
+        sources[media] = MediaSource(dataset, batch_sizes[media], collate)
+        weights[media] = sum(c.weight for c in cfg.data.corpora if c.kind == "pretrain" and c.media_type == media) / len(
+            datasets)
+    return MixedBatchStream(sources, seed=seed, weights=weights, rank=rank, world_size=world_size,
+                            num_workers=cfg.data.num_workers)
+
+
+def _concat(datasets: list[VideoTextDataset]):
+    from torch.utils.data import ConcatDataset
+
+    class _EpochConcat(ConcatDataset):
+        def set_epoch(self, epoch: int) -> None:
+            for d in self.datasets:
+                d.set_epoch(epoch)
+
+    return _EpochConcat(datasets)
+
+
+def eval_datasets(cfg: RunConfig, kinds: tuple[str, ...] = ("retrieval", "probe")) -> dict[str, tuple[CorpusConfig, Any]]:
+    """Evaluation corpus name -> (its config, its dataset) for the requested kinds."""
+    ev = cfg.eval
+    img_size = ev.img_size or cfg.data.img_size
+    out = {}
+    for c in ev.corpora:
+        if c.kind not in kinds:
+            continue
+        _require(c.annotation, f"eval corpus {c.name!r} annotation")
+        common = dict(num_frames=ev.num_frames, img_size=img_size, sampling=ev.sampling, train=False,
+                      corpus=c.name, seed=cfg.runtime.seed)
+        if c.kind == "retrieval":
+            ds = RetrievalDataset(c.annotation, c.media_root, mode=c.caption_mode, **common)
+        else:
+            ds = ProbeDataset(c.annotation, c.media_root, **common)
+        out[c.name] = (c, ds)
+    return out

@@ -1,0 +1,36 @@
+"""Run the evaluation corpora of a RunConfig (retrieval, temporal probe) on a model; results carry their protocol."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from stmvl.config import RunConfig
+from stmvl.eval.probe import evaluate_probe
+from stmvl.eval.retrieval import evaluate_retrieval
+
+from .data import eval_datasets
+
+
+def evaluate_corpora(model, cfg: RunConfig, device: torch.device | str, autocast: bool = False,
+                     kinds: tuple[str, ...] = ("retrieval", "probe")) -> dict[str, Any]:
+    """{corpus name: result} for every eval corpus of the requested kinds.
+
+    Retrieval results hold both tables ("itc", "itm"); probe results hold ITC / ITM accuracy, and, with
+    eval.shuffled_frames_control, the same probe with the frames of every clip in a shuffled order under
+    "<name>_shuffled" (an order-aware model must fall to about chance there).
+    """
+    ev = cfg.eval
+    common = dict(batch_size=ev.batch_size, num_workers=ev.num_workers, device=device, autocast=autocast,
+                  max_text_len=ev.text_max_length)
+    results: dict[str, Any] = {}
+    for name, (corpus, dataset) in eval_datasets(cfg, kinds).items():
+        if corpus.kind == "retrieval":
+            results[name] = evaluate_retrieval(model, dataset, k_test=ev.k_test, **common)
+        elif corpus.kind == "probe":
+            results[name] = evaluate_probe(model, dataset, **common)
+            if ev.shuffled_frames_control:
+                results[f"{name}_shuffled"] = evaluate_probe(model, dataset, shuffle_frames="permute",
+                                                             seed=cfg.runtime.seed, **common)
+    return results

@@ -1,0 +1,122 @@
+"""The pretraining task (STM or UMT by preset) for the one engine: mixed video/image batches -> STMModel losses."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from stmvl.config import RunConfig, config_to_dict, load_config, load_recipe_dict, apply_overrides
+from stmvl.models.stm import STMModel, apply_preset
+from stmvl.train.engine import TrainContext, unwrap_model
+
+from .data import ensure_synthetic_corpus, pretrain_stream, tokenizer_for
+from .evaluation import evaluate_corpora
+
+
+def _dotted_keys(tree: Any, prefix: str = "") -> list[str]:
+    if not isinstance(tree, dict):
+        return [prefix]
+    keys = []
+    for k, v in tree.items():
+        keys += _dotted_keys(v, f"{prefix}.{k}" if prefix else str(k))
+    return keys
+
+
+def explicit_model_keys(recipe: str | None, overrides: Sequence[str]) -> list[str]:
+    """Dotted keys under `model.` that the recipe or the overrides set (they win over the preset's values)."""
+    tree = load_recipe_dict(recipe) if recipe else {}
+    tree = apply_overrides(tree, list(overrides))
+    return [k for k in _dotted_keys(tree.get("model", {})) if k != "preset"]
+
+
+def load_run_config(recipe: str | None, overrides: Sequence[str] = ()) -> RunConfig:
+    """load_config + the model preset (stm | umt) applied under the keys the user set explicitly."""
+    cfg = load_config(recipe, list(overrides))
+    cfg.model = apply_preset(cfg.model, cfg.model.preset, explicit=explicit_model_keys(recipe, overrides))
+    return cfg
+
+
+class PretrainTask:
+    """STM / UMT pretraining. Batches come from a MixedBatchStream (one media type per step, resumable)."""
+
+    frozen_submodules = ("teacher",)
+
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        self.ctx: TrainContext | None = None
+        self.stream = None
+        self.total_steps = 0
+
+    # engine hooks ------------------------------------------------------------------------------------------
+
+    def setup(self, ctx: TrainContext) -> None:
+        self.ctx = ctx
+        if ctx.is_main:
+            ensure_synthetic_corpus(self.cfg)
+        if ctx.world_size > 1:
+            torch.distributed.barrier()
+
+    def build_model(self) -> nn.Module:
+        cfg = self.cfg.model
+        if self.ctx is not None and self.ctx.grad_checkpointing:
+            cfg.vision.grad_checkpointing = True
+        model = STMModel(cfg)
+        init = self.cfg.runtime.init_from
+        if init:
+            from stmvl.models.weights import load_state_dict_strict
+            from stmvl.train.checkpoint import load_weights, latest_checkpoint
+
+            path = Path(init)
+            weights = path / "model.safetensors" if (path / "model.safetensors").exists() else latest_checkpoint(path)
+            state = load_weights(weights if weights.name == "model.safetensors" else weights / "model.safetensors")
+            load_state_dict_strict(model, state, allow_missing=("teacher",))
+        return model
+
+    def _stream(self):
+        if self.stream is None:
+            ctx = self.ctx
+            tokenizer = tokenizer_for(self.cfg.model.text)
+            self.stream = pretrain_stream(self.cfg, ctx.run_dir, tokenizer, ctx.rank, ctx.world_size)
+        return self.stream
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self._stream())
+
+    def train_batches(self, epoch: int, start_step: int) -> Iterable[dict]:
+        stream = self._stream()
+        stream.load_state_dict({"epoch": epoch, "step": start_step})
+        device = self.ctx.device
+        for batch in stream:
+            yield {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+    def param_groups(self, model: nn.Module) -> list[dict]:
+        return unwrap_model(model).param_groups(self.cfg.optim.lr, self.cfg.optim.weight_decay)
+
+    def train_step(self, model: nn.Module, batch: dict, step: int) -> dict[str, torch.Tensor]:
+        total = max(1, self.ctx.total_steps)
+        out = model(batch, step=step, progress=step / total)
+        media = batch["media"]
+        # per-media names so video and image losses are not averaged together in the logs
+        return {"loss": out["loss"], **{f"loss_{media}_{k}": v.detach() for k, v in out.items() if k != "loss"}}
+
+    def checkpoint_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        # the teacher is frozen and reloaded from its own weights; keeping it out halves the checkpoint
+        return {k: v for k, v in unwrap_model(model).state_dict().items() if not k.startswith("teacher.")}
+
+    def evaluate(self, model: nn.Module, epoch: int) -> dict[str, Any]:
+        return evaluate_corpora(unwrap_model(model), self.cfg, self.ctx.device,
+                                autocast=self.ctx.precision == "bf16")
+
+
+def export_model(model: nn.Module, cfg: RunConfig, out_dir: Path) -> Path:
+    """Write the trained model as a model dir (model.safetensors + config.json) loadable by stmvl.load_model."""
+    from stmvl.models.weights import save_model
+
+    model = unwrap_model(model)
+    extra = {"run_config": config_to_dict(cfg), "eval": {"num_frames": cfg.eval.num_frames,
+             "img_size": cfg.eval.img_size or cfg.data.img_size, "sampling": cfg.eval.sampling}}
+    return save_model(model, cfg.model, out_dir, extra=extra)
