@@ -2,6 +2,7 @@
 
 import math
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -155,12 +156,19 @@ def test_mvm_and_uta_values():
     assert uta_loss(visible_pred, full, keep).item() == pytest.approx(0.0, abs=1e-6)
 
 
+def free_port() -> int:
+    # other test files may run torchrun at the same time: never hard-code the rendezvous port
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.mark.ddp
 def test_vtc_ddp_gradients_equal_single_process():
     root = Path(__file__).resolve().parents[1]
     env = dict(os.environ, PYTHONPATH=str(root / "src"), OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
-           str(root / "tests" / "ddp_vtc_worker.py")]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={free_port()}", str(root / "tests" / "ddp_vtc_worker.py")]
     run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
     assert run.returncode == 0, run.stdout + run.stderr
     assert run.stdout.count("max |grad diff|") == 2

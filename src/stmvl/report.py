@@ -326,3 +326,128 @@ def draw_masks(
                           interpolation="bilinear", extent=extent)
             ax.set_axis_off()
     return _save(fig, out_png)
+
+
+# --------------------------------------------------------------------------------------------------- show-masks
+
+SHOW_MASK_STRATEGIES = ("random", "tube", "attention", "stm")
+_TEACHER_STRATEGIES = ("attention", "attention_inverse", "stm")
+
+
+@dataclass
+class MaskPicture:
+    """What :func:`mask_picture` computed for one clip.
+
+    frames: uint8 [T, 3, H, W]; masks: strategy -> bool [T' * N] (True = masked); grid: (gh, gw);
+    heatmap: float [T', N] temporal map of the predictor (None without teacher/predictor); notes: why strategies
+    were left out or changed.
+    """
+
+    frames: torch.Tensor
+    masks: dict[str, torch.Tensor]
+    grid: tuple[int, int]
+    heatmap: torch.Tensor | None
+    notes: list[str]
+
+
+def _strategies_with_scores(model, strategies: Sequence[str], notes: list[str]) -> list[str]:
+    """Drop the strategies that need the teacher's attention when the model has no trained teacher."""
+    if model.teacher is not None and getattr(model, "teacher_loaded", True):
+        return list(strategies)
+    why = "the model has no teacher" if model.teacher is None else "the checkpoint holds no teacher weights"
+    kept = [s for s in strategies if s not in _TEACHER_STRATEGIES]
+    for strategy in strategies:
+        if strategy in _TEACHER_STRATEGIES:
+            notes.append(f"{strategy}: left out, {why} (its mask needs the teacher's attention)")
+    return kept
+
+
+@torch.no_grad()
+def mask_picture(model, frames: torch.Tensor, strategies: Sequence[str] = SHOW_MASK_STRATEGIES, seed: int = 0,
+                 ratio: float | None = None) -> MaskPicture:
+    """Masks of every strategy for one clip, with the same settings (ratio, seed) for all.
+
+    Args:
+        model: an STMModel in eval mode.
+        frames: uint8 [T, 3, H, W] at the model's input size.
+        ratio: masked fraction per frame (default: the model's ``mask.video_ratio``).
+    """
+    from stmvl.models.masking import STRATEGIES, make_mask
+    from stmvl.models.stm import merge_tubelets
+
+    unknown = [s for s in strategies if s not in STRATEGIES]
+    if unknown:
+        raise ValueError(f"unknown mask strategies {unknown}; choose from {STRATEGIES}")
+    notes: list[str] = []
+    strategies = _strategies_with_scores(model, strategies, notes)
+    if not strategies:
+        raise ValueError("no strategy left to draw: " + "; ".join(notes))
+    video = frames.float().div(255.0).unsqueeze(0).to(model.temp.device)  # [1, T, 3, H, W] in [0, 1]
+    token_frames, n, gh, gw = model.grid(video)
+    spatial = temporal = None
+    if any(s in _TEACHER_STRATEGIES for s in strategies):
+        scores = merge_tubelets(model.teacher(video), model.vision.tubelet)
+        if scores.attn.shape[-1] != n:
+            raise ValueError(f"teacher grid has {scores.attn.shape[-1]} tokens per frame, the student {n}")
+        spatial = scores.attn
+        temporal = _temporal_map(model, scores.tokens, gh, gw, notes)
+    cfg = model.cfg.mask
+    ratio = cfg.video_ratio if ratio is None else ratio
+    lam = model.lam.clamp(0.0, 1.0) if model.lam is not None else cfg.lam_init
+    masks = {}
+    for strategy in strategies:
+        masks[strategy] = make_mask(
+            strategy, ratio, 1, token_frames, n, spatial=spatial, temporal=temporal, lam=lam, seed=seed, step=0,
+            sample_ids=[0], logits=cfg.logits, tau=cfg.tau, device=video.device,
+        )[0].cpu()
+    heatmap = None if temporal is None else temporal[0].cpu()
+    return MaskPicture(frames.cpu(), masks, (gh, gw), heatmap, notes)
+
+
+def _temporal_map(model, tokens: torch.Tensor, gh: int, gw: int, notes: list[str]) -> torch.Tensor | None:
+    """The predictor's temporal map [1, T', N] (eval: the predicted points without jitter), or None with a note."""
+    if model.predictor is None:
+        notes.append("stm: the model has no temporal point predictor (not an STM model): spatial scores only, "
+                     "no heatmap")
+        return None
+    if tokens.shape[1] < 2:
+        notes.append("stm: a single frame has no temporal map")
+        return None
+    return model.predictor(tokens, gh, gw).frame_map
+
+
+def show_masks_main(argv: Sequence[str] | None = None) -> int:
+    """``stmvl show-masks --checkpoint DIR --video FILE --out FILE.png [--strategies ...] [--seed S]``."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="stmvl show-masks",
+                                     description="draw the masks of every strategy and the temporal heatmap on a video")
+    parser.add_argument("--checkpoint", required=True, help="model folder (model.safetensors + config.json)")
+    parser.add_argument("--video", required=True, help="video file")
+    parser.add_argument("--out", required=True, help="output PNG")
+    parser.add_argument("--strategies", default=",".join(SHOW_MASK_STRATEGIES),
+                        help="comma-separated: random, tube, attention, attention_inverse, stm")
+    parser.add_argument("--seed", type=int, default=0, help="mask seed")
+    parser.add_argument("--ratio", type=float, default=None, help="masked fraction (default: the model's video ratio)")
+    parser.add_argument("--frames", type=int, default=None, help="frames to sample (default: the model's)")
+    parser.add_argument("--cell-px", type=int, default=128, help="pixel size of one frame in the picture")
+    args = parser.parse_args(argv)
+    from stmvl.api import ModelDirError, load_model, read_clip
+    from stmvl.data.video import MediaError
+    from stmvl.models.weights import WeightLoadError
+
+    strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
+    try:
+        model = load_model(args.checkpoint)
+        frames = read_clip(model, args.video, args.frames)
+        picture = mask_picture(model, frames, strategies, seed=args.seed, ratio=args.ratio)
+    except (ModelDirError, WeightLoadError, MediaError, FileNotFoundError, ValueError) as error:
+        print(f"stmvl show-masks: {error}", file=sys.stderr)
+        return 2
+    for note in picture.notes:
+        print(f"stmvl show-masks: {note}", file=sys.stderr)
+    out = draw_masks(picture.frames, picture.masks, picture.grid, args.out, heatmap=picture.heatmap,
+                     cell_px=args.cell_px)
+    print(f"wrote {out} ({', '.join(picture.masks)}{', heatmap' if picture.heatmap is not None else ''})")
+    return 0

@@ -257,16 +257,19 @@ class VideoTextCollator:
             "index": torch.tensor([s["index"] for s in samples], dtype=torch.long),
             "media": self.media,
         }
-        tokens = self._tokenize([s["caption"] for s in samples])
-        batch["input_ids"], batch["attention_mask"] = tokens["input_ids"], tokens["attention_mask"]
+        captions = [s["caption"] for s in samples]
         foils = [s.get("foil") for s in samples]
-        if all(f is not None for f in foils):
-            foil_tokens = self._tokenize(foils)
-            batch["foil_input_ids"], batch["foil_attention_mask"] = (foil_tokens["input_ids"],
-                                                                     foil_tokens["attention_mask"])
-        elif any(f is not None for f in foils):
+        has_foils = all(f is not None for f in foils)
+        if not has_foils and any(f is not None for f in foils):
             raise ValueError("some samples of the batch have a 'foil' caption and some do not; a corpus must give "
                              "foils for all records or none")
+        # captions and foils in one call: both get the same padded length, so the model can stack them
+        tokens = self._tokenize(captions + foils if has_foils else captions)
+        b = len(samples)
+        batch["input_ids"], batch["attention_mask"] = tokens["input_ids"][:b], tokens["attention_mask"][:b]
+        if has_foils:
+            batch["foil_input_ids"], batch["foil_attention_mask"] = (tokens["input_ids"][b:],
+                                                                     tokens["attention_mask"][b:])
         return batch
 
 

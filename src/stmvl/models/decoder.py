@@ -6,7 +6,6 @@ the decoder reconstructs every token of the clip (visible and masked), UMT's dec
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 from stmvl.models.config import PredictorConfig
@@ -62,7 +61,9 @@ class PairAlignment(nn.Module):
         self.temporal_mix = nn.Conv3d(cfg.hidden, cfg.hidden, kernel_size=(3, 1, 1), padding=(1, 0, 0))
         self.interaction_proj = nn.Linear(cfg.hidden, width)
 
-    def forward(self, zero_filled: Tensor, gh: int, gw: int, halve_jitter: bool = False) -> tuple[Tensor, Tensor] | None:
+    def forward(
+        self, zero_filled: Tensor, gh: int, gw: int, halve_jitter: bool = False
+    ) -> tuple[Tensor, Tensor] | None:
         """zero_filled [B, T, N, D] -> (aligned [B, T, N, D], interaction [B, T, N, D]); None when T = 1."""
         out = self.predictor(zero_filled, gh, gw, halve_jitter)
         if out is None:

@@ -141,7 +141,9 @@ def vtc_loss(
 # ----------------------------------------------------------------------------------------------------------- VTM
 
 
-def sample_hard_negatives(sim: Tensor, sample_ids: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+def sample_hard_negatives(
+    sim: Tensor, sample_ids: Tensor, generator: torch.Generator | None = None
+) -> tuple[Tensor, Tensor]:
     """Draw one hard negative per row and per column of a local similarity matrix.
 
     Each negative is drawn with probability softmax(sim) with every positive (same sample id) set to 0.

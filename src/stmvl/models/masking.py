@@ -85,6 +85,12 @@ def normalise_scores(scores: Tensor) -> Tensor:
     return scores / scores.sum(-1, keepdim=True).clamp_min(_EPS)
 
 
+def proportional_keys(scores: Tensor, generators: list[torch.Generator], device) -> Tensor:
+    """Gumbel-perturbed log scores [B, T, N]: their top k are k tokens drawn without replacement in proportion to
+    the scores (the Gumbel-top-k trick, equivalent to torch.multinomial without replacement)."""
+    return torch.log(normalise_scores(scores) + _EPS) + per_sample_gumbel(generators, tuple(scores.shape[1:]), device)
+
+
 def stm_logits(spatial: Tensor, temporal: Tensor | None, lam: Tensor | float, mode: str) -> Tensor:
     """Gumbel logits of the STM strategy.
 
@@ -179,10 +185,9 @@ def make_mask(
         mask = top_k_mask(per_sample_uniform(generators, (1, N), device), k).expand(B, T, N)
     elif strategy == "attention":
         # Tokens drawn in proportion to s_sp stay visible: draw N - k of them, mask the rest.
-        drawn = top_k_mask(torch.log(normalise_scores(spatial) + _EPS) + per_sample_gumbel(generators, (T, N), device), N - k)
-        mask = ~drawn
+        mask = ~top_k_mask(proportional_keys(spatial, generators, device), N - k)
     elif strategy == "attention_inverse":
-        mask = top_k_mask(torch.log(normalise_scores(spatial) + _EPS) + per_sample_gumbel(generators, (T, N), device), k)
+        mask = top_k_mask(proportional_keys(spatial, generators, device), k)
     else:
         if temporal is not None and lam is None:
             raise ValueError("the stm strategy needs lam when temporal scores are given")

@@ -128,10 +128,8 @@ class PointHead(nn.Module):
 
     def __init__(self, hidden: int, head_hidden: int, scale: float):
         super().__init__()
-        self.block1 = nn.Sequential(nn.Conv2d(hidden, head_hidden, 3, padding=1, bias=False), SafeBatchNorm2d(head_hidden))
-        self.block2 = nn.Sequential(
-            nn.Conv2d(head_hidden, head_hidden, 3, padding=1, bias=False), SafeBatchNorm2d(head_hidden)
-        )
+        self.block1 = self.conv_bn(hidden, head_hidden)
+        self.block2 = self.conv_bn(head_hidden, head_hidden)
         # Two groups: each half of the channels predicts the point of one frame of the pair.
         self.fc1 = nn.Conv2d(head_hidden, head_hidden // 2, 1, groups=2)
         self.fc2 = nn.Conv2d(head_hidden // 2, 4, 1, groups=2)
@@ -139,6 +137,10 @@ class PointHead(nn.Module):
         nn.init.zeros_(self.fc2.weight)
         nn.init.zeros_(self.fc2.bias)
         self.scale = scale
+
+    @staticmethod
+    def conv_bn(cin: int, cout: int) -> nn.Sequential:
+        return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), SafeBatchNorm2d(cout))
 
     @staticmethod
     def pool_if_possible(x: Tensor) -> Tensor:

@@ -177,6 +177,8 @@ class STMModel(nn.Module):
         width = self.vision.width
         self.teacher = build_teacher(cfg.teacher) if needs_teacher(cfg) else None
         self.text = build_text(cfg.text, cross_width=width)
+        if (cfg.loss.vtm > 0 or cfg.loss.mlm > 0) and not self.text.has_fusion:
+            raise ValueError("VTM and MLM need fusion layers: set text.fusion_start below text.layers")
         self._freeze_text_below(cfg.text.freeze_below)
         text_width = self.text.hidden
         self.vision_proj = nn.Linear(width, cfg.embed_dim)
@@ -312,7 +314,7 @@ class STMModel(nn.Module):
         )
 
         teacher_out = merge_tubelets(self.teacher(video), self.vision.tubelet) if self.teacher is not None else None
-        mask, mask_st = self.make_batch_mask(teacher_out, b, frames, n, gh, gw, sample_ids, step, halve)
+        mask, mask_st = self.make_batch_mask(teacher_out, b, frames, n, gh, gw, sample_ids, step, halve, video.device)
         keep = ~mask
 
         text_states = self.text(ids, mask_ids)
@@ -326,7 +328,9 @@ class STMModel(nn.Module):
         reuse_pass1 = self.cfg.pass2_tokens == "visible" and visible_tokens is not None
         tokens2 = visible_tokens if reuse_pass1 else self.contrastive_tokens(video, keep)
         needs_reversed = self.cfg.loss.temporal_negatives and frames > 1
-        reversed_tokens = self.contrastive_tokens(video.flip(1), self.reverse_frames(keep, frames)) if needs_reversed else None
+        reversed_tokens = None
+        if needs_reversed:
+            reversed_tokens = self.contrastive_tokens(video.flip(1), self.reverse_frames(keep, frames))
         foil = self.foil_states(batch)
 
         video_embed, text_embed = self.embed_video(tokens2), self.text_class(text_states)
@@ -363,7 +367,9 @@ class STMModel(nn.Module):
             out["mask_lambda"] = self.lam.detach().clone()
         return out
 
-    def make_batch_mask(self, teacher_out, b, frames, n, gh, gw, sample_ids, step, halve) -> tuple[Tensor, Tensor]:
+    def make_batch_mask(
+        self, teacher_out, b, frames, n, gh, gw, sample_ids, step, halve, device
+    ) -> tuple[Tensor, Tensor]:
         """Mask (bool [B, T'*N]) and its straight-through float copy for this batch's media type."""
         cfg = self.cfg.mask
         strategy, ratio = (cfg.video_strategy, cfg.video_ratio) if frames > 1 else (cfg.image_strategy, cfg.image_ratio)
@@ -378,7 +384,7 @@ class STMModel(nn.Module):
         return make_mask(
             strategy, ratio, b, frames, n,
             spatial=spatial, temporal=temporal, lam=self.clamped_lam(), seed=cfg.seed, step=step, sample_ids=sample_ids,
-            logits=cfg.logits, tau=cfg.tau, device=sample_ids.device, return_st=True,
+            logits=cfg.logits, tau=cfg.tau, device=device, return_st=True,
         )  # fmt: skip
 
     def masked_video_loss(
@@ -429,7 +435,8 @@ class STMModel(nn.Module):
         tok = self.tokenizer
         masked_ids, labels = mlm_mask(
             ids, mask_ids, vocab_size=self.text.cfg.vocab_size, mask_token_id=tok.mask_token_id,
-            special_ids=tok.special_ids, prob=self.cfg.loss.mlm_prob, generator=self.batch_generator(2, step, sample_ids),
+            special_ids=tok.special_ids, prob=self.cfg.loss.mlm_prob,
+            generator=self.batch_generator(2, step, sample_ids),
         )  # fmt: skip
         fused = self.text.fuse(self.text(masked_ids, mask_ids), mask_ids, video_tokens)
         return mlm_loss(self.text.mlm_logits(fused), labels)

@@ -153,6 +153,20 @@ class CLIPTeacher(nn.Module):
         """Target features of block outputs: ``proj(ln_post(h))``, ``[..., W] -> [..., C]``."""
         return self.proj(self.ln_post(hidden))
 
+    def image_embedding(self, images: torch.Tensor) -> torch.Tensor:
+        """CLIP image embedding ``proj(ln_post(class token))`` of ``images [B, 3, H, W]`` in [0, 1]: ``[B, C]``.
+
+        Unlike ``forward`` this keeps the autograd graph, so the demo can train its own teacher (locked-text
+        contrastive training) before freezing it.
+        """
+        frames = (images - self.mean.to(images.dtype)) / self.std.to(images.dtype)
+        tokens, gh, gw = self.patch_tokens(frames)
+        cls = self.class_embedding.to(tokens.dtype).expand(images.shape[0], 1, -1)
+        x = self.ln_pre(torch.cat([cls, tokens], dim=1) + self.position_embedding(gh, gw).to(tokens.dtype))
+        for block in self.blocks:
+            x = block(x)
+        return self.project(x[:, 0])
+
     @torch.no_grad()
     def forward(self, video: torch.Tensor) -> TeacherOutput:
         """``video [B, T, 3, H, W]`` float in [0, 1] -> ``TeacherOutput`` (targets, attn, tokens)."""

@@ -569,10 +569,15 @@ def load_clip_vision(source: str | Path, allow_missing: Iterable[str] = (), **cf
 
     source = Path(source)
     if source.is_dir() and _is_stmvl_dir(source):
-        model = load_model_dir(source)
+        model = load_model_dir(source, allow_missing=allow_missing)
         if not isinstance(model, CLIPTeacher):
             raise WeightLoadError(f"{source} holds a {type(model).__name__}, not a CLIP teacher")
-        return model
+        if not cfg_overrides:
+            return model
+        # run options (return_layers, input_norm, temporal fusion) are the caller's, sizes are the file's
+        tuned = CLIPTeacher(dataclasses.replace(model.cfg, **cfg_overrides))
+        tuned.load_report = load_state_dict_strict(tuned, model.state_dict(), allow_missing=allow_missing)
+        return tuned
     mapped, ignored, hints = _clip_state_from_source(source)
     hints.update(cfg_overrides)
     cfg = teacher_config_from_state(mapped, weights=str(source), **hints)

@@ -34,3 +34,22 @@ def evaluate_corpora(model, cfg: RunConfig, device: torch.device | str, autocast
                 results[f"{name}_shuffled"] = evaluate_probe(model, dataset, shuffle_frames="permute",
                                                              seed=cfg.runtime.seed, **common)
     return results
+
+
+def summary_lines(results: dict[str, Any]) -> list[str]:
+    """One human-readable line per table: retrieval R@1/5/10 both directions, probe accuracies, with the protocol."""
+    lines = []
+    for name, res in results.items():
+        proto = res.get("protocol", {})
+        where = ", ".join(f"{k}={v}" for k, v in proto.items() if k in ("num_frames", "sampling", "k_test", "split"))
+        if "itc" in res and "itm" in res:
+            for table in ("itm", "itc"):
+                m = res[table]
+                lines.append(f"{name} [{table}] t2v R@1/5/10 {m['t2v_r1']:.1f}/{m['t2v_r5']:.1f}/{m['t2v_r10']:.1f}  "
+                             f"v2t R@1/5/10 {m['v2t_r1']:.1f}/{m['v2t_r5']:.1f}/{m['v2t_r10']:.1f}  ({where})")
+        elif "itc_acc" in res:
+            lines.append(f"{name}: probe accuracy ITC {100 * res['itc_acc']:.1f}%  ITM {100 * res['itm_acc']:.1f}%  "
+                         f"n={res['n']} ({where})")
+        elif "acc" in res:
+            lines.append(f"{name}: accuracy {100 * res['acc']:.1f}% n={res.get('n')} ({where})")
+    return lines

@@ -196,7 +196,8 @@ class Trainer:
     def __init__(self, cfg: RunConfig, task: Task, run_dir: str | Path | None = None,
                  callbacks: Iterable[StepCallback] = ()) -> None:
         for member in ("build_model", "train_batches", "train_step", "steps_per_epoch"):
-            if not hasattr(task, member):
+            # look on the class too: a lazy property (e.g. built in setup()) must not be evaluated here
+            if not (hasattr(type(task), member) or member in vars(task)):
                 raise TypeError(f"task {type(task).__name__} lacks required member {member!r} (see stmvl.train.Task)")
         self.cfg = cfg
         self.task = task

@@ -1,0 +1,128 @@
+"""Train the demo's tiny CLIP image teacher (locked-text contrastive training, as in LiT).
+
+No CLIP weights can be downloaded, so the demo makes its own teacher: a small CLIP image tower (the same
+`CLIPTeacher` architecture the real CLIP weights load into) trained on single frames of the synthetic corpus against
+the frozen real MiniLM text tower (mean-pooled sentence embeddings). The result is saved as an stmvl teacher folder
+that `model.teacher.weights` points to.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from stmvl.config import RunConfig
+from stmvl.models.teacher import CLIPTeacher
+from stmvl.models.weights import load_bert, save_model
+from stmvl.models.stm import text_weights_folder
+from stmvl.train.engine import TrainContext, unwrap_model
+
+from .data import ensure_synthetic_corpus, pretrain_stream, tokenizer_for
+
+
+def same_text_targets(input_ids: torch.Tensor) -> torch.Tensor:
+    """Soft targets [B, B]: rows spread evenly over the samples with an identical caption (static captions repeat)."""
+    same = (input_ids[:, None, :] == input_ids[None, :, :]).all(-1).float()
+    return same / same.sum(1, keepdim=True)
+
+
+class LockedTextCLIP(nn.Module):
+    """A trainable CLIPTeacher image tower + a frozen BERT text tower + a learnable logit scale."""
+
+    def __init__(self, teacher: CLIPTeacher, text: nn.Module):
+        super().__init__()
+        self.image = teacher.requires_grad_(True)
+        self.text = text.requires_grad_(False)
+        if teacher.cfg.embed_dim != text.hidden:
+            raise ValueError(f"teacher.embed_dim ({teacher.cfg.embed_dim}) must equal the text width ({text.hidden}) "
+                             "for locked-text training")
+        self.logit_scale = nn.Parameter(torch.tensor(float(torch.log(torch.tensor(1 / 0.07)))))
+
+    def train(self, mode: bool = True) -> "LockedTextCLIP":
+        nn.Module.train(self, mode)
+        nn.Module.train(self.image, mode)  # CLIPTeacher.train() pins eval mode; here it is the student
+        self.text.eval()
+        return self
+
+    @torch.no_grad()
+    def text_embedding(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Mean-pooled frozen sentence embedding [B, H] (how MiniLM sentence embeddings are made)."""
+        states = self.text(ids, mask).float()
+        m = mask.unsqueeze(-1).float()
+        return F.normalize((states * m).sum(1) / m.sum(1).clamp_min(1), dim=-1)
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        """Symmetric contrastive loss of the frames (first frame of each item) against their captions."""
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        image = F.normalize(self.image.image_embedding(batch["video"][:, 0]).float(), dim=-1)
+        text = self.text_embedding(ids, mask)
+        logits = self.logit_scale.clamp(max=4.6052).exp() * image @ text.t()
+        targets = same_text_targets(ids)
+        return 0.5 * (torch.sum(-targets * logits.log_softmax(1), 1).mean()
+                      + torch.sum(-targets * logits.t().log_softmax(1), 1).mean())
+
+
+def teacher_data_config(cfg: RunConfig) -> RunConfig:
+    """The run config restricted to the image-text corpora (the teacher is an image tower)."""
+    images = [c for c in cfg.data.corpora if c.kind == "pretrain" and c.media_type == "image"]
+    if not images:
+        raise ValueError("train-teacher needs at least one image corpus (media_type: image) in data.corpora")
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, corpora=images))
+
+
+class TeacherTask:
+    """Engine task: locked-text training of the teacher image tower; `export` writes the teacher folder."""
+
+    frozen_submodules = ("text",)
+
+    def __init__(self, cfg: RunConfig):
+        self.cfg = teacher_data_config(cfg)
+        self.ctx: TrainContext | None = None
+        self.stream = None
+
+    def setup(self, ctx: TrainContext) -> None:
+        self.ctx = ctx
+        if ctx.is_main:
+            ensure_synthetic_corpus(self.cfg)
+        if ctx.world_size > 1:
+            torch.distributed.barrier()
+
+    def build_model(self) -> nn.Module:
+        tcfg = dataclasses.replace(self.cfg.model.teacher, weights=None)
+        folder = text_weights_folder(self.cfg.model.text)
+        if folder is None:
+            raise ValueError("train-teacher needs pretrained text weights (model.text.weights, e.g. 'minilm')")
+        return LockedTextCLIP(CLIPTeacher(tcfg), load_bert(folder))
+
+    def _stream(self):
+        if self.stream is None:
+            self.stream = pretrain_stream(self.cfg, self.ctx.run_dir, tokenizer_for(self.cfg.model.text),
+                                          self.ctx.rank, self.ctx.world_size)
+        return self.stream
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self._stream())
+
+    def train_batches(self, epoch: int, start_step: int) -> Iterable[dict]:
+        stream = self._stream()
+        stream.load_state_dict({"epoch": epoch, "step": start_step})
+        for batch in stream:
+            yield {k: v.to(self.ctx.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+    def train_step(self, model: nn.Module, batch: dict, step: int) -> dict[str, torch.Tensor]:
+        return {"loss": model(batch)}
+
+    def evaluate(self, model: nn.Module, epoch: int) -> dict[str, Any]:
+        return {}
+
+
+def export_teacher(model: nn.Module, out_dir: str | Path) -> Path:
+    """Save the trained image tower as an stmvl teacher folder (frozen again when loaded)."""
+    teacher = unwrap_model(model).image
+    return save_model(teacher, teacher.cfg, out_dir)

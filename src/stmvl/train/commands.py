@@ -1,0 +1,138 @@
+"""`stmvl train-teacher | pretrain | finetune | evaluate`: parse arguments, build the task, run the one engine.
+
+All of them work under `torchrun` (the engine reads the rank from the environment).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from stmvl.config import ConfigError, RunConfig
+
+
+def _parser(prog: str, description: str, checkpoint: bool = False) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=f"stmvl {prog}", description=description)
+    p.add_argument("recipe", help="packaged recipe name (e.g. demo, pretrain/stm_b16_5m) or a YAML path")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=2e-5 data.video_batch_size=16")
+    p.add_argument("--out", help="run folder (default: the recipe's runtime.out_dir)")
+    if checkpoint:
+        p.add_argument("--checkpoint", required=True, help="model folder (model.safetensors + config.json), a run "
+                                                           "folder or a step folder")
+    else:
+        p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint of the run folder")
+    return p
+
+
+def _config(args) -> RunConfig:
+    from stmvl.tasks.pretrain import load_run_config
+
+    overrides = list(args.overrides)
+    if args.out:
+        overrides.append(f"runtime.out_dir={args.out}")
+    if getattr(args, "resume", False):
+        overrides.append("runtime.resume=true")
+    return load_run_config(args.recipe, overrides)
+
+
+def _fail(exc: Exception) -> int:
+    print(f"stmvl: error: {exc}", file=sys.stderr)
+    return 2
+
+
+def run_training(cfg: RunConfig, task) -> dict[str, Any]:
+    from stmvl.train.engine import Trainer
+
+    trainer = Trainer(cfg, task)
+    result = trainer.fit()
+    result["trainer"] = trainer
+    return result
+
+
+def train_teacher(cfg: RunConfig) -> Path:
+    """Train the demo teacher and export it to model.teacher.weights (or <run>/teacher). Returns the folder."""
+    from stmvl.tasks.teacher import TeacherTask, export_teacher
+
+    result = run_training(cfg, TeacherTask(cfg))
+    out = Path(cfg.paths.models) / "teacher"
+    if result["trainer"].dist.is_main:
+        export_teacher(result["trainer"].model, out)
+        print(f"[stmvl] teacher written to {out}")
+    return out
+
+
+def pretrain(cfg: RunConfig) -> dict[str, Any]:
+    """Pretrain and export the final model to <run>/model; returns the engine's result (+ model_dir)."""
+    from stmvl.tasks.pretrain import PretrainTask, export_model
+
+    result = run_training(cfg, PretrainTask(cfg))
+    trainer = result["trainer"]
+    model_dir = Path(result["run_dir"]) / "model"
+    if trainer.dist.is_main:
+        export_model(trainer.model, cfg, model_dir)
+        print(f"[stmvl] model written to {model_dir}")
+    result["model_dir"] = str(model_dir)
+    return result
+
+
+def train_teacher_main(argv: list[str]) -> int:
+    args = _parser("train-teacher", "train the demo's tiny CLIP image teacher").parse_args(argv)
+    try:
+        cfg = _config(args)
+    except (ConfigError, ValueError) as exc:
+        return _fail(exc)
+    train_teacher(cfg)
+    return 0
+
+
+def pretrain_main(argv: list[str]) -> int:
+    args = _parser("pretrain", "pretrain an STM / UMT model").parse_args(argv)
+    try:
+        cfg = _config(args)
+    except (ConfigError, ValueError) as exc:
+        return _fail(exc)
+    pretrain(cfg)
+    return 0
+
+
+def evaluate(cfg: RunConfig, checkpoint: str | Path) -> dict[str, Any]:
+    """Zero-shot (or finetuned) evaluation of a checkpoint on the recipe's eval corpora; JSON in the run folder."""
+    import torch
+
+    from stmvl.api import load_model
+    from stmvl.tasks.evaluation import evaluate_corpora
+    from stmvl.train.distributed import init_distributed
+
+    dist = init_distributed(cfg.runtime.backend, cfg.runtime.device)
+    model = load_model(checkpoint, device=dist.device)
+    results = evaluate_corpora(model, cfg, dist.device, autocast=cfg.optim.precision == "bf16")
+    if dist.rank == 0:
+        out = Path(cfg.runtime.out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "eval.json").write_text(json.dumps(results, indent=2, default=float), encoding="utf-8")
+        print(f"[stmvl] evaluation written to {out / 'eval.json'}")
+    torch.set_grad_enabled(True)
+    return results
+
+
+def evaluate_main(argv: list[str]) -> int:
+    args = _parser("evaluate", "evaluate a checkpoint", checkpoint=True).parse_args(argv)
+    try:
+        cfg = _config(args)
+    except (ConfigError, ValueError) as exc:
+        return _fail(exc)
+    results = evaluate(cfg, args.checkpoint)
+    from stmvl.tasks.evaluation import summary_lines
+
+    for line in summary_lines(results):
+        print(line)
+    return 0
+
+
+def finetune_main(argv: list[str]) -> int:
+    from stmvl.tasks.finetune import finetune_main as main
+
+    return main(argv)

