@@ -54,6 +54,7 @@ __all__ = [
     "EvalConfig",
     "RuntimeConfig",
     "PathsConfig",
+    "FinetuneConfig",
     "RunConfig",
     "TASKS",
     "from_dict",
@@ -213,6 +214,16 @@ class PathsConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """Downstream finetuning (`stmvl finetune RECIPE --checkpoint DIR`): where the pretrained weights come from and
+    the VideoQA answer decoder's settings. The architecture is the checkpoint's; finetune recipes set only
+    `model.loss` (VTC + VTM; MLM and MVM must be 0)."""
+
+    checkpoint: str | None = None  # model folder (model.safetensors + config.json) or a run folder with model/
+    answer_max_length: int = field(default=10, metadata=_range(3, None))  # QA answer tokens incl. [CLS] / [SEP]
+
+
+@dataclass
 class RunConfig:
     """Everything a command needs to run: a recipe after `extends:`, overrides and interpolation."""
 
@@ -224,6 +235,7 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
 
 # Choices and ranges of the model dataclasses (owned by stmvl.models.config) are declared here, next to the rest of

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from stmvl.models.config import ModelConfig, TeacherConfig, TextConfig
 from stmvl.models.decoder import LinearDecoder, STDecoder
 from stmvl.models.losses import (
+    IGNORE_INDEX,
     frame_similarity,
     mlm_loss,
     mlm_mask,
@@ -439,7 +440,10 @@ class STMModel(nn.Module):
             generator=self.batch_generator(2, step, sample_ids),
         )  # fmt: skip
         fused = self.text.fuse(self.text(masked_ids, mask_ids), mask_ids, video_tokens)
-        return mlm_loss(self.text.mlm_logits(fused), labels)
+        # the vocabulary projection is the costliest matmul of the step: run it on the masked positions only
+        # (the loss ignores every other position anyway)
+        selected = labels != IGNORE_INDEX
+        return mlm_loss(self.text.mlm_logits(fused[selected]).unsqueeze(0), labels[selected].unsqueeze(0))
 
     # -------------------------------------------------------------------------------------------- inference
 

@@ -23,7 +23,7 @@ from typing import Callable, Iterable, Mapping
 import torch
 from torch import nn
 
-from stmvl.models.config import ModelConfig, TeacherConfig, TextConfig, VisionConfig
+from stmvl.models.config import IMAGENET_MEAN, IMAGENET_STD, ModelConfig, TeacherConfig, TextConfig, VisionConfig
 
 StateDict = dict[str, torch.Tensor]
 
@@ -717,17 +717,58 @@ def _text_config_from_state(sd: Mapping[str, torch.Tensor]) -> TextConfig:
 
 
 def model_config_from_umt(sd: Mapping[str, torch.Tensor], img_size: int = 224) -> ModelConfig:
-    """A ModelConfig (preset ``umt``) inferred from the shapes of UMT-mapped (stmvl-named) tensors."""
-    cfg = ModelConfig(preset="umt", decoder="linear", mvm_tokens="visible")
-    cfg.vision = _vision_config_from_state(sd, img_size)
+    """A ModelConfig (preset ``umt``) inferred from the shapes of UMT-mapped (stmvl-named) tensors.
+
+    UMT parity: the student normalises with ImageNet mean/std and the teacher is fed ImageNet-normalised input
+    (``teacher.input_norm = "imagenet"``); the teacher returns as many layers as the checkpoint has decoders.
+    """
+    from stmvl.models.stm import apply_preset
+
+    cfg = apply_preset(ModelConfig(), "umt")
+    vision = _vision_config_from_state(sd, img_size)
+    cfg = dataclasses.replace(cfg, vision=dataclasses.replace(vision, mean=IMAGENET_MEAN, std=IMAGENET_STD))
     if "text.embeddings.word.weight" in sd:
         cfg.text = _text_config_from_state(sd)
+    decoders = _count_indices(sd, r"^decoders\.(\d+)\.")
     teacher = _strip(sd, "teacher.")
     if teacher:
         cfg.teacher = teacher_config_from_state(teacher, input_norm="imagenet")
+        if decoders:
+            cfg.teacher = dataclasses.replace(cfg.teacher, return_layers=decoders)
+    else:
+        # No teacher weights (inference-only checkpoint): keep UMT's teacher shape so that the decoders the
+        # checkpoint may hold still fit; the teacher itself is loaded as missing (stmvl.api.load_model allows it).
+        cfg.teacher = dataclasses.replace(cfg.teacher, input_norm="imagenet", return_layers=max(decoders, 1))
+        if decoders:
+            head = sd["decoders.0.head.weight"]
+            cfg.teacher = dataclasses.replace(cfg.teacher, embed_dim=head.shape[0])
     if "vision_proj.weight" in sd:
         cfg.embed_dim = sd["vision_proj.weight"].shape[0]
     return cfg
+
+
+def check_against_model(cfg: ModelConfig, sd: Mapping[str, torch.Tensor]) -> tuple[dict[str, list[str]], list[str], list[str]]:
+    """Compare mapped tensors with the STMModel ``cfg`` builds (on the meta device: no memory, no init time).
+
+    Returns:
+        (missing keys by group, unexpected keys, shape mismatches as "key (model [..] vs checkpoint [..])").
+    """
+    from stmvl.models.stm import STMModel
+
+    with torch.device("meta"):
+        target = {k: tuple(v.shape) for k, v in STMModel(cfg).state_dict().items()}
+    missing = _grouped(k for k in target if k not in sd)
+    unexpected = sorted(k for k in sd if k not in target)
+    mismatched = [f"{k} (model {list(target[k])} vs checkpoint {list(sd[k].shape)})"
+                  for k in sd if k in target and tuple(sd[k].shape) != target[k]]
+    return missing, unexpected, mismatched
+
+
+# Groups a UMT checkpoint may lack without harm to inference, and why (recorded in config.json "missing_groups").
+UMT_OPTIONAL_GROUPS = {
+    "teacher": "no clip_teacher weights in the UMT checkpoint; the teacher is only used in pretraining",
+    "decoders": "no clip_decoder weights in the UMT checkpoint; the decoders are only used in pretraining",
+}
 
 
 # --------------------------------------------------------------------------------------------------- save / load
@@ -825,30 +866,68 @@ def load_model_dir(directory: str | Path, allow_missing: Iterable[str] = ()) -> 
 
 
 def convert_main(argv: list[str] | None = None) -> int:
-    """``stmvl convert umt SRC OUT``: map a UMT checkpoint to stmvl names and write safetensors + config.json."""
+    """``stmvl convert umt SRC OUT``: map a UMT checkpoint to stmvl names and write an stmvl model folder
+    (model.safetensors + config.json) that :func:`stmvl.api.load_model` loads strictly into an STMModel."""
     parser = argparse.ArgumentParser(prog="stmvl convert", description=convert_main.__doc__)
     parser.add_argument("format", choices=["umt"], help="source checkpoint format")
     parser.add_argument("src", help="UMT checkpoint (.pth / .bin / .safetensors, plain or {'model': ...})")
     parser.add_argument("out", help="output folder (model.safetensors + config.json)")
     parser.add_argument("--img-size", type=int, default=224, help="input size the student was trained at")
+    parser.add_argument("--num-frames", type=int, default=4, help="frames per clip at inference (zero-shot: 4)")
     parser.add_argument("--allow-unplaced", action="store_true", help="write the output even if keys are unplaced")
     args = parser.parse_args(argv)
-    mapping = umt_to_stmvl(read_state_dict(args.src))
+    try:
+        mapping = umt_to_stmvl(read_state_dict(args.src))
+    except (FileNotFoundError, WeightLoadError) as error:
+        print(f"stmvl convert: {error}", file=sys.stderr)
+        return 2
     print(f"UMT stage {mapping.stage}: {len(mapping.state_dict)} tensors placed, "
           f"{len(mapping.ignored)} ignored, {len(mapping.unplaced)} unplaced")
     for key, why in mapping.ignored.items():
         print(f"  ignored {key}: {why}")
     for key in mapping.unplaced:
-        print(f"  UNPLACED {key}")
+        print(f"  UNPLACED {key}" + (" (dropped)" if args.allow_unplaced else ""))
     if mapping.unplaced and not args.allow_unplaced:
         print("refusing to write: unplaced keys (pass --allow-unplaced to drop them)", file=sys.stderr)
         return 1
+    if mapping.stage == 1:
+        return _write_stage1(mapping, args)
+    cfg = model_config_from_umt(mapping.state_dict, args.img_size)
+    missing, unexpected, mismatched = check_against_model(cfg, mapping.state_dict)
+    problems = [f"  no place in STMModel: {k}" for k in unexpected] + [f"  shape mismatch: {m}" for m in mismatched]
+    problems += [f"  missing [{g}] ({len(keys)}): {_shorten(keys)}" for g, keys in missing.items()
+                 if g not in UMT_OPTIONAL_GROUPS]
+    if problems:
+        print("refusing to write: the checkpoint does not fit the inferred STMModel:\n" + "\n".join(problems),
+              file=sys.stderr)
+        return 1
+    absent = {group: UMT_OPTIONAL_GROUPS[group] for group in missing}
+    for group, why in absent.items():
+        print(f"  absent group {group!r}: {why}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_state_dict(mapping.state_dict, out / "model.safetensors")
+    meta = {"stmvl_config_type": "ModelConfig", "config": dataclasses.asdict(cfg), "kwargs": {},
+            "inference": {"num_frames": args.num_frames, "img_size": args.img_size, "sampling": "middle"},
+            "missing_groups": absent,
+            "source": {"format": "umt", "stage": mapping.stage, "path": str(args.src),
+                       "ignored": mapping.ignored, "dropped_unplaced": mapping.unplaced}}
+    _atomic_write(out / "config.json", lambda p: Path(p).write_text(json.dumps(meta, indent=2), encoding="utf-8"))
+    print(f"wrote {out / 'model.safetensors'} and {out / 'config.json'} "
+          f"(ViT {cfg.vision.size}, text {cfg.text.layers} layers fusion from {cfg.text.fusion_start})")
+    return 0
+
+
+def _write_stage1(mapping: UmtMapping, args) -> int:
+    """A stage-1 (video-only) checkpoint has no text tower: write its tensors and the inferred vision config."""
     cfg = model_config_from_umt(mapping.state_dict, args.img_size)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     save_state_dict(mapping.state_dict, out / "model.safetensors")
     meta = {"stmvl_config_type": "ModelConfig", "config": dataclasses.asdict(cfg), "kwargs": {},
-            "source": {"format": "umt", "stage": mapping.stage, "path": str(args.src)}}
-    (out / "config.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
-    print(f"wrote {out / 'model.safetensors'} and {out / 'config.json'}")
+            "source": {"format": "umt", "stage": 1, "path": str(args.src), "dropped_unplaced": mapping.unplaced},
+            "note": "UMT stage 1 holds only the video encoder and its decoders; it initialises pretraining "
+                    "(not loadable as a full STMModel)"}
+    _atomic_write(out / "config.json", lambda p: Path(p).write_text(json.dumps(meta, indent=2), encoding="utf-8"))
+    print(f"wrote {out / 'model.safetensors'} and {out / 'config.json'} (stage 1: video encoder only)")
     return 0
