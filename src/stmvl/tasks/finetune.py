@@ -455,7 +455,7 @@ def finetune_main(argv: list[str]) -> int:
     from stmvl.train.commands import _config, _fail, _parser
 
     args = _parser("finetune", "finetune a pretrained checkpoint (retrieval, VideoQA, multiple choice)",
-                   checkpoint=True).parse_args(argv)
+                   checkpoint=True).parse_intermixed_args(argv)  # overrides may follow --checkpoint
     try:
         cfg = _config(args)
         task_result = finetune(cfg, args.checkpoint)
