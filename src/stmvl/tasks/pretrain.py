@@ -49,6 +49,7 @@ class PretrainTask:
         self.ctx: TrainContext | None = None
         self.stream = None
         self.total_steps = 0
+        self.last_results: dict[str, Any] = {}
 
     # engine hooks ------------------------------------------------------------------------------------------
 
@@ -108,8 +109,10 @@ class PretrainTask:
         return {k: v for k, v in unwrap_model(model).state_dict().items() if not k.startswith("teacher.")}
 
     def evaluate(self, model: nn.Module, epoch: int) -> dict[str, Any]:
-        return evaluate_corpora(unwrap_model(model), self.cfg, self.ctx.device,
-                                autocast=self.ctx.precision == "bf16")
+        # kept nested (the engine logs a flattened copy) for reports
+        self.last_results = evaluate_corpora(unwrap_model(model), self.cfg, self.ctx.device,
+                                             autocast=self.ctx.precision == "bf16")
+        return self.last_results
 
 
 def export_model(model: nn.Module, cfg: RunConfig, out_dir: Path) -> Path:
@@ -117,6 +120,6 @@ def export_model(model: nn.Module, cfg: RunConfig, out_dir: Path) -> Path:
     from stmvl.models.weights import save_model
 
     model = unwrap_model(model)
-    extra = {"run_config": config_to_dict(cfg), "eval": {"num_frames": cfg.eval.num_frames,
+    extra = {"run_config": config_to_dict(cfg), "inference": {"num_frames": cfg.eval.num_frames,
              "img_size": cfg.eval.img_size or cfg.data.img_size, "sampling": cfg.eval.sampling}}
     return save_model(model, cfg.model, out_dir, extra=extra)

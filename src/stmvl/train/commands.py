@@ -68,7 +68,9 @@ def pretrain(cfg: RunConfig) -> dict[str, Any]:
     """Pretrain and export the final model to <run>/model; returns the engine's result (+ model_dir)."""
     from stmvl.tasks.pretrain import PretrainTask, export_model
 
-    result = run_training(cfg, PretrainTask(cfg))
+    task = PretrainTask(cfg)
+    result = run_training(cfg, task)
+    result["results"] = task.last_results
     trainer = result["trainer"]
     model_dir = Path(result["run_dir"]) / "model"
     if trainer.dist.is_main:
