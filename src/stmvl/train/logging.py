@@ -123,7 +123,8 @@ class Progress:
         avg = done / elapsed if elapsed > 0 and done > 0 else float("nan")
         eta = (self.total - step) / avg if avg > 0 else float("nan")
         shown = " ".join(f"{k} {_fmt(v)}" for k, v in metrics.items())
-        return (f"[{self.tag}] epoch {epoch + 1}/{epochs} step {step}/{self.total} | {shown} | "
+        # the engine advances `epoch` as soon as one ends, before the line is printed
+        return (f"[{self.tag}] epoch {min(epoch + 1, epochs)}/{epochs} step {step}/{self.total} | {shown} | "
                 f"{rate:.2f} it/s | elapsed {format_duration(elapsed)} | eta {format_duration(eta)}")
 
     def log(self, step: int, epoch: int, epochs: int, metrics: dict[str, float]) -> float:
