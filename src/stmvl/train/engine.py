@@ -13,6 +13,7 @@ whose batch order depends only on (seed, epoch) and whose randomness comes from 
 from __future__ import annotations
 
 import contextlib
+import time
 import math
 import random
 import sys
@@ -551,7 +552,12 @@ class Trainer:
             end_of_epoch = False
             while not end_of_epoch and self.global_step < self.total_steps:
                 n_micro = min(accum, self.batches_per_epoch - step_in_epoch * accum)
-                metrics = self._optimizer_step(self._micro_batches(batches, n_micro))
+                waited = time.perf_counter()
+                micro = self._micro_batches(batches, n_micro)
+                computed = time.perf_counter()
+                metrics = self._optimizer_step(micro)
+                # data wait vs compute time: tells whether the loader keeps up (DESIGN: wait < 10% of the step)
+                metrics.update(data_wait_s=computed - waited, step_s=time.perf_counter() - waited)
                 self.global_step += 1
                 step_in_epoch += 1
                 end_of_epoch = step_in_epoch >= self.steps_per_epoch
