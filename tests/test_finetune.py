@@ -39,6 +39,47 @@ def tiny_pretrain_config() -> ModelConfig:
     return apply_preset(cfg, "stm")
 
 
+def minilm_pretrain_config() -> ModelConfig:
+    """The 'pretrained' checkpoint of the end-to-end finetuning tests: the packaged MiniLM-L6 text tower (fusion
+    layers 4-5, as in the demo) and a tiny video tower with the frame-difference stem (32 px, patch 8). A random tiny
+    text tower learns too little from a few hundred captions; MiniLM already tells the words apart. Every MiniLM
+    layer trains (freeze_below 0): MiniLM's [CLS] state below layer 4 is nearly the same for every caption (the
+    sentence model pools by mean), so the contrastive text embedding needs the text-only layers to move."""
+    cfg = ModelConfig(
+        vision=vit_config("tiny", drop_path=0.0, stem="diff"),
+        teacher=TeacherConfig(img_size=32, patch_size=8, width=32, layers=2, heads=2, embed_dim=16, return_layers=2),
+        text=TextConfig(weights="minilm", hidden=384, layers=6, heads=12, intermediate=1536, fusion_start=4,
+                        freeze_below=0, max_length=16, dropout=0.0),
+        predictor=PredictorConfig(dim=16, hidden=16, head_hidden=8),
+        embed_dim=64,
+    )
+    return apply_preset(cfg, "stm")
+
+
+def make_minilm_corpus(root, train: int = 200, test: int = 60):
+    """Write the synthetic corpus (32 px, 8 frames) under root/synthetic and the MiniLM 'pretrained' checkpoint
+    (teacher, predictor, lambda and decoders present, so finetuning must drop them) under root/pretrain/model."""
+    generate_corpus(root / "synthetic", seed=0, train=train, test=test, probe=4, size=32, frames=8, workers=2)
+    torch.manual_seed(0)
+    model = STMModel(minilm_pretrain_config())
+    save_model(model, model.cfg, root / "pretrain" / "model")
+    return root
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # the suite shares 2 cores with other jobs; one intra-op thread keeps the timings stable
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def minilm_corpus(tmp_path_factory):
+    return make_minilm_corpus(tmp_path_factory.mktemp("ft_minilm"))
+
+
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     root = tmp_path_factory.mktemp("ft")
@@ -101,27 +142,29 @@ def test_retrieval_pairs_expand_multi_captions(tmp_path, corpus):
 
 
 @pytest.mark.slow
-def test_finetuned_retrieval_beats_zero_shot_and_mc_beats_chance(corpus):
+def test_finetuned_retrieval_beats_zero_shot_and_mc_beats_chance(minilm_corpus):
     started = time.perf_counter()
-    cfg = run_config(corpus, "finetune/mc_synthetic", "optim.epochs=12", "optim.lr=3e-3", "eval.every_epochs=0",
-                     "optim.clip_grad=1.0")
+    root = minilm_corpus
+    cfg = run_config(root, "finetune/mc_synthetic", "optim.epochs=8", "optim.lr=1e-3", "eval.every_epochs=0",
+                     "runtime.threads=1", "eval.batch_size=60")
     # one run scores both downstream tasks of the same finetuned weights: retrieval and multiple choice
     cfg.eval.corpora.append(dataclasses.replace(cfg.eval.corpora[0], name="synth_test", kind="retrieval",
                                                 caption_mode="single",
-                                                annotation=str(corpus / "synthetic/annotations/retrieval_test.json")))
-    ft_cfg = finetune_model_config(tiny_pretrain_config(), cfg)
-    zero_model, _ = load_pretrained(corpus / "pretrain", ft_cfg)
+                                                annotation=str(root / "synthetic/annotations/retrieval_test.json")))
+    ft_cfg = finetune_model_config(minilm_pretrain_config(), cfg)
+    zero_model, _ = load_pretrained(root / "pretrain", ft_cfg)
     zero = evaluate_downstream(zero_model, cfg, "cpu")
-    result = finetune(cfg, corpus / "pretrain")
+    result = finetune(cfg, root / "pretrain", cache_clips=True)
     tuned = evaluate_downstream(result["trainer"].model, cfg, "cpu")
     zero_r1, tuned_r1 = zero["synth_test"]["itm"]["t2v_r1"], tuned["synth_test"]["itm"]["t2v_r1"]
-    print(f"ITM t2v R@1 zero-shot {zero_r1:.1f} -> finetuned {tuned_r1:.1f}; MC acc zero-shot "
-          f"{zero['synth_mc']['acc']:.3f} -> {tuned['synth_mc']['acc']:.3f}; {time.perf_counter() - started:.1f}s")
+    print(f"ITM t2v R@1 zero-shot {zero_r1:.1f} -> finetuned {tuned_r1:.1f} (ITC {zero['synth_test']['itc']['t2v_r1']:.1f}"
+          f" -> {tuned['synth_test']['itc']['t2v_r1']:.1f}); MC acc zero-shot {zero['synth_mc']['acc']:.3f} -> "
+          f"{tuned['synth_mc']['acc']:.3f}; {time.perf_counter() - started:.1f}s")
     assert tuned_r1 >= zero_r1 + 10.0
-    assert tuned["synth_mc"]["acc"] >= 0.4 and tuned["synth_mc"]["n"] == 40
+    assert tuned["synth_mc"]["acc"] >= 0.35 and tuned["synth_mc"]["n"] == 60
     assert result["init_report"].dropped.keys() == {"teacher", "decoders", "predictor", "lam"}
     best = result["best"]
-    assert best["key"] == "synth_mc/acc" and (corpus / "runs").exists()
+    assert best["key"] == "synth_mc/acc" and (root / "runs").exists()
     from stmvl.api import load_model
 
     exported = load_model(result["model_dir"])  # the exported model is a complete STMModel

@@ -264,7 +264,8 @@ _EXTERNAL_METADATA: dict[type, dict[str, dict[str, Any]]] = {
         "return_layers": _range(1, None),
         "layers": _range(1, None),
     },
-    TextConfig: {"fusion_start": _range(0, None), "max_length": _range(4, None), "freeze_below": _range(0, None)},
+    TextConfig: {"fusion_start": _range(0, None), "max_length": _range(4, None), "freeze_below": _range(0, None),
+                 "pooling": _choices("cls", "mean")},
     MaskConfig: {
         "video_strategy": _choices("random", "tube", "attention", "attention_inverse", "stm"),
         "image_strategy": _choices("random", "attention", "attention_inverse"),

@@ -72,6 +72,7 @@ class TextConfig:
     max_length: int = 32
     dropout: float = 0.1  # hidden and attention dropout (BERT's hidden_dropout_prob)
     freeze_below: int = 0  # text-only layers below this index (and embeddings if > 0) get no gradient
+    pooling: str = "cls"  # caption embedding for VTC / the decoder: cls (BERT, UMT) | mean (sentence encoders)
 
 
 @dataclass

@@ -286,9 +286,17 @@ class STMModel(nn.Module):
         """Student tokens [B, n, D] -> projected (not normalised) pooled embedding [B, E]."""
         return self.vision_proj(self.vision.pool(tokens))
 
-    def text_class(self, states: Tensor) -> Tensor:
-        """Text states [B, L, H] -> projected (not normalised) class-token embedding [B, E]."""
-        return self.text_proj(states[:, 0])
+    def pooled_text(self, states: Tensor, mask: Tensor) -> Tensor:
+        """Text states [B, L, H] -> one vector per caption [B, H]: the class token (BERT/UMT), or the mean over
+        real tokens (`text.pooling: mean`, for sentence encoders trained that way, such as MiniLM)."""
+        if self.cfg.text.pooling == "cls":
+            return states[:, 0]
+        m = mask.unsqueeze(-1).to(states.dtype)
+        return (states * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+    def text_class(self, states: Tensor, mask: Tensor) -> Tensor:
+        """Text states [B, L, H] and mask [B, L] -> projected (not normalised) caption embedding [B, E]."""
+        return self.text_proj(self.pooled_text(states, mask))
 
     # ------------------------------------------------------------------------------------------------ forward
 
@@ -323,7 +331,7 @@ class STMModel(nn.Module):
         visible_tokens = None
         if weights["mvm"] > 0:
             losses["mvm"], visible_tokens = self.masked_video_loss(
-                video, keep, mask_st, teacher_out, frames, gh, gw, text_states, halve
+                video, keep, mask_st, teacher_out, frames, gh, gw, text_states, mask_ids, halve
             )
 
         reuse_pass1 = self.cfg.pass2_tokens == "visible" and visible_tokens is not None
@@ -334,7 +342,7 @@ class STMModel(nn.Module):
             reversed_tokens = self.contrastive_tokens(video.flip(1), self.reverse_frames(keep, frames))
         foil = self.foil_states(batch)
 
-        video_embed, text_embed = self.embed_video(tokens2), self.text_class(text_states)
+        video_embed, text_embed = self.embed_video(tokens2), self.text_class(text_states, mask_ids)
         if weights["vtc"] > 0:
             losses["vtc"] = vtc_loss(
                 video_embed,
@@ -342,7 +350,7 @@ class STMModel(nn.Module):
                 sample_ids,
                 self.clamped_temp(),
                 reversed_video=None if reversed_tokens is None else self.embed_video(reversed_tokens),
-                foil_text=None if foil is None else self.text_class(foil[0]),
+                foil_text=None if foil is None else self.text_class(*foil),
             )
         if weights["vtm"] > 0:
             sim = frame_similarity(text_embed.detach(), video_embed.detach())
@@ -389,7 +397,7 @@ class STMModel(nn.Module):
         )  # fmt: skip
 
     def masked_video_loss(
-        self, video, keep, mask_st, teacher_out, frames, gh, gw, text_states, halve
+        self, video, keep, mask_st, teacher_out, frames, gh, gw, text_states, text_mask, halve
     ) -> tuple[Tensor, Tensor]:
         """Pass 1 on the visible tokens -> decoders -> MVM (all tokens, ST decoder) or UTA (visible tokens).
 
@@ -401,7 +409,7 @@ class STMModel(nn.Module):
         if self.cfg.decoder == "linear":
             prediction = torch.stack([dec(out.layers[i]) for i, dec in enumerate(self.decoders)])
             return uta_loss(prediction, targets, keep), out.tokens
-        text_cls = text_states[:, 0]
+        text_cls = self.pooled_text(text_states, text_mask)
         prediction = torch.stack(
             [dec(out.layers[i], keep, frames, gh, gw, text_cls, mask_st, halve) for i, dec in enumerate(self.decoders)]
         )
@@ -466,7 +474,7 @@ class STMModel(nn.Module):
     def text_features(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
         """Text-only states [B, L, H] and the L2-normalised class-token projection [B, E]."""
         states = self.text(input_ids, attention_mask)
-        return states, F.normalize(self.text_class(states), dim=-1)
+        return states, F.normalize(self.text_class(states, attention_mask), dim=-1)
 
     def encode_text(self, texts: Sequence[str] | dict) -> Tensor:
         """Captions or a token dict -> L2-normalised text embeddings [B, E]."""

@@ -48,12 +48,14 @@ __all__ = [
     "finetune_model_config",
     "load_pretrained",
     "RetrievalPairs",
+    "CachedClips",
     "QACollator",
     "RetrievalFinetuneTask",
     "QAFinetuneTask",
     "evaluate_downstream",
     "finetune",
     "finetune_main",
+    "load_qa_model",
 ]
 
 PRETRAIN_ONLY_GROUPS = ("teacher", "decoders", "predictor", "lam")
@@ -175,6 +177,30 @@ class RetrievalPairs(RetrievalDataset):
         return sample
 
 
+class CachedClips(torch.utils.data.Dataset):
+    """Keep every item of ``dataset`` in memory after its first read (decode once, then reuse).
+
+    For small training sets on CPU (the synthetic corpus in tests and the demo), where decoding the clips costs as
+    much as the training step itself. The item is cached whole, so the random frame sampling and crop drawn at an
+    item's first read are reused in every later epoch: use it only where that loss of augmentation is acceptable.
+    The cache lives in the process that reads, so it only pays off with ``data.num_workers=0`` (workers are
+    re-created every epoch). ``__getitem__(i)`` returns exactly what ``dataset[i]`` returned the first time.
+    """
+
+    def __init__(self, dataset) -> None:
+        self.dataset = dataset
+        self.cache: dict[int, Any] = {}
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Any:
+        item = self.cache.get(index)
+        if item is None:
+            item = self.cache[index] = self.dataset[index]
+        return item
+
+
 class QACollator:
     """Collate QADataset items: ``video`` float [B, T, 3, H, W] in [0, 1], ``question_ids`` / ``question_mask``
     long [B, Lq], ``answer_ids`` / ``answer_mask`` long [B, La] (the first accepted answer, [CLS] a [SEP]),
@@ -280,13 +306,14 @@ class _FinetuneTask:
 
     frozen_submodules = ()
 
-    def __init__(self, cfg: RunConfig, checkpoint: str | Path | None = None):
+    def __init__(self, cfg: RunConfig, checkpoint: str | Path | None = None, *, cache_clips: bool = False):
         checkpoint = checkpoint or cfg.finetune.checkpoint
         if not checkpoint:
             raise ConfigError("finetuning needs a checkpoint: --checkpoint DIR (or finetune.checkpoint=DIR)")
         if cfg.runtime.init_from:
             raise ConfigError("finetuning initialises from --checkpoint; leave runtime.init_from unset")
         self.checkpoint = str(checkpoint)
+        self.cache_clips = cache_clips
         cfg.finetune.checkpoint = self.checkpoint
         self.model_dir, pretrained = _checkpoint_config(self.checkpoint)
         cfg.model = finetune_model_config(pretrained, cfg)  # the run's config.yaml then records the real model
@@ -315,7 +342,10 @@ class _FinetuneTask:
     def _stream(self) -> MixedBatchStream:
         if self.stream is None:
             ctx = self.ctx
-            source = MediaSource(self._dataset(ctx.run_dir), self.cfg.data.video_batch_size, self._collator())
+            dataset = self._dataset(ctx.run_dir)
+            if self.cache_clips:
+                dataset = CachedClips(dataset)
+            source = MediaSource(dataset, self.cfg.data.video_batch_size, self._collator())
             self.stream = MixedBatchStream({"video": source}, seed=self.cfg.runtime.seed, rank=ctx.rank,
                                            world_size=ctx.world_size, num_workers=self.cfg.data.num_workers)
         return self.stream
@@ -393,12 +423,12 @@ class QAFinetuneTask(_FinetuneTask):
 # ------------------------------------------------------------------------------------------------------- runs
 
 
-def make_task(cfg: RunConfig, checkpoint: str | Path | None = None) -> _FinetuneTask:
-    """The finetuning task of ``cfg.task``."""
+def make_task(cfg: RunConfig, checkpoint: str | Path | None = None, *, cache_clips: bool = False) -> _FinetuneTask:
+    """The finetuning task of ``cfg.task`` (``cache_clips``: decode each training item once, see CachedClips)."""
     if cfg.task in RETRIEVAL_TASKS:
-        return RetrievalFinetuneTask(cfg, checkpoint)
+        return RetrievalFinetuneTask(cfg, checkpoint, cache_clips=cache_clips)
     if cfg.task == "finetune_qa":
-        return QAFinetuneTask(cfg, checkpoint)
+        return QAFinetuneTask(cfg, checkpoint, cache_clips=cache_clips)
     raise ConfigError(f"task {cfg.task!r} is not a finetuning task; use one of {RETRIEVAL_TASKS + ('finetune_qa',)}")
 
 
@@ -432,12 +462,39 @@ def export_finetuned(model: nn.Module, cfg: RunConfig, out_dir: Path) -> Path:
     return out_dir
 
 
-def finetune(cfg: RunConfig, checkpoint: str | Path | None = None) -> dict[str, Any]:
+def load_qa_model(directory: str | Path) -> VideoQAModel:
+    """A VideoQAModel from a folder written by :func:`export_finetuned` (config.json with ``stmvl_config_type``
+    VideoQAModel + model.safetensors), or a run folder with such a ``model/`` inside. Every tensor is loaded
+    strictly; the text vocabulary is the one the config names (no original BERT weights are read).
+
+    Raises:
+        ValueError: the folder holds another kind of model (use stmvl.load_model for an STMModel).
+    """
+    from stmvl.api import _config_for_loading, resolve_model_dir
+    from stmvl.models.weights import config_from_dict, load_state_dict_strict, read_state_dict
+    from stmvl.train.checkpoint import MODEL_FILE
+
+    folder = resolve_model_dir(directory)
+    meta = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    kind = meta.get("stmvl_config_type")
+    if kind != "VideoQAModel":
+        raise ValueError(f"{folder} holds a {kind or 'model without stmvl_config_type'}, not a VideoQAModel; "
+                         "load it with stmvl.load_model")
+    cfg = _config_for_loading(config_from_dict(ModelConfig, meta["config"], str(folder / "config.json")))
+    # the QA model is built from an STMModel's towers, exactly as QAFinetuneTask built it before training
+    model = VideoQAModel.from_stm(STMModel(cfg))
+    load_state_dict_strict(model, read_state_dict(folder / MODEL_FILE))
+    return model.eval()
+
+
+def finetune(cfg: RunConfig, checkpoint: str | Path | None = None, *, cache_clips: bool = False) -> dict[str, Any]:
     """Finetune ``checkpoint`` under ``cfg``; export the best (else the last) weights to <run>/model.
+
+    ``cache_clips``: keep the decoded training items in memory (small corpora on CPU; see CachedClips).
 
     Returns the engine's result plus ``model_dir``, ``best_checkpoint`` and ``init_report``.
     """
-    task = make_task(cfg, checkpoint)
+    task = make_task(cfg, checkpoint, cache_clips=cache_clips)
     trainer = Trainer(cfg, task)
     result = trainer.fit()
     best = _restore_best(trainer)
