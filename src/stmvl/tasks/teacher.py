@@ -42,6 +42,7 @@ class LockedTextCLIP(nn.Module):
             raise ValueError(f"teacher.embed_dim ({teacher.cfg.embed_dim}) must equal the text width ({text.hidden}) "
                              "for locked-text training")
         self.logit_scale = nn.Parameter(torch.tensor(float(torch.log(torch.tensor(1 / 0.07)))))
+        self._cache: dict[bytes, torch.Tensor] = {}
 
     def train(self, mode: bool = True) -> "LockedTextCLIP":
         nn.Module.train(self, mode)
@@ -51,10 +52,22 @@ class LockedTextCLIP(nn.Module):
 
     @torch.no_grad()
     def text_embedding(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Mean-pooled frozen sentence embedding [B, H] (how MiniLM sentence embeddings are made)."""
-        states = self.text(ids, mask).float()
-        m = mask.unsqueeze(-1).float()
-        return F.normalize((states * m).sum(1) / m.sum(1).clamp_min(1), dim=-1)
+        """Mean-pooled frozen sentence embedding [B, H] (how MiniLM sentence embeddings are made).
+
+        The tower is frozen and dropout-free here, so each distinct caption is encoded once and cached: the static
+        image captions repeat a lot, and the text tower would otherwise cost more than the image tower.
+        """
+        keys = [bytes(row[m.bool()].cpu().numpy().tobytes()) for row, m in zip(ids, mask)]
+        missing = [i for i, k in enumerate(dict.fromkeys(keys)) if k not in self._cache]
+        if missing:
+            unique = list(dict.fromkeys(keys))
+            rows = [keys.index(unique[i]) for i in missing]
+            states = self.text(ids[rows], mask[rows]).float()
+            m = mask[rows].unsqueeze(-1).float()
+            pooled = F.normalize((states * m).sum(1) / m.sum(1).clamp_min(1), dim=-1)
+            for i, vector in zip(missing, pooled):
+                self._cache[unique[i]] = vector
+        return torch.stack([self._cache[k] for k in keys])
 
     def forward(self, batch: dict) -> torch.Tensor:
         """Symmetric contrastive loss of the frames (first frame of each item) against their captions."""
