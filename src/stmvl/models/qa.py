@@ -19,7 +19,6 @@ import copy
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from stmvl.models.layers import init_linear_trunc_normal

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
+
+import torch
 
 from stmvl.config import CorpusConfig, RunConfig
 from stmvl.data.annotations import id_offsets, load_annotations
@@ -117,3 +119,36 @@ def eval_datasets(cfg: RunConfig, kinds: tuple[str, ...] = ("retrieval", "probe"
             ds = ProbeDataset(c.annotation, c.media_root, **common)
         out[c.name] = (c, ds)
     return out
+
+
+class StreamTask:
+    """Engine plumbing shared by every task (pretraining, teacher, finetuning): set-up (the synthetic corpus is
+    written once, by rank 0) and batches from a resumable MixedBatchStream that subclasses build in
+    `build_stream()`, lazily, because the rank and run folder are only known after `setup(ctx)`."""
+
+    cfg: RunConfig
+    ctx: Any = None
+    stream: MixedBatchStream | None = None
+
+    def setup(self, ctx) -> None:
+        self.ctx = ctx
+        if ctx.is_main:
+            ensure_synthetic_corpus(self.cfg)
+        if ctx.world_size > 1:
+            torch.distributed.barrier()
+
+    def _stream(self) -> MixedBatchStream:
+        if self.stream is None:
+            self.stream = self.build_stream()
+        return self.stream
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self._stream())
+
+    def train_batches(self, epoch: int, start_step: int) -> Iterable[dict]:
+        stream = self._stream()
+        stream.load_state_dict({"epoch": epoch, "step": start_step})
+        device = self.ctx.device
+        for batch in stream:
+            yield {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}

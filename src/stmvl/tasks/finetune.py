@@ -22,7 +22,7 @@ import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -39,7 +39,7 @@ from stmvl.models.qa import QA_UNUSED_GROUPS, VideoQAModel
 from stmvl.models.stm import STMModel
 from stmvl.train.engine import TrainContext, Trainer, unwrap_model
 
-from .data import _concat, _require, ensure_synthetic_corpus, tokenizer_for
+from .data import StreamTask, _concat, _require, tokenizer_for
 from .evaluation import evaluate_corpora, summary_lines
 
 __all__ = [
@@ -301,7 +301,7 @@ def evaluate_downstream(model: nn.Module, cfg: RunConfig, device: torch.device |
 # ------------------------------------------------------------------------------------------------------ tasks
 
 
-class _FinetuneTask:
+class _FinetuneTask(StreamTask):
     """Engine hooks shared by the finetuning tasks; subclasses give `_dataset`, `_collator` and `_model`."""
 
     frozen_submodules = ()
@@ -322,13 +322,6 @@ class _FinetuneTask:
         self.stream: MixedBatchStream | None = None
         self.init_report: InitReport | None = None
 
-    def setup(self, ctx: TrainContext) -> None:
-        self.ctx = ctx
-        if ctx.is_main:
-            ensure_synthetic_corpus(self.cfg)
-        if ctx.world_size > 1:
-            torch.distributed.barrier()
-
     def _report(self, report: InitReport) -> None:
         self.init_report = report
         if self.ctx is None or self.ctx.is_main:
@@ -339,27 +332,14 @@ class _FinetuneTask:
                 (self.ctx.run_dir / "init_report.json").write_text(
                     json.dumps(dataclasses.asdict(report), indent=2), encoding="utf-8")
 
-    def _stream(self) -> MixedBatchStream:
-        if self.stream is None:
-            ctx = self.ctx
-            dataset = self._dataset(ctx.run_dir)
-            if self.cache_clips:
-                dataset = CachedClips(dataset)
-            source = MediaSource(dataset, self.cfg.data.video_batch_size, self._collator())
-            self.stream = MixedBatchStream({"video": source}, seed=self.cfg.runtime.seed, rank=ctx.rank,
-                                           world_size=ctx.world_size, num_workers=self.cfg.data.num_workers)
-        return self.stream
-
-    @property
-    def steps_per_epoch(self) -> int:
-        return len(self._stream())
-
-    def train_batches(self, epoch: int, start_step: int) -> Iterable[dict]:
-        stream = self._stream()
-        stream.load_state_dict({"epoch": epoch, "step": start_step})
-        device = self.ctx.device
-        for batch in stream:
-            yield {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    def build_stream(self) -> MixedBatchStream:
+        ctx = self.ctx
+        dataset = self._dataset(ctx.run_dir)
+        if self.cache_clips:
+            dataset = CachedClips(dataset)
+        source = MediaSource(dataset, self.cfg.data.video_batch_size, self._collator())
+        return MixedBatchStream({"video": source}, seed=self.cfg.runtime.seed, rank=ctx.rank,
+                                world_size=ctx.world_size, num_workers=self.cfg.data.num_workers)
 
     def evaluate(self, model: nn.Module, epoch: int) -> dict[str, Any]:
         return evaluate_downstream(unwrap_model(model), self.cfg, self.ctx.device,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -12,7 +12,7 @@ from stmvl.config import RunConfig, config_to_dict, load_config, load_recipe_dic
 from stmvl.models.stm import STMModel, apply_preset
 from stmvl.train.engine import TrainContext, unwrap_model
 
-from .data import ensure_synthetic_corpus, pretrain_stream, tokenizer_for
+from .data import StreamTask, pretrain_stream, tokenizer_for
 from .evaluation import evaluate_corpora
 
 
@@ -39,7 +39,7 @@ def load_run_config(recipe: str | None, overrides: Sequence[str] = ()) -> RunCon
     return cfg
 
 
-class PretrainTask:
+class PretrainTask(StreamTask):
     """STM / UMT pretraining. Batches come from a MixedBatchStream (one media type per step, resumable)."""
 
     frozen_submodules = ("teacher",)
@@ -52,13 +52,6 @@ class PretrainTask:
         self.last_results: dict[str, Any] = {}
 
     # engine hooks ------------------------------------------------------------------------------------------
-
-    def setup(self, ctx: TrainContext) -> None:
-        self.ctx = ctx
-        if ctx.is_main:
-            ensure_synthetic_corpus(self.cfg)
-        if ctx.world_size > 1:
-            torch.distributed.barrier()
 
     def build_model(self) -> nn.Module:
         cfg = self.cfg.model
@@ -76,23 +69,9 @@ class PretrainTask:
             load_state_dict_strict(model, state, allow_missing=("teacher",))
         return model
 
-    def _stream(self):
-        if self.stream is None:
-            ctx = self.ctx
-            tokenizer = tokenizer_for(self.cfg.model.text)
-            self.stream = pretrain_stream(self.cfg, ctx.run_dir, tokenizer, ctx.rank, ctx.world_size)
-        return self.stream
-
-    @property
-    def steps_per_epoch(self) -> int:
-        return len(self._stream())
-
-    def train_batches(self, epoch: int, start_step: int) -> Iterable[dict]:
-        stream = self._stream()
-        stream.load_state_dict({"epoch": epoch, "step": start_step})
-        device = self.ctx.device
-        for batch in stream:
-            yield {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    def build_stream(self):
+        ctx = self.ctx
+        return pretrain_stream(self.cfg, ctx.run_dir, tokenizer_for(self.cfg.model.text), ctx.rank, ctx.world_size)
 
     def param_groups(self, model: nn.Module) -> list[dict]:
         return unwrap_model(model).param_groups(self.cfg.optim.lr, self.cfg.optim.weight_decay)

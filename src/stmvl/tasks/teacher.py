@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +22,7 @@ from stmvl.models.weights import load_bert, save_model
 from stmvl.models.stm import text_weights_folder
 from stmvl.train.engine import TrainContext, unwrap_model
 
-from .data import ensure_synthetic_corpus, pretrain_stream, tokenizer_for
+from .data import StreamTask, pretrain_stream, tokenizer_for
 
 
 def same_text_targets(input_ids: torch.Tensor) -> torch.Tensor:
@@ -88,7 +88,7 @@ def teacher_data_config(cfg: RunConfig) -> RunConfig:
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, corpora=images))
 
 
-class TeacherTask:
+class TeacherTask(StreamTask):
     """Engine task: locked-text training of the teacher image tower; `export` writes the teacher folder."""
 
     frozen_submodules = ("text",)
@@ -98,13 +98,6 @@ class TeacherTask:
         self.ctx: TrainContext | None = None
         self.stream = None
 
-    def setup(self, ctx: TrainContext) -> None:
-        self.ctx = ctx
-        if ctx.is_main:
-            ensure_synthetic_corpus(self.cfg)
-        if ctx.world_size > 1:
-            torch.distributed.barrier()
-
     def build_model(self) -> nn.Module:
         tcfg = dataclasses.replace(self.cfg.model.teacher, weights=None)
         folder = text_weights_folder(self.cfg.model.text)
@@ -112,21 +105,9 @@ class TeacherTask:
             raise ValueError("train-teacher needs pretrained text weights (model.text.weights, e.g. 'minilm')")
         return LockedTextCLIP(CLIPTeacher(tcfg), load_bert(folder))
 
-    def _stream(self):
-        if self.stream is None:
-            self.stream = pretrain_stream(self.cfg, self.ctx.run_dir, tokenizer_for(self.cfg.model.text),
-                                          self.ctx.rank, self.ctx.world_size)
-        return self.stream
-
-    @property
-    def steps_per_epoch(self) -> int:
-        return len(self._stream())
-
-    def train_batches(self, epoch: int, start_step: int) -> Iterable[dict]:
-        stream = self._stream()
-        stream.load_state_dict({"epoch": epoch, "step": start_step})
-        for batch in stream:
-            yield {k: v.to(self.ctx.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+    def build_stream(self):
+        ctx = self.ctx
+        return pretrain_stream(self.cfg, ctx.run_dir, tokenizer_for(self.cfg.model.text), ctx.rank, ctx.world_size)
 
     def train_step(self, model: nn.Module, batch: dict, step: int) -> dict[str, torch.Tensor]:
         return {"loss": model(batch)}

@@ -73,7 +73,6 @@ def init_distributed(backend: str = "auto", device: str = "auto") -> DistInfo:
     backend `auto` picks NCCL for CUDA devices and gloo for CPU. Idempotent: a second call reuses the group.
     """
     world_size = _env_int("WORLD_SIZE", 1)
-    rank = _env_int("RANK", 0)
     local_rank = _env_int("LOCAL_RANK", 0)
     dev = resolve_device(device, local_rank)
     if world_size <= 1:
