@@ -20,6 +20,8 @@ import time
 from datetime import date
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # runs from a checkout without installing
+
 RESULTS = Path(__file__).parent / "results" / "pretrain.json"
 SIZES = {
     # name: (overrides of the demo recipe, video batch)
