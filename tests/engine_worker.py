@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from stmvl.config import load_config
-from stmvl.train.distributed import get_rank, get_world_size
+from stmvl.train.distributed import cleanup_distributed, get_rank, get_world_size
 from stmvl.train.engine import Trainer
 
 NUM_SAMPLES = 48
@@ -97,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = Trainer(cfg, ToyTask(cfg.runtime.seed, args.global_batch, args.dropout), callbacks=[die_after]).fit()
     if get_rank() == 0:
         print(json.dumps(summary))
+    cleanup_distributed()  # ranks leave together; a live gloo group at exit can abort the process
     return 0
 
 

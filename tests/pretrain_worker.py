@@ -14,6 +14,7 @@ import sys
 import torch
 
 from stmvl.tasks.pretrain import PretrainTask, load_run_config
+from stmvl.train.distributed import cleanup_distributed
 from stmvl.train.engine import Trainer
 
 
@@ -28,6 +29,7 @@ def main() -> int:
             os._exit(17)
 
     Trainer(cfg, PretrainTask(cfg), callbacks=[die_after]).fit()
+    cleanup_distributed()  # ranks leave together; a live gloo group at exit can abort the process
     return 0
 
 

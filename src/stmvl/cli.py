@@ -38,8 +38,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"stmvl: unknown command {name!r}; commands: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
     module, func, _ = COMMANDS[name]
-    result = getattr(importlib.import_module(module), func)(rest)
+    try:
+        result = getattr(importlib.import_module(module), func)(rest)
+    finally:
+        _release_process_group()
     return int(result or 0)
+
+
+def _release_process_group() -> None:
+    """Leave a torchrun job cleanly: a gloo/NCCL group still alive at interpreter exit can abort the process."""
+    if "torch.distributed" in sys.modules:  # never import torch just to find out there is nothing to do
+        from stmvl.train.distributed import cleanup_distributed
+
+        cleanup_distributed()
 
 
 if __name__ == "__main__":

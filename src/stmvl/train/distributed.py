@@ -90,8 +90,9 @@ def init_distributed(backend: str = "auto", device: str = "auto") -> DistInfo:
 
 
 def cleanup_distributed() -> None:
-    """Destroy the process group if this process created one."""
+    """Wait for every rank, then destroy the process group (if there is one)."""
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
