@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from stmvl.config import RunConfig, config_to_dict, load_config, load_recipe_dict, apply_overrides
-from stmvl.models.stm import STMModel, apply_preset
+from stmvl.models.stm import LOSS_NAMES, STMModel, apply_preset
 from stmvl.train.engine import TrainContext, unwrap_model
 
 from .data import StreamTask, pretrain_stream, tokenizer_for
@@ -80,8 +80,11 @@ class PretrainTask(StreamTask):
         total = max(1, self.ctx.total_steps)
         out = model(batch, step=step, progress=step / total)
         media = batch["media"]
-        # per-media names so video and image losses are not averaged together in the logs
-        return {"loss": out["loss"], **{f"loss_{media}_{k}": v.detach() for k, v in out.items() if k != "loss"}}
+        # per-media names so video and image losses are not averaged together in the logs; non-losses (the mask
+        # lambda) keep a name without "loss" so reports do not plot them as losses
+        named = {(f"loss_{media}_{k}" if k in LOSS_NAMES else f"{media}_{k}"): v.detach()
+                 for k, v in out.items() if k != "loss"}
+        return {"loss": out["loss"], **named}
 
     def checkpoint_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
         # the teacher is frozen and reloaded from its own weights; keeping it out halves the checkpoint
