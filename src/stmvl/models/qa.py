@@ -71,7 +71,7 @@ class AnswerDecoder(nn.Module):
             own = target.state_dict()
             usable = {k: v for k, v in src.items() if k in own and own[k].shape == v.shape}
             fresh += [f"layers.{i}.{k}" for k in own if k not in usable]
-            target.load_state_dict(usable, strict=False)
+            target.load_state_dict(usable, strict=False)  # the rest is listed in `fresh` (init_report)
         return fresh
 
     def forward(self, answer_ids: Tensor, answer_mask: Tensor, question_states: Tensor,

@@ -158,6 +158,7 @@ def load_state_dict_strict(
     if not report.ok:
         raise WeightLoadError(f"cannot load weights into {type(module).__name__}:\n{report.summary()}")
     usable = {k: v for k, v in state_dict.items() if k in target}
+    # every difference was reported and allowed above; torch's strict mode cannot express "these groups may miss"
     result = module.load_state_dict(usable, strict=False)
     assert not result.unexpected_keys and set(result.missing_keys) == set(missing)
     return report

@@ -353,6 +353,8 @@ class Trainer:
         return self.last_checkpoint
 
     def _load_model_state(self, state: dict[str, torch.Tensor], source: Path) -> None:
+        # non-strict only to apply our own rule: frozen submodules (kept out of checkpoints) may be missing,
+        # anything else missing or unexpected is an error that names the keys
         missing, unexpected = self.model.load_state_dict(state, strict=False)
         allowed = tuple(f"{n}." for n in self.frozen)
         missing = [k for k in missing if not k.startswith(allowed)]
