@@ -97,3 +97,29 @@ def test_two_rank_gloo_pretraining_gives_the_one_rank_vtc_curve(recipe, tmp_path
     assert len(curve_one) == len(curve_two) == 3
     assert curve_two == pytest.approx(curve_one, rel=1e-5, abs=1e-6)
     assert curve_one[0] != curve_one[-1]
+
+
+def test_evaluate_command_reproduces_the_end_of_training_numbers(recipe, tmp_path):
+    """`stmvl evaluate RECIPE --checkpoint RUN` on the exported model gives the numbers the run reported."""
+    import torch
+
+    from stmvl.cli import main
+    from stmvl.tasks.pretrain import load_run_config
+    from stmvl.train.commands import pretrain
+
+    root = recipe.parent
+    evals = (f"eval.corpora=[{{name: t, kind: retrieval, caption_mode: single, "
+             f"annotation: {root}/annotations/retrieval_test.json, media_root: {root}}}, "
+             f"{{name: p, kind: probe, annotation: {root}/annotations/probe.json, media_root: {root}}}]")
+    common = [evals, "eval.num_frames=4", "eval.k_test=2", "eval.batch_size=4", "eval.num_workers=0",
+              "optim.max_steps=2", "runtime.ckpt_every_steps=0"]
+    torch.set_num_threads(1)
+    result = pretrain(load_run_config(str(recipe), [f"runtime.out_dir={tmp_path / 'run'}", *common]))
+    code = main(["evaluate", str(recipe), "--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "ev"),
+                 *common])
+    assert code == 0
+    again = json.loads((tmp_path / "ev" / "eval.json").read_text())
+    assert again["t"]["itc"] == pytest.approx(result["results"]["t"]["itc"])
+    assert again["t"]["itm"] == pytest.approx(result["results"]["t"]["itm"])
+    assert again["p"]["itc_acc"] == pytest.approx(result["results"]["p"]["itc_acc"])
+    assert again["t"]["protocol"]["k_test"] == 2

@@ -80,24 +80,22 @@ def pretrain(cfg: RunConfig) -> dict[str, Any]:
     return result
 
 
-def train_teacher_main(argv: list[str]) -> int:
-    args = _parser("train-teacher", "train the demo's tiny CLIP image teacher").parse_args(argv)
+def _train_main(argv: list[str], prog: str, description: str, run) -> int:
+    args = _parser(prog, description).parse_intermixed_args(argv)
     try:
         cfg = _config(args)
     except (ConfigError, ValueError) as exc:
         return _fail(exc)
-    train_teacher(cfg)
+    run(cfg)
     return 0
+
+
+def train_teacher_main(argv: list[str]) -> int:
+    return _train_main(argv, "train-teacher", "train the demo's tiny CLIP image teacher", train_teacher)
 
 
 def pretrain_main(argv: list[str]) -> int:
-    args = _parser("pretrain", "pretrain an STM / UMT model").parse_args(argv)
-    try:
-        cfg = _config(args)
-    except (ConfigError, ValueError) as exc:
-        return _fail(exc)
-    pretrain(cfg)
-    return 0
+    return _train_main(argv, "pretrain", "pretrain an STM / UMT model", pretrain)
 
 
 def evaluate(cfg: RunConfig, checkpoint: str | Path) -> dict[str, Any]:
@@ -121,7 +119,7 @@ def evaluate(cfg: RunConfig, checkpoint: str | Path) -> dict[str, Any]:
 
 
 def evaluate_main(argv: list[str]) -> int:
-    args = _parser("evaluate", "evaluate a checkpoint", checkpoint=True).parse_args(argv)
+    args = _parser("evaluate", "evaluate a checkpoint", checkpoint=True).parse_intermixed_args(argv)
     try:
         cfg = _config(args)
     except (ConfigError, ValueError) as exc:
