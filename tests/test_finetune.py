@@ -67,13 +67,7 @@ def make_minilm_corpus(root, train: int = 200, test: int = 60):
     return root
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # the suite shares 2 cores with other jobs; one intra-op thread keeps the timings stable
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.one_thread: stable timings
 
 
 @pytest.fixture(scope="module")

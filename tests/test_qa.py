@@ -18,13 +18,7 @@ from stmvl.tasks.finetune import finetune, load_qa_model
 from test_finetune import ClaimNotMet, claim, make_minilm_corpus, tiny_pretrain_config
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # the suite shares 2 cores with other jobs; one intra-op thread keeps the timings stable
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.one_thread: stable timings
 
 ANSWERS = ["red", "blue", "green", "circle", "square", "grows", "shrinks", "moves left"]
 
