@@ -22,3 +22,12 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def pretrained_corpus(tmp_path_factory):
+    """The synthetic corpus and a short real pretraining run on it (tests/downstream.py), shared by the finetuning
+    and VideoQA tests."""
+    from downstream import make_pretrained_corpus
+
+    return make_pretrained_corpus(tmp_path_factory.mktemp("downstream"))

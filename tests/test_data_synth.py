@@ -92,8 +92,12 @@ def test_all_annotation_files_validate_and_are_consistent(corpora):
     retrieval = load_annotations(ann / "retrieval_test.json", "retrieval")
     assert all(i in r["gt"] for i, r in enumerate(retrieval))
     answers = load_answer_list(ann / "qa_answers.json")
-    for record in load_annotations(ann / "qa_test.json", "qa"):
+    qa_test = load_annotations(ann / "qa_test.json", "qa")
+    assert len(qa_test) == 3 * COUNTS["test"]  # a colour, a shape and a motion question per clip
+    for record in qa_test:
         assert record["answer"] in answers
+    kinds = [" ".join(r["question"].split()[:2]) for r in qa_test]
+    assert kinds[:3] == ["what color", "what shape", "how does"]
     for record, clip in zip(load_annotations(ann / "mc_test.json", "mc"), load_annotations(
             ann / "test_video.json", "video")):
         assert len(set(record["caption"])) == 5 and record["caption"][record["answer"]] == clip["caption"]

@@ -15,7 +15,8 @@ from stmvl.models.qa import VideoQAModel, answer_log_likelihood
 from stmvl.models.stm import STMModel
 from stmvl.tasks.finetune import finetune, load_qa_model
 
-from test_finetune import ClaimNotMet, claim, make_minilm_corpus, tiny_pretrain_config
+from downstream import SIZE, TEST_CLIPS, TEXT_LEN
+from test_finetune import tiny_pretrain_config
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.one_thread: stable timings
@@ -87,49 +88,65 @@ def test_majority_baseline():
     assert out == {"answer": "red", "acc": 0.5}
 
 
-@pytest.mark.xfail(raises=ClaimNotMet, strict=False,
-                   reason="issue 6 open: QA reaches 13.3% against a 8.3% majority-answer baseline at this budget")
 @pytest.mark.slow
-def test_qa_finetuning_beats_the_majority_answer(tmp_path):
+def test_qa_finetuning_beats_the_majority_answer(pretrained_corpus):
     """QAFinetuneTask through the engine on qa_train.json; accuracy on qa_test.json by answer-list ranking."""
     started = time.perf_counter()
-    root = make_minilm_corpus(tmp_path)
+    root = pretrained_corpus
     annotations = root / "synthetic" / "annotations"
     cfg = load_config("finetune/qa_synthetic", [
         f"paths.data={root}", f"runtime.out_dir={root / 'runs' / 'qa'}", "runtime.device=cpu",
-        "runtime.tensorboard=false", "runtime.progress=false", "runtime.threads=1", "runtime.log_every=10",
-        "data.img_size=32", "data.num_frames=4", "data.num_workers=0", "data.video_batch_size=16",
-        "eval.num_workers=0", "eval.num_frames=4", "eval.text_max_length=16", "eval.batch_size=60",
-        "eval.every_epochs=0", "optim.precision=fp32", "optim.warmup_steps=5", "optim.epochs=8",
+        "runtime.tensorboard=false", "runtime.progress=false", "runtime.threads=2", "runtime.log_every=10",
+        f"data.img_size={SIZE}", "data.num_frames=4", "data.num_workers=0", "data.video_batch_size=16",
+        "eval.num_workers=0", "eval.num_frames=4", f"eval.text_max_length={TEXT_LEN}", "eval.batch_size=60",
+        "eval.every_epochs=0", "optim.precision=fp32", "optim.warmup_steps=5", "optim.epochs=4",
         "optim.lr=1e-3",
     ])
     result = finetune(cfg, root / "pretrain", cache_clips=True)
     train = json.loads((annotations / "qa_train.json").read_text())
     test = json.loads((annotations / "qa_test.json").read_text())
     baseline = majority_baseline([r["answer"] for r in train], [[r["answer"]] for r in test])
+    prior = question_type_prior(train, test)
     acc = result["eval"]["synth_qa/acc"]
-    print(f"QA accuracy {acc:.3f} vs majority answer {baseline['answer']!r} {baseline['acc']:.3f} "
-          f"({len(train)} train / {len(test)} test questions); {time.perf_counter() - started:.1f}s")
-    assert result["eval"]["synth_qa/n"] == len(test) == 60
+    print(f"QA accuracy {acc:.3f} vs majority answer {baseline['answer']!r} {baseline['acc']:.3f} and the "
+          f"question-type prior {prior:.3f} ({len(train)} train / {len(test)} test questions); "
+          f"{time.perf_counter() - started:.1f}s")
+    assert result["eval"]["synth_qa/n"] == len(test) == 3 * TEST_CLIPS
 
     # the exported folder loads back as a VideoQAModel with the same weights and gives the same accuracy
     model = load_qa_model(result["model_dir"])
     trained = result["trainer"].model.state_dict()
     assert all(torch.equal(v, trained[k]) for k, v in model.state_dict().items())
     dataset = QADataset(str(annotations / "qa_test.json"), root / "synthetic", str(annotations / "qa_answers.json"),
-                        num_frames=4, img_size=32, sampling="middle", train=False)
-    again = evaluate_qa(model, dataset, k=cfg.eval.qa_topk, batch_size=60, max_question_len=16,
+                        num_frames=4, img_size=SIZE, sampling="middle", train=False)
+    again = evaluate_qa(model, dataset, k=cfg.eval.qa_topk, batch_size=60, max_question_len=TEXT_LEN,
                         max_answer_len=cfg.finetune.answer_max_length)
     assert again["acc"] == pytest.approx(acc)
     # every prediction is an entry of the answer list (rank_answers indexes the list it is given)
     answers = tokenize_answers(model.tokenizer, dataset.answer_list, cfg.finetune.answer_max_length)
     batch = [dataset[i] for i in range(8)]
-    questions = model.tokenizer([b["question"] for b in batch], max_length=16)
+    questions = model.tokenizer([b["question"] for b in batch], max_length=TEXT_LEN)
     video = torch.stack([b["video"] for b in batch]).float() / 255
     best, candidates, _ = model.rank_answers(video, questions["input_ids"], questions["attention_mask"],
                                              answers["input_ids"], answers["attention_mask"], k=4)
     assert ((best >= 0) & (best < len(dataset.answer_list))).all()
     assert all(b in c for b, c in zip(best.tolist(), candidates.tolist()))
-    # the claim: answers are learnt, well above always giving the most frequent training answer
-    claim(acc >= baseline["acc"] + 0.15, f"QA accuracy {acc:.3f} is not 15 points over the majority answer "
-                                          f"{baseline['acc']:.3f}")
+    # answers are learnt from the video: well above always giving the most frequent training answer, and above
+    # the best any question-only model can do (the most frequent training answer of each question type)
+    assert acc >= baseline["acc"] + 0.15, f"QA accuracy {acc:.3f} vs majority answer {baseline['acc']:.3f}"
+    assert acc >= prior + 0.05, f"QA accuracy {acc:.3f} vs question-type prior {prior:.3f}"
+
+
+def question_type_prior(train: list[dict], test: list[dict]) -> float:
+    """Accuracy on ``test`` of answering each question with its type's most frequent training answer (the type is
+    the question's first three words: 'what color is', 'what shape is', 'how does the')."""
+    from collections import Counter
+
+    def kind(question: str) -> str:
+        return " ".join(question.split()[:3])
+
+    counts: dict[str, Counter] = {}
+    for r in train:
+        counts.setdefault(kind(r["question"]), Counter())[r["answer"]] += 1
+    best = {k: c.most_common(1)[0][0] for k, c in counts.items()}
+    return sum(best.get(kind(r["question"])) == r["answer"] for r in test) / len(test)

@@ -349,16 +349,23 @@ def _make_clip(job: _ClipJob) -> dict[str, Any]:
     return record
 
 
-def _qa_record(rng: np.random.Generator, video: str, attrs: dict, question_id: int) -> dict[str, Any]:
-    obj = attrs["objects"][int(rng.integers(0, len(attrs["objects"])))]
-    kind = int(rng.integers(0, 3))
-    if kind == 0:
-        question, answer = f"what color is the {obj['shape']}", obj["color"]
-    elif kind == 1:
-        question, answer = f"what shape is the {obj['color']} object", obj["shape"]
-    else:
-        question, answer = f"how does the {obj['color']} {obj['shape']} move", obj["motion"]
-    return {"video": video, "question": question, "answer": answer, "question_id": question_id}
+QA_KINDS = ("color", "shape", "motion")
+
+
+def _qa_records(rng: np.random.Generator, video: str, attrs: dict, first_id: int) -> list[dict[str, Any]]:
+    """One question of each kind (colour, shape, motion) about a randomly chosen object of the clip, as VideoQA
+    sets ask several questions per video; question ids run from ``first_id``."""
+    records = []
+    for offset, kind in enumerate(QA_KINDS):
+        obj = attrs["objects"][int(rng.integers(0, len(attrs["objects"])))]
+        if kind == "color":
+            question, answer = f"what color is the {obj['shape']}", obj["color"]
+        elif kind == "shape":
+            question, answer = f"what shape is the {obj['color']} object", obj["shape"]
+        else:
+            question, answer = f"how does the {obj['color']} {obj['shape']} move", obj["motion"]
+        records.append({"video": video, "question": question, "answer": answer, "question_id": first_id + offset})
+    return records
 
 
 def _mc_record(rng: np.random.Generator, video: str, attrs: dict) -> dict[str, Any]:
@@ -439,8 +446,9 @@ def _write_annotations(folder: Path, by_split: dict[str, list[dict]], seed: int)
         "test_video": [{k: r[k] for k in ("video", "caption", "foil", "attributes")} for r in test],
         "retrieval_test": _retrieval_records(test),
         "probe": [{k: r[k] for k in ("video", "caption", "foil", "attributes")} for r in probe],
-        "qa_train": [_qa_record(qa_rng, r["video"], r["attributes"], i) for i, r in enumerate(train)],
-        "qa_test": [_qa_record(qa_rng, r["video"], r["attributes"], len(train) + i) for i, r in enumerate(test)],
+        "qa_train": [q for i, r in enumerate(train) for q in _qa_records(qa_rng, r["video"], r["attributes"], 3 * i)],
+        "qa_test": [q for i, r in enumerate(test)
+                    for q in _qa_records(qa_rng, r["video"], r["attributes"], 3 * (len(train) + i))],
         "qa_answers": list(QA_ANSWERS),
         "mc_test": [_mc_record(mc_rng, r["video"], r["attributes"]) for r in test],
     }

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from stmvl.config import RunConfig, config_to_dict, load_config, load_recipe_dict, apply_overrides
-from stmvl.models.stm import LOSS_NAMES, STMModel, apply_preset
+from stmvl.models.stm import LOSS_NAMES, STMModel, apply_preset, needs_teacher
 from stmvl.train.engine import TrainContext, unwrap_model
 
 from .data import StreamTask, pretrain_stream, tokenizer_for
@@ -42,8 +42,6 @@ def load_run_config(recipe: str | None, overrides: Sequence[str] = ()) -> RunCon
 class PretrainTask(StreamTask):
     """STM / UMT pretraining. Batches come from a MixedBatchStream (one media type per step, resumable)."""
 
-    frozen_submodules = ("teacher",)
-
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
         self.ctx: TrainContext | None = None
@@ -52,6 +50,10 @@ class PretrainTask(StreamTask):
         self.last_results: dict[str, Any] = {}
 
     # engine hooks ------------------------------------------------------------------------------------------
+
+    def frozen_submodules(self) -> tuple[str, ...]:
+        # a run without MVM and without attention-based masks (VTC + VTM + MLM only) builds no teacher
+        return ("teacher",) if needs_teacher(self.cfg.model) else ()
 
     def build_model(self) -> nn.Module:
         cfg = self.cfg.model
