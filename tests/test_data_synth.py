@@ -24,7 +24,7 @@ def corpora(tmp_path_factory):
 def test_same_seed_gives_identical_annotations_and_frames(corpora, tmp_path):
     a, b = corpora
     for name in ("train_video", "train_image", "test_video", "retrieval_test", "probe", "qa_train", "qa_test",
-                 "qa_answers", "mc_test"):
+                 "qa_answers", "mc_test", "mc_edit_test"):
         assert (a / "annotations" / f"{name}.json").read_bytes() == (b / "annotations" / f"{name}.json").read_bytes()
     for rel in ("videos/train/train_00003.mp4", "videos/probe/probe_00005.mp4"):
         frames_a, _ = read_video(a / rel, 16, "middle")
@@ -98,10 +98,22 @@ def test_all_annotation_files_validate_and_are_consistent(corpora):
         assert record["answer"] in answers
     kinds = [" ".join(r["question"].split()[:2]) for r in qa_test]
     assert kinds[:3] == ["what color", "what shape", "how does"]
-    for record, clip in zip(load_annotations(ann / "mc_test.json", "mc"), load_annotations(
-            ann / "test_video.json", "video")):
-        assert len(set(record["caption"])) == 5 and record["caption"][record["answer"]] == clip["caption"]
-        assert clip["foil"] in record["caption"]
+    test_clips = load_annotations(ann / "test_video.json", "video")
+    captions_of = {}  # caption text -> attributes of a test clip it was written for
+    for clip in test_clips:
+        captions_of.setdefault(clip["caption"], clip["attributes"])
+    for name in ("mc_test.json", "mc_edit_test.json"):
+        for record, clip in zip(load_annotations(ann / name, "mc"), test_clips):
+            assert len(set(record["caption"])) == 5 and record["caption"][record["answer"]] == clip["caption"]
+            assert clip["foil"] in record["caption"]
+            # no distractor describes the clip (else it would be a second right answer)
+            for text in record["caption"]:
+                if text not in (clip["caption"], clip["foil"]) and text in captions_of:
+                    assert not synth.clip_matches(synth.caption_key(captions_of[text]), clip["attributes"]), text
+    # MSRVTT-MC style: in mc_test the three other distractors are captions of other test clips
+    other = [t for r, c in zip(load_annotations(ann / "mc_test.json", "mc"), test_clips)
+             for t in r["caption"] if t not in (c["caption"], c["foil"])]
+    assert sum(t in captions_of for t in other) == len(other)
     manifest = json.loads((a / "manifest.json").read_text())
     assert manifest["counts"] == {"train": 8, "test": 6, "probe": 6}
 

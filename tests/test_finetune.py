@@ -105,19 +105,7 @@ def test_retrieval_pairs_expand_multi_captions(tmp_path, corpus):
     assert len(paragraph) == 2 and paragraph[0]["caption"] == "a b c"
 
 
-class ClaimNotMet(AssertionError):
-    """A must-show claim of issue 6 that this tiny CPU budget does not reach yet (the issue stays open)."""
-
-
-def claim(ok: bool, message: str) -> None:
-    if not ok:
-        raise ClaimNotMet(message)
-
-
 @pytest.mark.slow
-@pytest.mark.xfail(raises=ClaimNotMet, strict=False,
-                   reason="issue 6 open: MC accuracy stays near 20% chance at this budget (the models prefer the "
-                          "foil, the caption of the time-reversed clip, over the true caption)")
 def test_finetuned_retrieval_beats_zero_shot_and_mc_beats_chance(pretrained_corpus):
     started = time.perf_counter()
     root = pretrained_corpus
@@ -135,7 +123,8 @@ def test_finetuned_retrieval_beats_zero_shot_and_mc_beats_chance(pretrained_corp
     zero_r1, tuned_r1 = zero["synth_test"]["itm"]["t2v_r1"], tuned["synth_test"]["itm"]["t2v_r1"]
     print(f"ITM t2v R@1 zero-shot {zero_r1:.1f} -> finetuned {tuned_r1:.1f} (ITC {zero['synth_test']['itc']['t2v_r1']:.1f}"
           f" -> {tuned['synth_test']['itc']['t2v_r1']:.1f}); MC acc zero-shot {zero['synth_mc']['acc']:.3f} -> "
-          f"{tuned['synth_mc']['acc']:.3f}; {time.perf_counter() - started:.1f}s")
+          f"{tuned['synth_mc']['acc']:.3f} (hard one-attribute edits {zero['synth_mc_edit']['acc']:.3f} -> "
+          f"{tuned['synth_mc_edit']['acc']:.3f}); {time.perf_counter() - started:.1f}s")
     assert tuned["synth_mc"]["n"] == TEST_CLIPS
     best = result["best"]
     assert best["key"] == "synth_mc/acc" and (root / "runs").exists()
@@ -143,8 +132,9 @@ def test_finetuned_retrieval_beats_zero_shot_and_mc_beats_chance(pretrained_corp
     assert exported.teacher is None and exported.cfg.loss.mvm == 0.0
     # finetuning must raise the matching head's R@1 clearly (10 points = 6 of the 60 test captions)
     assert tuned_r1 >= zero_r1 + 10.0, f"finetuned ITM t2v R@1 {tuned_r1:.1f} vs zero-shot {zero_r1:.1f}"
-    # the claim of issue 6 still open (see ClaimNotMet) comes last, after every mechanical check
-    claim(tuned["synth_mc"]["acc"] >= 0.35, f"MC accuracy {tuned['synth_mc']['acc']:.3f} is not clearly above 0.2")
+    # multiple choice well above the 20% chance of 5 options (35% = 21 of the 60 clips; a model blind to frame order
+    # tops out near 50%, since one distractor is the caption of the time-reversed clip)
+    assert tuned["synth_mc"]["acc"] >= 0.35, f"MC accuracy {tuned['synth_mc']['acc']:.3f} is not clearly above 0.2"
 
 
 def test_cli_requires_checkpoint_and_reports_missing_folder(corpus, capsys):

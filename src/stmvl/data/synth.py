@@ -368,10 +368,34 @@ def _qa_records(rng: np.random.Generator, video: str, attrs: dict, first_id: int
     return records
 
 
-def _mc_record(rng: np.random.Generator, video: str, attrs: dict) -> dict[str, Any]:
-    """Five options: the caption, its foil and three single-attribute edits (different colour/shape/motion)."""
-    true_key = caption_key(attrs)
+def _mc_record(rng: np.random.Generator, video: str, attrs: dict, others: list[dict]) -> dict[str, Any]:
+    """MSRVTT-MC style: the caption and distractors that are captions of other clips (``others``, the split's
+    records), except that one distractor is the foil. Chance is 20%; a model blind to frame order cannot separate
+    the caption from its foil, so it tops out near 50% even with every other distractor ruled out."""
     options = [caption(attrs), foil_caption(attrs)]
+    for index in rng.permutation(len(others)):
+        if len(options) == 5:
+            break
+        other = others[int(index)]
+        text = other["caption"]
+        # a distractor must not also describe this clip (repeated attribute tuples, or a size left unsaid)
+        if not clip_matches(caption_key(other["attributes"]), attrs) and text not in options:
+            options.append(text)
+    _add_edits(rng, attrs, options)  # only a split of a few clips runs out of other captions
+    return _shuffled_options(rng, video, options)
+
+
+def _mc_edit_record(rng: np.random.Generator, video: str, attrs: dict) -> dict[str, Any]:
+    """The hard variant: the caption, its foil and three single-attribute edits (another colour, shape or motion of
+    one object), so every distractor differs from the caption in one word or in time only."""
+    options = [caption(attrs), foil_caption(attrs)]
+    _add_edits(rng, attrs, options)
+    return _shuffled_options(rng, video, options)
+
+
+def _add_edits(rng: np.random.Generator, attrs: dict, options: list[str]) -> None:
+    """Append single-attribute edits of the caption to ``options`` until it has 5 distinct texts."""
+    true_key = caption_key(attrs)
     for _ in range(200):
         if len(options) == 5:
             break
@@ -383,11 +407,14 @@ def _mc_record(rng: np.random.Generator, video: str, attrs: dict) -> dict[str, A
         text = caption(edited)
         if caption_key(edited) != true_key and text not in options:
             options.append(text)
+
+
+def _shuffled_options(rng: np.random.Generator, video: str, options: list[str]) -> dict[str, Any]:
+    """The MC record of ``options`` (the true caption first) in a random order, with the true caption's index."""
     if len(options) != 5:
         raise RuntimeError(f"could not build 5 distinct MC options for {video}")
     order = rng.permutation(5)
-    shuffled = [options[i] for i in order]
-    return {"video": video, "caption": shuffled, "answer": int(np.where(order == 0)[0][0])}
+    return {"video": video, "caption": [options[i] for i in order], "answer": int(np.where(order == 0)[0][0])}
 
 
 def _retrieval_records(records: list[dict]) -> list[dict]:
@@ -409,7 +436,7 @@ def generate_corpus(out: str | os.PathLike, seed: int = 0, train: int = 3000, te
     """Write the corpus under ``out`` and return its manifest (counts, files, seconds taken).
 
     Layout: ``videos/{train,test,probe}/*.mp4``, ``images/train/*.png``, ``annotations/*.json``
-    (train_video, train_image, test_video, retrieval_test, probe, qa_train, qa_test, qa_answers, mc_test) and
+    (train_video, train_image, test_video, retrieval_test, probe, qa_train, qa_test, qa_answers, mc_test, mc_edit_test) and
     ``manifest.json``. All media paths are relative to ``out``.
     """
     if size < 32 or frames < 2 or min(train, test, probe) < 0:
@@ -440,6 +467,7 @@ def generate_corpus(out: str | os.PathLike, seed: int = 0, train: int = 3000, te
 def _write_annotations(folder: Path, by_split: dict[str, list[dict]], seed: int) -> dict[str, str]:
     train, test, probe = by_split["train"], by_split["test"], by_split["probe"]
     qa_rng, mc_rng = np.random.default_rng([seed, 11]), np.random.default_rng([seed, 12])
+    mc_edit_rng = np.random.default_rng([seed, 13])
     content = {
         "train_video": [{k: r[k] for k in ("video", "caption", "foil", "attributes")} for r in train],
         "train_image": [r["image_record"] for r in train],
@@ -450,7 +478,8 @@ def _write_annotations(folder: Path, by_split: dict[str, list[dict]], seed: int)
         "qa_test": [q for i, r in enumerate(test)
                     for q in _qa_records(qa_rng, r["video"], r["attributes"], 3 * (len(train) + i))],
         "qa_answers": list(QA_ANSWERS),
-        "mc_test": [_mc_record(mc_rng, r["video"], r["attributes"]) for r in test],
+        "mc_test": [_mc_record(mc_rng, r["video"], r["attributes"], test) for r in test],
+        "mc_edit_test": [_mc_edit_record(mc_edit_rng, r["video"], r["attributes"]) for r in test],
     }
     files = {}
     for name, data in content.items():
