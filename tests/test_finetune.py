@@ -109,7 +109,7 @@ def test_retrieval_pairs_expand_multi_captions(tmp_path, corpus):
 def test_finetuned_retrieval_beats_zero_shot_and_mc_beats_chance(pretrained_corpus):
     started = time.perf_counter()
     root = pretrained_corpus
-    cfg = run_config(root, "finetune/mc_synthetic", "optim.epochs=6", "optim.lr=1e-3", "eval.every_epochs=0",
+    cfg = run_config(root, "finetune/mc_synthetic", "optim.epochs=6", "optim.lr=5e-4", "eval.every_epochs=0",
                      "eval.batch_size=60", f"data.img_size={SIZE}", f"eval.text_max_length={TEXT_LEN}")
     # one run scores both downstream tasks of the same finetuned weights: retrieval and multiple choice
     cfg.eval.corpora.append(dataclasses.replace(cfg.eval.corpora[0], name="synth_test", kind="retrieval",
