@@ -215,3 +215,24 @@ def test_two_rank_sharded_evaluation_matches_single_process(tmp_path):
     for table in ("itc", "itm"):
         for key, value in expected[table].items():
             assert math.isclose(got["result"][table][key], value, abs_tol=1e-9), (table, key)
+
+
+def test_evaluation_cleans_texts_like_the_training_collator():
+    """The evaluators tokenize raw annotation texts; the model's tokenizer must clean them (UMT caption cleaning)
+    exactly as the training collator does, so both feed the same token ids (no punctuation at test time only)."""
+    from stmvl.data.datasets import VideoTextCollator
+    from stmvl.data.text import Tokenizer, clean_caption, minilm_folder
+    from stmvl.eval.features import tokenize
+
+    class Holder:
+        tokenizer = Tokenizer(str(minilm_folder()), 32)
+
+    raw = ["First a Red circle moves to the left, then a blue box grows!", "A small-star / rises."]
+    collate = VideoTextCollator(Holder.tokenizer, media="video", max_length=32, clean=clean_caption)
+    sample = {"video": torch.zeros(1, 3, 4, 4, dtype=torch.uint8), "sample_id": 0, "index": 0}
+    trained = collate([dict(sample, caption=text) for text in raw])
+    evaluated = tokenize(Holder, raw, 32)
+    assert torch.equal(evaluated["input_ids"], trained["input_ids"])
+    comma = 1010  # "," in the bert-base-uncased vocabulary
+    uncleaned = Tokenizer(str(minilm_folder()), 32, clean=False)(raw)["input_ids"]
+    assert (uncleaned == comma).any() and not (evaluated["input_ids"] == comma).any()

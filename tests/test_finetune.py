@@ -115,16 +115,18 @@ def test_finetuned_retrieval_beats_zero_shot_and_mc_beats_chance(pretrained_corp
     cfg.eval.corpora.append(dataclasses.replace(cfg.eval.corpora[0], name="synth_test", kind="retrieval",
                                                 caption_mode="single",
                                                 annotation=str(root / "synthetic/annotations/retrieval_test.json")))
-    zero_model, report = load_pretrained(root / "pretrain", finetune_model_config(load_model(root / "pretrain").cfg, cfg))
+    ft_cfg = finetune_model_config(load_model(root / "pretrain").cfg, cfg)
+    zero_model, report = load_pretrained(root / "pretrain", ft_cfg)
     assert report.dropped == {}  # pretrained without MVM: no teacher, predictor or decoders to drop
     zero = evaluate_downstream(zero_model, cfg, "cpu")
     result = finetune(cfg, root / "pretrain", cache_clips=True)
     tuned = evaluate_downstream(result["trainer"].model, cfg, "cpu")
     zero_r1, tuned_r1 = zero["synth_test"]["itm"]["t2v_r1"], tuned["synth_test"]["itm"]["t2v_r1"]
-    print(f"ITM t2v R@1 zero-shot {zero_r1:.1f} -> finetuned {tuned_r1:.1f} (ITC {zero['synth_test']['itc']['t2v_r1']:.1f}"
-          f" -> {tuned['synth_test']['itc']['t2v_r1']:.1f}); MC acc zero-shot {zero['synth_mc']['acc']:.3f} -> "
-          f"{tuned['synth_mc']['acc']:.3f} (hard one-attribute edits {zero['synth_mc_edit']['acc']:.3f} -> "
-          f"{tuned['synth_mc_edit']['acc']:.3f}); {time.perf_counter() - started:.1f}s")
+    zero_itc, tuned_itc = zero["synth_test"]["itc"]["t2v_r1"], tuned["synth_test"]["itc"]["t2v_r1"]
+    print(f"ITM t2v R@1 zero-shot {zero_r1:.1f} -> finetuned {tuned_r1:.1f} (ITC {zero_itc:.1f} -> {tuned_itc:.1f}); "
+          f"MC acc zero-shot {zero['synth_mc']['acc']:.3f} -> {tuned['synth_mc']['acc']:.3f} "
+          f"(hard one-attribute edits {zero['synth_mc_edit']['acc']:.3f} -> {tuned['synth_mc_edit']['acc']:.3f}); "
+          f"{time.perf_counter() - started:.1f}s")
     assert tuned["synth_mc"]["n"] == TEST_CLIPS
     best = result["best"]
     assert best["key"] == "synth_mc/acc" and (root / "runs").exists()

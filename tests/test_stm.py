@@ -231,3 +231,15 @@ def test_builds_text_from_minilm_and_teacher_from_a_saved_folder(tmp_path):
     assert all(p.requires_grad for p in model.text.layers[4].parameters())
     out = model(make_batch(model, b=2), step=0)
     assert torch.isfinite(out["loss"])
+
+
+def test_pretraining_without_mvm_builds_no_teacher_and_freezes_nothing():
+    """VTC + VTM + MLM pretraining (no MVM, random masks) needs no teacher; the task must not declare one frozen."""
+    from stmvl.config import load_config
+    from stmvl.tasks.pretrain import PretrainTask
+
+    cfg = load_config(None, ["model.loss.mvm=0", "model.mask.video_strategy=random",
+                             "model.mask.image_strategy=random"])
+    assert PretrainTask(cfg).frozen_submodules() == ()
+    cfg.model = apply_preset(cfg.model, "stm")  # attention-based masks need the teacher again
+    assert PretrainTask(cfg).frozen_submodules() == ("teacher",)

@@ -436,8 +436,8 @@ def generate_corpus(out: str | os.PathLike, seed: int = 0, train: int = 3000, te
     """Write the corpus under ``out`` and return its manifest (counts, files, seconds taken).
 
     Layout: ``videos/{train,test,probe}/*.mp4``, ``images/train/*.png``, ``annotations/*.json``
-    (train_video, train_image, test_video, retrieval_test, probe, qa_train, qa_test, qa_answers, mc_test, mc_edit_test) and
-    ``manifest.json``. All media paths are relative to ``out``.
+    (train_video, train_image, test_video, retrieval_test, probe, qa_train, qa_test, qa_answers, mc_test,
+    mc_edit_test) and ``manifest.json``. All media paths are relative to ``out``.
     """
     if size < 32 or frames < 2 or min(train, test, probe) < 0:
         raise ValueError(f"need size >= 32, frames >= 2, non-negative counts; got size={size} frames={frames}")

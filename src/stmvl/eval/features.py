@@ -24,8 +24,6 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Subset
 
-from stmvl.data.text import clean_caption
-
 # Rows per all_gather call: bounds the temporary memory of gathering video tokens (N x n x D can be gigabytes).
 GATHER_BLOCK_ROWS = 256
 
@@ -210,9 +208,8 @@ def _storage(x: torch.Tensor, autocast: bool) -> torch.Tensor:
 
 
 def tokenize(model: Any, texts: Sequence[str], max_length: int) -> dict[str, torch.Tensor]:
-    """``model.tokenizer`` on all ``texts`` at once, so every row shares one padded length L. Texts are cleaned
-    with the training collators' UMT caption cleaning first: a model never saw punctuation while training."""
-    tokens = model.tokenizer([clean_caption(t) for t in texts], max_length=max_length)
+    """``model.tokenizer`` on all ``texts`` at once, so every row shares one padded length L."""
+    tokens = model.tokenizer(list(texts), max_length=max_length)
     return {"input_ids": tokens["input_ids"].long(), "attention_mask": tokens["attention_mask"].long()}
 
 

@@ -456,11 +456,8 @@ class STMModel(nn.Module):
     # -------------------------------------------------------------------------------------------- inference
 
     def tokenize(self, texts: Sequence[str] | dict) -> dict[str, Tensor]:
-        """Captions (cleaned like training captions; or an already tokenized dict) -> {"input_ids",
-        "attention_mask"} on the model's device."""
-        from stmvl.data.text import clean_caption
-
-        batch = self.tokenizer([clean_caption(t) for t in texts]) if not isinstance(texts, dict) else texts
+        """Captions (or an already tokenized dict) -> {"input_ids", "attention_mask"} on the model's device."""
+        batch = self.tokenizer(list(texts)) if not isinstance(texts, dict) else texts
         device = self.temp.device
         return {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device)}
 
