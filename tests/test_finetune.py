@@ -146,3 +146,27 @@ def test_cli_requires_checkpoint_and_reports_missing_folder(corpus, capsys):
 
     with pytest.raises(ModelDirError):
         finetune_main(["finetune/ret_synthetic", "--checkpoint", str(corpus / "nowhere"), f"paths.data={corpus}"])
+
+
+def test_evaluate_command_scores_multiple_choice_zero_shot(corpus, capsys):
+    """`stmvl evaluate RECIPE --checkpoint DIR` scores the recipe's MC corpora (zero-shot MC), with the numbers of
+    the MC evaluator itself, and a corpus kind the model cannot answer is a clear error."""
+    from stmvl.data.datasets import MCDataset
+    from stmvl.eval.mc import evaluate_mc
+    from stmvl.train.commands import evaluate_main
+
+    overrides = [f"paths.data={corpus}", f"runtime.out_dir={corpus / 'runs' / 'zs_mc'}", "runtime.device=cpu",
+                 "data.img_size=32", "eval.num_frames=4", "eval.num_workers=0", "eval.batch_size=40",
+                 "eval.text_max_length=16", "optim.precision=fp32"]
+    assert evaluate_main(["finetune/mc_synthetic", "--checkpoint", str(corpus / "pretrain"), *overrides]) == 0
+    written = json.loads((corpus / "runs" / "zs_mc" / "eval.json").read_text())
+    assert "multiple-choice accuracy" in capsys.readouterr().out
+    annotation = corpus / "synthetic" / "annotations" / "mc_test.json"
+    dataset = MCDataset(str(annotation), corpus / "synthetic", num_frames=4, img_size=32, sampling="middle",
+                        train=False)
+    direct = evaluate_mc(load_model(corpus / "pretrain"), dataset, batch_size=40, max_text_len=16)
+    assert written["synth_mc"]["n"] == 40 and written["synth_mc"]["acc"] == pytest.approx(direct["acc"])
+    assert written["synth_mc"]["itm_acc"] == pytest.approx(direct["itm_acc"])
+    # an STMModel cannot answer VideoQA corpora: an error that names them, not a traceback
+    assert evaluate_main(["finetune/qa_synthetic", "--checkpoint", str(corpus / "pretrain"), *overrides]) == 2
+    assert "synth_qa" in capsys.readouterr().err

@@ -122,6 +122,10 @@ def test_qa_finetuning_beats_the_majority_answer(pretrained_corpus):
     again = evaluate_qa(model, dataset, k=cfg.eval.qa_topk, batch_size=60, max_question_len=TEXT_LEN,
                         max_answer_len=cfg.finetune.answer_max_length)
     assert again["acc"] == pytest.approx(acc)
+    # and `stmvl evaluate` recognises the QA folder and scores the recipe's QA corpus the same way
+    from stmvl.train.commands import evaluate
+
+    assert evaluate(cfg, result["model_dir"])["synth_qa"]["acc"] == pytest.approx(acc)
     # every prediction is an entry of the answer list (rank_answers indexes the list it is given)
     answers = tokenize_answers(model.tokenizer, dataset.answer_list, cfg.finetune.answer_max_length)
     batch = [dataset[i] for i in range(8)]

@@ -37,7 +37,8 @@ def evaluate_corpora(model, cfg: RunConfig, device: torch.device | str, autocast
 
 
 def summary_lines(results: dict[str, Any]) -> list[str]:
-    """One human-readable line per table: retrieval R@1/5/10 both directions, probe accuracies, with the protocol."""
+    """One human-readable line per table: retrieval R@1/5/10 both directions, probe, multiple-choice and QA
+    accuracies, with the protocol."""
     lines = []
     for name, res in results.items():
         proto = res.get("protocol", {})
@@ -47,6 +48,9 @@ def summary_lines(results: dict[str, Any]) -> list[str]:
                 m = res[table]
                 lines.append(f"{name} [{table}] t2v R@1/5/10 {m['t2v_r1']:.1f}/{m['t2v_r5']:.1f}/{m['t2v_r10']:.1f}  "
                              f"v2t R@1/5/10 {m['v2t_r1']:.1f}/{m['v2t_r5']:.1f}/{m['v2t_r10']:.1f}  ({where})")
+        elif "acc" in res and "itc_acc" in res:  # multiple choice: the combined score and its two parts
+            lines.append(f"{name}: multiple-choice accuracy {100 * res['acc']:.1f}% (ITM only "
+                         f"{100 * res['itm_acc']:.1f}%, ITC only {100 * res['itc_acc']:.1f}%) n={res['n']} ({where})")
         elif "itc_acc" in res:
             lines.append(f"{name}: probe accuracy ITC {100 * res['itc_acc']:.1f}%  ITM {100 * res['itm_acc']:.1f}%  "
                          f"n={res['n']} ({where})")

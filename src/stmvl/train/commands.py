@@ -99,16 +99,16 @@ def pretrain_main(argv: list[str]) -> int:
 
 
 def evaluate(cfg: RunConfig, checkpoint: str | Path) -> dict[str, Any]:
-    """Zero-shot (or finetuned) evaluation of a checkpoint on the recipe's eval corpora; JSON in the run folder."""
+    """Zero-shot (or finetuned) evaluation of a checkpoint on the recipe's eval corpora (retrieval, probe, multiple
+    choice for a retrieval model; VideoQA for a folder written by QA finetuning); JSON in the run folder."""
     import torch
 
-    from stmvl.api import load_model
-    from stmvl.tasks.evaluation import evaluate_corpora
+    from stmvl.tasks.finetune import evaluate_downstream
     from stmvl.train.distributed import init_distributed
 
     dist = init_distributed(cfg.runtime.backend, cfg.runtime.device)
-    model = load_model(checkpoint, device=dist.device)
-    results = evaluate_corpora(model, cfg, dist.device, autocast=cfg.optim.precision == "bf16")
+    model = load_checkpoint_model(checkpoint, dist.device)
+    results = evaluate_downstream(model, cfg, dist.device, autocast=cfg.optim.precision == "bf16")
     if dist.rank == 0:
         out = Path(cfg.runtime.out_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -118,13 +118,26 @@ def evaluate(cfg: RunConfig, checkpoint: str | Path) -> dict[str, Any]:
     return results
 
 
+def load_checkpoint_model(checkpoint: str | Path, device):
+    """The model of a model folder (or run folder): a VideoQAModel where config.json says so, else an STMModel."""
+    from stmvl.api import load_model, resolve_model_dir
+    from stmvl.tasks.finetune import load_qa_model
+
+    meta = json.loads((resolve_model_dir(checkpoint) / "config.json").read_text(encoding="utf-8"))
+    if meta.get("stmvl_config_type") == "VideoQAModel":
+        return load_qa_model(checkpoint).to(device)
+    return load_model(checkpoint, device=device)
+
+
 def evaluate_main(argv: list[str]) -> int:
+    from stmvl.api import ModelDirError
+
     args = _parser("evaluate", "evaluate a checkpoint", checkpoint=True).parse_intermixed_args(argv)
     try:
         cfg = _config(args)
-    except (ConfigError, ValueError) as exc:
+        results = evaluate(cfg, args.checkpoint)
+    except (ConfigError, ValueError, FileNotFoundError, ModelDirError) as exc:
         return _fail(exc)
-    results = evaluate(cfg, args.checkpoint)
     from stmvl.tasks.evaluation import summary_lines
 
     for line in summary_lines(results):
