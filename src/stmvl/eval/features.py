@@ -271,6 +271,32 @@ def positive_probability(logits: torch.Tensor) -> torch.Tensor:
     return logits.float().softmax(dim=-1)[:, 1]
 
 
+def score_texts_per_clip(
+    model: Any, video: torch.Tensor, texts: Sequence[Sequence[str]], max_length: int,
+    device: torch.device, autocast: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """ITM match probability and ITC similarity of every clip with each of its own K texts (MC options, probe
+    caption and foil).
+
+    Args:
+        video: float [B, T, 3, H, W]; texts: B lists of K strings (tokenized together: one padded length).
+
+    Returns:
+        (itm [B, K], itc [B, K]) on the CPU in float32; itc is the frame-mean cosine, as in retrieval.
+    """
+    size, count = video.shape[0], len(texts[0])
+    # flattened clip-major: row b * K + k is text k of clip b
+    tokens = tokenize(model, [text for clip_texts in texts for text in clip_texts], max_length)
+    ids, mask = tokens["input_ids"].to(device), tokens["attention_mask"].to(device)
+    with autocast_context(device, autocast):
+        video_tokens, frame_embeds = model.video_features(video.to(device))
+        text_states, text_embeds = model.text_features(ids, mask)
+        logits = model.itm_logits(video_tokens.repeat_interleave(count, dim=0), text_states, mask)
+    text_embeds = text_embeds.float().view(size, count, -1)
+    itc = torch.einsum("bfe,bke->bkf", frame_embeds.float(), text_embeds).mean(-1).cpu()
+    return positive_probability(logits).view(size, count).cpu(), itc
+
+
 def describe_protocol(dataset: Any, **fields: Any) -> dict[str, Any]:
     """The protocol written next to every number: dataset attributes (split, frames, sampling) plus ``fields``.
 

@@ -12,14 +12,7 @@ from typing import Any, Sequence
 
 import torch
 
-from stmvl.eval.features import (
-    autocast_context,
-    describe_protocol,
-    evaluation_mode,
-    map_clips,
-    positive_probability,
-    tokenize,
-)
+from stmvl.eval.features import describe_protocol, evaluation_mode, map_clips, score_texts_per_clip
 
 ITM_WEIGHT = 0.7
 ITC_WEIGHT = 0.3
@@ -75,17 +68,8 @@ def evaluate_mc(
     temp = model.temp
 
     def score(batch: dict[str, Any]) -> tuple[torch.Tensor, ...]:
-        size, num_options = batch["video"].shape[0], _option_count(batch["options"])
-        # Options flattened clip-major: row b * K + k is option k of clip b.
-        tokens = tokenize(model, [text for options in batch["options"] for text in options], max_len)
-        ids, mask = tokens["input_ids"].to(device), tokens["attention_mask"].to(device)
-        with autocast_context(device, autocast):
-            video_tokens, frame_embeds = model.video_features(batch["video"].to(device))
-            text_states, text_embeds = model.text_features(ids, mask)
-            logits = model.itm_logits(video_tokens.repeat_interleave(num_options, dim=0), text_states, mask)
-        text_embeds = text_embeds.float().view(size, num_options, -1)
-        itc = torch.einsum("bfe,bke->bkf", frame_embeds.float(), text_embeds).mean(-1).cpu()
-        itm = positive_probability(logits).view(size, num_options).cpu()
+        _option_count(batch["options"])  # raises unless every clip has the same number of options
+        itm, itc = score_texts_per_clip(model, batch["video"], batch["options"], max_len, device, autocast)
         combined = combine_option_scores(itm, itc, temp)
         answer = torch.as_tensor(batch["answer"], dtype=torch.long)
         return tuple((scores.argmax(dim=-1) == answer).float() for scores in (combined, itm, itc))

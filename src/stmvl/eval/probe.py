@@ -16,14 +16,7 @@ from typing import Any
 
 import torch
 
-from stmvl.eval.features import (
-    autocast_context,
-    describe_protocol,
-    evaluation_mode,
-    map_clips,
-    positive_probability,
-    tokenize,
-)
+from stmvl.eval.features import describe_protocol, evaluation_mode, map_clips, score_texts_per_clip
 
 SHUFFLE_MODES = (None, "reverse", "permute")
 DEFAULT_PROBE_TEXT_LEN = 32
@@ -113,16 +106,9 @@ def evaluate_probe(
     clips = ShuffledFrames(dataset, shuffle_frames, seed) if shuffle_frames else dataset
 
     def score(batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        size = batch["video"].shape[0]
-        tokens = tokenize(model, batch["caption"] + batch["foil"], max_len)
-        ids, mask = tokens["input_ids"].to(device), tokens["attention_mask"].to(device)
-        with autocast_context(device, autocast):
-            video_tokens, frame_embeds = model.video_features(batch["video"].to(device))
-            text_states, text_embeds = model.text_features(ids, mask)
-            logits = model.itm_logits(torch.cat([video_tokens, video_tokens]), text_states, mask)
-        itc = (frame_embeds.float().repeat(2, 1, 1) * text_embeds.float()[:, None]).sum(-1).mean(-1)
-        itm = positive_probability(logits)
-        return preference_credit(itc[:size], itc[size:]), preference_credit(itm[:size], itm[size:])
+        pairs = [[caption, foil] for caption, foil in zip(batch["caption"], batch["foil"])]
+        itm, itc = score_texts_per_clip(model, batch["video"], pairs, max_len, device, autocast)
+        return preference_credit(itc[:, 0], itc[:, 1]), preference_credit(itm[:, 0], itm[:, 1])
 
     with evaluation_mode(model):
         itc_credit, itm_credit = map_clips(clips, score, batch_size=batch_size, num_workers=num_workers)
