@@ -221,14 +221,14 @@ def test_evaluation_cleans_texts_like_the_training_collator():
     """The evaluators tokenize raw annotation texts; the model's tokenizer must clean them (UMT caption cleaning)
     exactly as the training collator does, so both feed the same token ids (no punctuation at test time only)."""
     from stmvl.data.datasets import VideoTextCollator
-    from stmvl.data.text import Tokenizer, clean_caption, minilm_folder
+    from stmvl.data.text import Tokenizer, minilm_folder
     from stmvl.eval.features import tokenize
 
     class Holder:
         tokenizer = Tokenizer(str(minilm_folder()), 32)
 
     raw = ["First a Red circle moves to the left, then a blue box grows!", "A small-star / rises."]
-    collate = VideoTextCollator(Holder.tokenizer, media="video", max_length=32, clean=clean_caption)
+    collate = VideoTextCollator(Holder.tokenizer, media="video", max_length=32)
     sample = {"video": torch.zeros(1, 3, 4, 4, dtype=torch.uint8), "sample_id": 0, "index": 0}
     trained = collate([dict(sample, caption=text) for text in raw])
     evaluated = tokenize(Holder, raw, 32)
@@ -236,3 +236,23 @@ def test_evaluation_cleans_texts_like_the_training_collator():
     comma = 1010  # "," in the bert-base-uncased vocabulary
     uncleaned = Tokenizer(str(minilm_folder()), 32, clean=False)(raw)["input_ids"]
     assert (uncleaned == comma).any() and not (evaluated["input_ids"] == comma).any()
+
+
+def test_multiple_choice_combines_itm_and_itc_on_a_known_table():
+    """Two clips, three options each: ITM alone and ITC alone each get one clip right, 0.7 ITM + 0.3 softmax(ITC /
+    temp) gets both (values worked out by hand in the comments)."""
+    from stmvl.eval.mc import evaluate_mc
+
+    texts = ["option a", "option b", "option c"]
+    sim = torch.tensor([[0.4, 0.1], [0.1, 0.3], [0.2, 0.35]])  # [text, video]
+    itm = torch.tensor([[0.5, -1.0], [0.0, 2.0], [0.8, -1.0]])  # matching logits, [text, video]
+    model = TableModel(sim, itm, texts)
+
+    class Choices(TableDataset):
+        def __getitem__(self, index):
+            return dict(super().__getitem__(index), options=list(texts), answer=index)
+
+    # clip 0: ITC picks a (0.4), ITM picks c (sigmoid 0.69 vs 0.62), combined a: 0.435 + 0.253 > 0.483 + 0.034
+    # clip 1: ITC picks c (0.35), ITM picks b (sigmoid 0.88), combined b: 0.617 + 0.108 > 0.188 + 0.178
+    out = evaluate_mc(model, Choices(2, [[0], [1], [1]]), batch_size=2)
+    assert (out["acc"], out["itm_acc"], out["itc_acc"], out["n"]) == (1.0, 0.5, 0.5, 2)
