@@ -382,15 +382,9 @@ def _strip(sd: Mapping[str, torch.Tensor], prefix: str) -> StateDict:
 
 def stmvl_to_openai_clip(sd: Mapping[str, torch.Tensor], prefix: str = "", out_prefix: str = "visual.") -> tuple[StateDict, list[str]]:
     """CLIPTeacher names under ``prefix`` -> OpenAI layout under ``out_prefix`` (temporal fusion -> ``fusion_model.``)."""
-    out, unplaced = {}, []
-    for key, value in _strip(sd, prefix).items():
-        hit = _OPENAI_CLIP.backward(key)
-        if hit is None:
-            unplaced.append(prefix + key)
-            continue
-        name, transform = hit
-        name = name if name.startswith("fusion_model.") else out_prefix + name
-        out[name] = transform(value) if transform else value
+    renamed, unplaced = _rename_all(sd, _OPENAI_CLIP, prefix, "", backward=True)
+    # the temporal fusion lives beside the image tower in the OpenAI layout, not under it
+    out = {(name if name.startswith("fusion_model.") else out_prefix + name): v for name, v in renamed.items()}
     return out, unplaced
 
 
