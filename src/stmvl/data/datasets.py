@@ -236,16 +236,14 @@ class VideoTextCollator:
     ``tokenizer`` is any callable ``tok(list[str], max_length=None) -> {"input_ids", "attention_mask"}`` (long [B, L]).
     Output: ``video`` float [B,T,3,H,W] in [0,1], ``input_ids``/``attention_mask`` long [B,L], ``sample_id`` long
     [B], ``index`` long [B], ``media`` str, and ``foil_input_ids``/``foil_attention_mask`` when every sample has a
-    foil. Picklable (a class, not a closure) so DataLoader workers can use it.
+    foil. Picklable (a class, not a closure) so DataLoader workers can use it. Texts go to the tokenizer as they
+    are: stmvl's Tokenizer applies the UMT caption cleaning itself, in training and evaluation alike.
     """
 
-    def __init__(self, tokenizer: Callable, media: str = "video", max_length: int | None = None,
-                 clean: Callable[[str], str] | None = None):
-        self.tokenizer, self.media, self.max_length, self.clean = tokenizer, media, max_length, clean
+    def __init__(self, tokenizer: Callable, media: str = "video", max_length: int | None = None):
+        self.tokenizer, self.media, self.max_length = tokenizer, media, max_length
 
     def _tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        if self.clean is not None:
-            texts = [self.clean(t) for t in texts]
         return self.tokenizer(texts, max_length=self.max_length)
 
     def __call__(self, samples: list[dict]) -> dict[str, Any]:

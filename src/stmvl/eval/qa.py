@@ -12,7 +12,6 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
-from stmvl.data.text import clean_caption
 from stmvl.eval.features import autocast_context, describe_protocol, evaluation_mode, map_clips
 
 DEFAULT_QUESTION_LEN = 32
@@ -21,7 +20,7 @@ DEFAULT_ANSWER_LEN = 10
 
 def tokenize_answers(tokenizer, answers: Sequence[str], max_length: int) -> dict[str, torch.Tensor]:
     """The answer list as decoder inputs: ``{"input_ids", "attention_mask"}`` long ``[A, La]`` ([CLS] a [SEP])."""
-    tokens = tokenizer([clean_caption(a) for a in answers], max_length=max_length)
+    tokens = tokenizer(list(answers), max_length=max_length)
     return {"input_ids": tokens["input_ids"].long(), "attention_mask": tokens["attention_mask"].long()}
 
 
@@ -68,7 +67,7 @@ def evaluate_qa(
     lookup = {a: i for i, a in enumerate(answer_list)}
 
     def predict(batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        questions = model.tokenizer([clean_caption(q) for q in batch["question"]], max_length=q_len)
+        questions = model.tokenizer(list(batch["question"]), max_length=q_len)
         with autocast_context(device, autocast):
             best, _, _ = model.rank_answers(
                 batch["video"].to(device), questions["input_ids"].to(device), questions["attention_mask"].to(device),

@@ -12,7 +12,6 @@ from stmvl.data.annotations import id_offsets, load_annotations
 from stmvl.data.datasets import ProbeDataset, RetrievalDataset, VideoTextCollator, VideoTextDataset
 from stmvl.data.mixing import MediaSource, MixedBatchStream
 from stmvl.data.quarantine import Quarantine
-from stmvl.data.text import clean_caption
 
 SYNTHETIC_MARKER = "manifest.json"
 
@@ -83,7 +82,7 @@ def pretrain_stream(cfg: RunConfig, run_dir: Path, tokenizer, rank: int, world_s
     sources, weights = {}, {}
     for media, datasets in by_media.items():
         dataset = datasets[0] if len(datasets) == 1 else _concat(datasets)
-        collate = VideoTextCollator(tokenizer, media=media, max_length=cfg.model.text.max_length, clean=clean_caption)
+        collate = VideoTextCollator(tokenizer, media=media, max_length=cfg.model.text.max_length)
         sources[media] = MediaSource(dataset, batch_sizes[media], collate)
         weights[media] = sum(c.weight for c in cfg.data.corpora if c.kind == "pretrain" and c.media_type == media) / len(
             datasets)

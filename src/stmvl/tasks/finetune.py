@@ -32,7 +32,6 @@ from stmvl.data.annotations import PackedRecords, id_offsets, load_annotations
 from stmvl.data.datasets import MCDataset, QADataset, RetrievalDataset, VideoTextCollator
 from stmvl.data.mixing import MediaSource, MixedBatchStream
 from stmvl.data.quarantine import Quarantine
-from stmvl.data.text import clean_caption
 from stmvl.data.transforms import to_float
 from stmvl.models.config import ModelConfig
 from stmvl.models.qa import QA_UNUSED_GROUPS, VideoQAModel
@@ -213,8 +212,9 @@ class QACollator:
     def __call__(self, samples: list[dict]) -> dict[str, Any]:
         if not samples:
             raise ValueError("cannot collate an empty batch")
-        questions = self.tokenizer([clean_caption(s["question"]) for s in samples], max_length=self.question_max_length)
-        answers = self.tokenizer([clean_caption(s["answers"][0]) for s in samples], max_length=self.answer_max_length)
+        # the Tokenizer cleans the texts (UMT caption cleaning), as for captions
+        questions = self.tokenizer([s["question"] for s in samples], max_length=self.question_max_length)
+        answers = self.tokenizer([s["answers"][0] for s in samples], max_length=self.answer_max_length)
         return {
             "video": to_float(torch.stack([s["video"] for s in samples])),
             "question_ids": questions["input_ids"], "question_mask": questions["attention_mask"],
@@ -359,8 +359,7 @@ class RetrievalFinetuneTask(_FinetuneTask):
 
     def _collator(self):
         tokenizer = tokenizer_for(self.cfg.model.text)
-        return VideoTextCollator(tokenizer, media="video", max_length=self.cfg.eval.text_max_length,
-                                 clean=clean_caption)
+        return VideoTextCollator(tokenizer, media="video", max_length=self.cfg.eval.text_max_length)
 
     def param_groups(self, model: nn.Module) -> list[dict]:
         return unwrap_model(model).param_groups(self.cfg.optim.lr, self.cfg.optim.weight_decay)
