@@ -3,10 +3,11 @@
 import json
 import shutil
 
-import numpy as np
 import pytest
 
 from stmvl.data import check, synth
+
+from broken_media import write_broken_media
 
 
 @pytest.fixture(scope="module")
@@ -19,13 +20,7 @@ def corpus(tmp_path_factory):
 def _mixed_corpus(corpus, tmp_path):
     records = json.loads((corpus / "annotations" / "train_video.json").read_text())
     shutil.copytree(corpus / "videos", tmp_path / "videos")
-    good = (corpus / records[0]["video"]).read_bytes()
-    (tmp_path / "zero.mp4").write_bytes(b"")
-    (tmp_path / "truncated.mp4").write_bytes(good[: len(good) // 2])
-    (tmp_path / "garbage.mp4").write_bytes(np.random.default_rng(1).bytes(4000))
-    synth.write_mp4(tmp_path / "short.mp4", synth.render_clip(records[0]["attributes"], 32, 3))
-    bad = {"zero.mp4": "empty", "truncated.mp4": "undecodable", "garbage.mp4": "undecodable",
-           "missing.mp4": "missing", "short.mp4": "too_short"}
+    bad = write_broken_media(tmp_path, corpus / records[0]["video"], records[0]["attributes"])
     records += [{"video": name, "caption": "x"} for name in bad]
     records.append({"video": records[0]["video"], "caption": "the same clip again"})
     annotation = tmp_path / "mixed.json"

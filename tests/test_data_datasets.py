@@ -3,7 +3,6 @@
 import json
 import shutil
 
-import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader
@@ -13,6 +12,8 @@ from stmvl.data.datasets import (MCDataset, ProbeDataset, QADataset, RetrievalDa
                                  VideoTextDataset, collate_eval)
 from stmvl.data.quarantine import Quarantine, TooManyBadSamples
 from stmvl.data.text import Tokenizer
+
+from broken_media import write_broken_media
 
 
 @pytest.fixture(scope="module")
@@ -75,13 +76,7 @@ def _broken_corpus(corpus, tmp_path):
         target = media / record["video"]
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(corpus / record["video"], target)
-    good = (corpus / records[0]["video"]).read_bytes()
-    (media / "zero.mp4").write_bytes(b"")
-    (media / "truncated.mp4").write_bytes(good[: len(good) // 2])
-    (media / "garbage.mp4").write_bytes(np.random.default_rng(0).bytes(3000))
-    synth.write_mp4(media / "short.mp4", synth.render_clip(records[0]["attributes"], 32, 2))
-    bad = {"zero.mp4": "empty", "truncated.mp4": "undecodable", "garbage.mp4": "undecodable",
-           "missing.mp4": "missing", "short.mp4": "too_short"}
+    bad = write_broken_media(media, corpus / records[0]["video"], records[0]["attributes"])
     for i, name in enumerate(bad):
         records.insert(2 * i + 1, {"video": name, "caption": "broken", "foil": "broken"})
     path = tmp_path / "broken.json"

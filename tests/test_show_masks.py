@@ -7,31 +7,20 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from stmvl.api import load_model, read_clip
-from stmvl.models.config import ModelConfig, PredictorConfig, TeacherConfig, TextConfig
-from stmvl.models.stm import STMModel, apply_preset
-from stmvl.models.vit import vit_config
+from stmvl.models.stm import STMModel
 from stmvl.models.weights import save_model
 from stmvl.report import LABEL_WIDTH_PX, mask_picture, show_masks_main
 
+from test_finetune import tiny_pretrain_config
+
 FRAMES, CELL = 4, 48
-
-
-def _tiny_stm() -> tuple[STMModel, ModelConfig]:
-    cfg = ModelConfig(
-        vision=vit_config("tiny", drop_path=0.0),
-        teacher=TeacherConfig(img_size=32, patch_size=8, width=32, layers=2, heads=2, embed_dim=16, return_layers=2),
-        text=TextConfig(hidden=32, layers=2, heads=2, intermediate=64, fusion_start=1, max_length=16, dropout=0.0),
-        predictor=PredictorConfig(dim=16, hidden=16, head_hidden=8),
-        embed_dim=32,
-    )
-    cfg = apply_preset(cfg, "stm")
-    return STMModel(cfg), cfg
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     torch.manual_seed(0)
-    model, cfg = _tiny_stm()
+    cfg = tiny_pretrain_config()
+    model = STMModel(cfg)
     return save_model(model, cfg, tmp_path_factory.mktemp("masks") / "model",
                       extra={"inference": {"num_frames": FRAMES, "img_size": 32}})
 
