@@ -4,6 +4,7 @@ giving the same VTC loss curve as one rank with the same global batch."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -97,6 +98,56 @@ def test_two_rank_gloo_pretraining_gives_the_one_rank_vtc_curve(recipe, tmp_path
     assert len(curve_one) == len(curve_two) == 3
     assert curve_two == pytest.approx(curve_one, rel=1e-5, abs=1e-6)
     assert curve_one[0] != curve_one[-1]
+
+
+MIXED = ["data.corpora=[{name: v, media_type: video, annotation: {root}/annotations/train_video.json, "
+         "media_root: {root}}, {name: i, media_type: image, weight: 0.5, "
+         "annotation: {root}/annotations/train_image.json, media_root: {root}}]",
+         "optim.max_steps=20", "runtime.ckpt_every_steps=0"]
+
+
+def _media_records(run_dir: Path) -> tuple[list[dict], set[str]]:
+    records = _train_records(run_dir)
+    return records, {k.split("_")[1] for r in records for k in r if k.startswith("loss_")}
+
+
+@pytest.mark.ddp
+def test_two_rank_mixed_image_video_stm_pretraining_runs_with_default_ddp_settings(recipe, tmp_path):
+    """The paper recipes' shape: STM masking, all four losses, image and video steps mixed, 2 ranks, no
+    find_unused_parameters. Image steps leave the predictor, lambda and the decoders' temporal branches unused;
+    the engine must still finish every step (it used to crash at the first image step)."""
+    root = recipe.parent
+    mixed = [m.replace("{root}", str(root)) for m in MIXED]
+    two = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(WORKER),
+                str(recipe), f"runtime.out_dir={tmp_path / 'two'}", "data.video_batch_size=4",
+                "data.image_batch_size=4", *mixed])
+    assert two.returncode == 0, two.stderr[-3000:]
+    records, media = _media_records(tmp_path / "two")
+    assert len(records) == 20 and media == {"video", "image"}
+    assert all(math.isfinite(r["loss"]) for r in records)
+    assert any("video_mask_lambda" in r for r in records)
+
+
+@pytest.mark.ddp
+def test_two_rank_mixed_media_gives_the_one_rank_curves(recipe, tmp_path):
+    """Image + video, VTC + MVM through the ST decoder (per-sample losses with teacher-attention masks, drawn per
+    sample), 20 steps: 2 ranks x 4 clips give the losses of 1 rank x 8 clips, step for step."""
+    root = recipe.parent
+    mixed = [m.replace("{root}", str(root)) for m in MIXED]
+    per_sample = ["model.loss.vtm=0", "model.loss.mlm=0", "model.mask.video_strategy=attention",
+                  "model.loss.temporal_negatives=false", "model.loss.foil_negatives=false", *mixed]
+    one = _run([sys.executable, str(WORKER), str(recipe), f"runtime.out_dir={tmp_path / 'one'}",
+                "data.image_batch_size=8", *per_sample])
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(WORKER),
+                str(recipe), f"runtime.out_dir={tmp_path / 'two'}", "data.video_batch_size=4",
+                "data.image_batch_size=4", *per_sample])
+    assert two.returncode == 0, two.stderr[-3000:]
+    rec_one, media = _media_records(tmp_path / "one")
+    rec_two, _ = _media_records(tmp_path / "two")
+    assert media == {"video", "image"} and len(rec_one) == len(rec_two) == 20
+    assert [r["loss"] for r in rec_two] == pytest.approx([r["loss"] for r in rec_one], rel=1e-4, abs=1e-5)
+    assert rec_one[0]["loss"] != rec_one[-1]["loss"]
 
 
 def test_evaluate_command_reproduces_the_end_of_training_numbers(recipe, tmp_path):

@@ -244,6 +244,7 @@ class Trainer:
         resumed = rt.resume and self._resume()
         if not resumed and rt.init_from:
             self._init_weights(rt.init_from)
+        self._trainable = [p for g in self.optimizer.param_groups for p in g["params"] if p.requires_grad]
         self.train_model = self._wrap(self.model)
         self.writer = MetricsWriter(self.run_dir, rt.tensorboard) if self.dist.is_main else None
         if self.dist.is_main:
@@ -424,6 +425,8 @@ class Trainer:
     def _forward_backward(self, batches: list[Any]) -> dict[str, torch.Tensor]:
         sums: dict[str, torch.Tensor] = {}
         ddp = isinstance(unwrap_ddp(self.train_model), DistributedDataParallel)
+        touch = ddp and not self.cfg.runtime.find_unused_parameters
+        idle_in_all: set[int] | None = None
         for i, batch in enumerate(batches):
             last = i == len(batches) - 1
             sync = contextlib.nullcontext() if (last or not ddp) else unwrap_ddp(self.train_model).no_sync()
@@ -431,6 +434,10 @@ class Trainer:
                 with _autocast(self.device, self.precision):
                     out = self.task.train_step(self.train_model, batch, self.global_step)
                 loss = self._check_outputs(out)
+                if touch:
+                    idle = idle_parameters(loss, self._trainable)
+                    idle_in_all = set(map(id, idle)) if idle_in_all is None else idle_in_all & set(map(id, idle))
+                    loss = touch_parameters(loss, idle)
                 scaled = loss.float() / len(batches)
                 if self.scaler.is_enabled():
                     scaled = self.scaler.scale(scaled)
@@ -438,6 +445,12 @@ class Trainer:
             for key, value in out.items():
                 v = value.detach().float() if isinstance(value, torch.Tensor) else torch.tensor(float(value))
                 sums[key] = sums.get(key, 0.0) + v
+        if idle_in_all:
+            # the zero touch only served DDP's bookkeeping: a parameter no micro-batch used keeps no gradient, so
+            # AdamW skips it (no momentum step, no decay) exactly as in a one-process run
+            for p in self._trainable:
+                if id(p) in idle_in_all:
+                    p.grad = None
         return {k: v / len(batches) for k, v in sums.items()}
 
     @staticmethod
@@ -581,6 +594,36 @@ class Trainer:
                 for callback in self.callbacks:
                     callback(self, self.global_step, metrics)
             del batches  # release DataLoader workers before the next epoch starts its own
+
+
+def idle_parameters(loss: torch.Tensor, params: list[nn.Parameter]) -> list[nn.Parameter]:
+    """The parameters among `params` that `loss` does not depend on (no path in its autograd graph).
+
+    Under DDP without find_unused_parameters every parameter must take part in every step; a mixed image + video
+    run leaves some idle on image steps (the temporal point predictor, lambda, the decoders' temporal branches).
+    A walk over the graph costs a few milliseconds, far less than DDP's own search for unused parameters
+    (`find_unused_parameters=True` traverses the same graph and also delays the gradient buckets' reduction).
+    """
+    used: set[int] = set()
+    seen: set[Any] = set()
+    stack = [loss.grad_fn] if loss.grad_fn is not None else []
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)  # AccumulateGrad nodes hold the leaf parameter
+        if variable is not None:
+            used.add(id(variable))
+        stack.extend(fn for fn, _ in node.next_functions if fn is not None and fn not in seen)
+    return [p for p in params if id(p) not in used]
+
+
+def touch_parameters(loss: torch.Tensor, params: list[nn.Parameter]) -> torch.Tensor:
+    """`loss` plus 0 x (a sum over `params`): same value, and every parameter now receives a (zero) gradient."""
+    if not params:
+        return loss
+    return loss + sum(p.sum() for p in params) * 0.0
 
 
 def unwrap_ddp(model: nn.Module) -> nn.Module:
