@@ -32,6 +32,9 @@ class VisionConfig:
     pos_embed: str = "1d"  # 1d (sincos over the T*N token index, UMT) | 3d (separable over t, row, column)
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    # Student (and linear decoder) initialisation: a UMT stage-1 checkpoint (encoder.*, clip_decoder.*) or an stmvl
+    # model folder; None = random init. Loaded strictly when the model is built (stmvl.models.weights.init_student).
+    init: str | None = None
 
 
 @dataclass
@@ -52,6 +55,8 @@ class TeacherConfig:
     act: str = "quick_gelu"  # quick_gelu (OpenAI CLIP) | gelu (open_clip LAION models)
     norm_eps: float = 1e-5
     max_frames: int = 32  # size of the temporal fusion's frame position table
+    mlp_width: int | None = None  # hidden width of each block's MLP; None = 4 * width (every CLIP release)
+    temporal_fusion_norm_eps: float | None = None  # None = norm_eps; ActionCLIP's fusion uses 1e-12
 
 
 @dataclass
@@ -88,6 +93,11 @@ class PredictorConfig:
     floor: float = 1.0
     jitter: float = 0.2
     jitter_halve_at: float | None = None  # fraction of training after which the jitter offsets halve
+    # product: (floor + p_x)(floor + p_y), values [1, 4] (reference) | bump: floor + p_x * p_y, values [1, 2]
+    heatmap: str = field(default="product", metadata={"choices": ("product", "bump")})
+    # the masking map's last frame: second = its own point of the last pair | first = the pair's first point
+    # (reference masking branch); the ST decoder always uses the second (as the reference decoder does)
+    last_frame_point: str = field(default="second", metadata={"choices": ("second", "first")})
 
 
 @dataclass
@@ -104,6 +114,9 @@ class MaskConfig:
     lam_lr: float = 5e-2
     predictor_lr: float | None = None  # None = the base lr
     seed: int = 0
+    # where the straight-through float mask meets the tokens: encoder = multiplies the student's input tokens in
+    # both passes, so every loss trains the mask (reference) | decoder = only the ST decoder's fill (MVM only) | both
+    straight_through: str = field(default="encoder", metadata={"choices": ("encoder", "decoder", "both")})
 
 
 @dataclass
@@ -117,6 +130,8 @@ class LossConfig:
     mlm_prob: float = 0.5
     temporal_negatives: bool = False  # time-reversed clip as extra negative for its own caption
     foil_negatives: bool = False  # corpus-provided foil captions as extra text negatives
+    # VTM hard negatives drawn from softmax(cos / temp) (temperature, UMT/STM) or softmax(cos) (cosine, near uniform)
+    vtm_negatives: str = field(default="temperature", metadata={"choices": ("temperature", "cosine")})
 
 
 @dataclass

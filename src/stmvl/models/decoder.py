@@ -1,4 +1,4 @@
-"""MVM decoders: STM's spatio-temporal decoder (DESIGN 3.5) and UMT's plain linear decoder.
+"""MVM decoders: STM's spatio-temporal decoder (docs/method.md) and UMT's plain linear decoder.
 
 Both map student tokens of width D to teacher target width C. STM builds one STDecoder per returned student layer;
 the decoder reconstructs every token of the clip (visible and masked), UMT's decoder only the visible ones.
@@ -6,10 +6,11 @@ the decoder reconstructs every token of the clip (visible and masked), UMT's dec
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from stmvl.models.config import PredictorConfig
-from stmvl.models.layers import sincos_3d
+from stmvl.models.layers import sincos_1d
 from stmvl.models.predictor import TemporalPointPredictor, pairs_to_frames
 
 
@@ -48,37 +49,65 @@ class LinearDecoder(PredictionHead):
     """
 
 
+def split_pair_channels(features: Tensor) -> Tensor:
+    """Pair CNN features -> per-frame interaction features, as the reference decoder splits them.
+
+    The first half of a pair's channels belongs to its earlier frame, the second half to its later frame; a frame
+    inside the clip averages the halves it gets from its two pairs (pairs_to_frames).
+
+    Args:
+        features: [B, P, hidden, gh, gw] features of the P = T - 1 pairs.
+
+    Returns:
+        [B, T, hidden / 2, gh, gw].
+    """
+    half = features.shape[2] // 2
+    per_pair = torch.stack([features[:, :, :half], features[:, :, half:]], dim=2)  # [B, P, 2, half, gh, gw]
+    return pairs_to_frames(per_pair, "second")
+
+
 class PairAlignment(nn.Module):
     """Pair-alignment block: a temporal point predictor over adjacent frames of the zero-filled grid.
 
-    Gives the aligned frame map (tokens weighted by their frame's temporal heatmap) and the interaction map (the
-    pair CNN's features averaged per frame, mixed over time by a Conv3d(3,1,1) and projected to D).
+    Its input is the zero-filled grid plus the decoder position embedding, at the student width (no projection in
+    front of the pair CNN). Gives the aligned frame map (tokens weighted by their frame's temporal heatmap) and the
+    interaction map (the pair CNN's channels split between the two frames of each pair, averaged per frame, mixed
+    over time by a Conv3d(3,1,1) and projected to D).
     """
 
     def __init__(self, width: int, cfg: PredictorConfig):
         super().__init__()
-        self.predictor = TemporalPointPredictor(width, cfg)
-        self.temporal_mix = nn.Conv3d(cfg.hidden, cfg.hidden, kernel_size=(3, 1, 1), padding=(1, 0, 0))
-        self.interaction_proj = nn.Linear(cfg.hidden, width)
+        if cfg.hidden % 2:
+            raise ValueError(f"predictor.hidden must be even (its channels split between two frames), got {cfg.hidden}")
+        # The reference decoder weights a clip's last frame with the last pair's second point, whatever the masking
+        # predictor does, so this copy ignores cfg.last_frame_point.
+        self.predictor = TemporalPointPredictor(width, cfg, project=False, last_frame="second")
+        half = cfg.hidden // 2
+        self.temporal_mix = nn.Conv3d(half, half, kernel_size=(3, 1, 1), padding=(1, 0, 0))
+        self.interaction_proj = nn.Linear(half, width)
 
-    def forward(
-        self, zero_filled: Tensor, gh: int, gw: int, halve_jitter: bool = False
-    ) -> tuple[Tensor, Tensor] | None:
-        """zero_filled [B, T, N, D] -> (aligned [B, T, N, D], interaction [B, T, N, D]); None when T = 1."""
-        out = self.predictor(zero_filled, gh, gw, halve_jitter)
+    def forward(self, grid: Tensor, gh: int, gw: int, halve_jitter: bool = False) -> tuple[Tensor, Tensor] | None:
+        """grid [B, T, N, D] (zero-filled + position) -> (aligned [B, T, N, D], interaction [B, T, N, D]);
+        None when T = 1."""
+        out = self.predictor(grid, gh, gw, halve_jitter)
         if out is None:
             return None
-        aligned = out.frame_map.unsqueeze(-1) * zero_filled
-        both_frames = out.features.unsqueeze(2).expand(-1, -1, 2, -1, -1, -1)  # a pair's features serve both frames
-        per_frame = pairs_to_frames(both_frames)  # [B, T, hidden, gh, gw]
-        mixed = self.temporal_mix(per_frame.transpose(1, 2))  # [B, hidden, T, gh, gw]
-        b, hidden, t = mixed.shape[:3]
-        interaction = self.interaction_proj(mixed.reshape(b, hidden, t, gh * gw).permute(0, 2, 3, 1))
+        aligned = out.frame_map.unsqueeze(-1) * grid
+        per_frame = split_pair_channels(out.features)  # [B, T, hidden/2, gh, gw]
+        mixed = self.temporal_mix(per_frame.transpose(1, 2))  # [B, hidden/2, T, gh, gw]
+        b, half, t = mixed.shape[:3]
+        interaction = self.interaction_proj(mixed.reshape(b, half, t, gh * gw).permute(0, 2, 3, 1))
         return aligned, interaction
 
 
+def decoder_position(frames: int, gh: int, gw: int, width: int) -> Tensor:
+    """The decoder's position embedding [T*N, D]: 1-D sincos over the frame-major token index (the reference's
+    table for the decoder; on an image it is the first N rows)."""
+    return sincos_1d(torch.arange(frames * gh * gw), width)
+
+
 class STDecoder(nn.Module):
-    """Spatio-temporal decoder for one student layer (DESIGN 3.5).
+    """Spatio-temporal decoder for one student layer (docs/method.md, "Spatio-temporal decoder").
 
     Args:
         width: student width D.
@@ -113,13 +142,18 @@ class STDecoder(nn.Module):
     ) -> Tensor:
         """Predict teacher targets for every token of the clip.
 
+        Clips (T >= 2): head(zero-filled + position + caption in the masked slots + FC_a(aligned) + FC_i(interaction)),
+        the alignment branches reading the zero-filled grid plus position. Images (T = 1): head(zero-filled +
+        position), as the reference decoder does for a non-temporal mask.
+
         Args:
             visible: [B, n, D] student tokens of the kept positions.
             keep: bool [B, T*N], True = kept (visible).
             frames, gh, gw: the token grid (T frames of gh x gw).
             text_embed: [B, D_text] caption embedding (text encoder class token).
             mask_weight: [B, T*N] float mask, 1 = masked, equal to ~keep in value; when it carries a
-                straight-through gradient (STM masking), the MVM loss trains the mask scores through it.
+                straight-through gradient (mask.straight_through 'decoder' or 'both'), the MVM loss trains the mask
+                scores through the fill as well. None = the hard mask.
 
         Returns:
             [B, T*N, C] predictions.
@@ -130,12 +164,11 @@ class STDecoder(nn.Module):
             raise ValueError(f"mask covers {total} tokens, the grid {frames}x{gh}x{gw} has {frames * n}")
         m = (~keep).to(visible.dtype) if mask_weight is None else mask_weight.to(visible.dtype)
         m = m.unsqueeze(-1)
-        zero_filled = scatter_to_grid(visible, keep) * (1 - m)
-        text = self.text_proj(text_embed).unsqueeze(1)
-        pos = sincos_3d(frames, gh, gw, self.width).to(visible.device, visible.dtype)
-        out = zero_filled + m * text + pos
-        maps = self.alignment(zero_filled.view(b, frames, n, -1), gh, gw, halve_jitter)
-        if maps is not None:
-            aligned, interaction = maps
-            out = out + self.fc_aligned(aligned.flatten(1, 2)) + self.fc_interaction(interaction.flatten(1, 2))
+        pos = decoder_position(frames, gh, gw, self.width).to(visible.device, visible.dtype)
+        grid = scatter_to_grid(visible, keep) * (1 - m) + pos
+        if frames == 1:
+            return self.head(grid)
+        out = grid + m * self.text_proj(text_embed).unsqueeze(1)
+        aligned, interaction = self.alignment(grid.view(b, frames, n, -1), gh, gw, halve_jitter)
+        out = out + self.fc_aligned(aligned.flatten(1, 2)) + self.fc_interaction(interaction.flatten(1, 2))
         return self.head(out)

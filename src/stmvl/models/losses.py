@@ -1,4 +1,4 @@
-"""Pretraining losses (DESIGN 3.5, 3.7): VTC, VTM, MLM, MVM and UMT's UTA.
+"""Pretraining losses (docs/method.md, "Losses"): VTC, VTM, MLM, MVM and UMT's UTA.
 
 Distributed contrastive learning: `gather_with_grad` all-gathers embeddings across ranks; its backward all-reduces
 (sums) the gradient of the gathered tensor before taking this rank's slice. Every rank computes the same global-batch
@@ -142,15 +142,19 @@ def vtc_loss(
 
 
 def sample_hard_negatives(
-    sim: Tensor, sample_ids: Tensor, generator: torch.Generator | None = None
+    sim: Tensor, sample_ids: Tensor, generator: torch.Generator | None = None, temp: Tensor | float = 1.0
 ) -> tuple[Tensor, Tensor]:
     """Draw one hard negative per row and per column of a local similarity matrix.
 
-    Each negative is drawn with probability softmax(sim) with every positive (same sample id) set to 0.
+    Each negative is drawn with probability softmax(sim / temp) with every positive (same sample id) set to 0.
+    UMT and STM divide the cosine by the contrastive temperature (about 0.07) here, which is what makes the
+    negatives hard: at temp 1 the cosines in [-1, 1] give weights within a factor e^2 of each other, so the draw
+    is close to uniform.
 
     Args:
-        sim: [B, B] text-to-video similarity (row = text, column = video).
+        sim: [B, B] text-to-video cosine similarity (row = text, column = video).
         sample_ids: [B].
+        temp: temperature dividing the similarity (a tensor is used detached).
 
     Returns:
         (video index per text [B], text index per video [B]); -1 where a row has no negative at all (every sample
@@ -167,7 +171,8 @@ def sample_hard_negatives(
             picks[has_negative] = drawn.to(scores.device)
         return picks
 
-    sim = sim.detach()
+    temp = temp.detach() if isinstance(temp, Tensor) else temp
+    sim = sim.detach() / temp
     return draw(sim), draw(sim.t())
 
 
@@ -184,6 +189,7 @@ def vtm_loss(
     reversed_tokens: Tensor | None = None,
     foil_states: Tensor | None = None,
     foil_mask: Tensor | None = None,
+    temp: Tensor | float = 1.0,
 ) -> Tensor:
     """Video-text matching: positives, one hard negative video per text and one hard negative text per video.
 
@@ -191,14 +197,16 @@ def vtm_loss(
         fuse: fusion layers, fuse(text_states [P, L, H], text_mask [P, L], video_tokens [P, n, D]) -> [P, L, H].
         itm_head: [P, H] -> [P, 2] logits (class 1 = match).
         video_tokens: [B, n, D]; text_states: [B, L, H] text-only states; text_mask: [B, L].
-        sim: [B, B] local text-to-video similarity used to draw the negatives.
+        sim: [B, B] local text-to-video cosine similarity used to draw the negatives.
+        temp: the negatives are drawn from softmax(sim / temp) (pass the contrastive temperature for UMT/STM's hard
+            negatives; 1 = softmax of the raw cosine).
         reversed_tokens: optional [B, n, D] tokens of the time-reversed clips (extra negative for their caption).
         foil_states, foil_mask: optional [B, L, H] / [B, L] foil captions (extra negative for their video).
 
     Returns:
         scalar 2-way cross entropy over all pairs (3B without the options).
     """
-    neg_video, neg_text = sample_hard_negatives(sim, sample_ids, generator)
+    neg_video, neg_text = sample_hard_negatives(sim, sample_ids, generator, temp)
     texts_with_neg_video = (neg_video >= 0).nonzero().view(-1)
     videos_with_neg_text = (neg_text >= 0).nonzero().view(-1)
     pair_text = [text_states, text_states[texts_with_neg_video], text_states[neg_text[videos_with_neg_text]]]

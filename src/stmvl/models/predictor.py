@@ -1,11 +1,12 @@
-"""Temporal point predictor (DESIGN 3.2): where does the moving thing sit in each pair of adjacent frames?
+"""Temporal point predictor (docs/method.md, "Temporal point predictor"): where does the moving thing sit in each
+pair of adjacent frames?
 
 For every adjacent frame pair (t-1, t) the two token maps are stacked along channels on the patch grid and go
 through a small interaction CNN; a point head turns the CNN features into two 2-D points in [-0.75, 0.75]^2, one
-per frame of the pair. A point becomes a soft heatmap on the grid (a plateau around the point with a linear
-fall-off, on top of a constant floor). A frame's temporal map is the mean of the heatmaps of the (up to two) pairs
-that include it. The STM masking uses these maps as temporal scores; the spatio-temporal decoder runs its own copy
-of this module to align adjacent frames.
+per frame of the pair. A point becomes a soft heatmap on the grid: per axis, a plateau around the point with a linear
+fall-off on top of a constant floor, the two axes multiplied. A frame's temporal map is the mean of the heatmaps of
+the (up to two) pairs that include it. The STM masking uses these maps as temporal scores; every spatio-temporal
+decoder runs its own copy of this module (without the input projection) to align adjacent frames.
 
 Grid coordinates are normalised to [-1, 1] with the first and last cell centres at -1 and 1; a point is (x, y)
 with x along the width and y along the height.
@@ -34,6 +35,10 @@ def axis_profile(distance: Tensor, plateau: float, slope: float) -> Tensor:
     return (1.0 - slope * (distance.abs() - plateau)).clamp(0.0, 1.0)
 
 
+HEATMAP_FORMS = ("product", "bump")
+LAST_FRAME_POINTS = ("second", "first")
+
+
 def heatmap(
     points: Tensor,
     gh: int,
@@ -42,49 +47,67 @@ def heatmap(
     slope: float = 1.5,
     floor: float = 1.0,
     jitter: float = 0.0,
+    form: str = "product",
 ) -> Tensor:
     """Heatmaps of 2-D points on a gh x gw grid.
 
-    value(x, y) = floor + profile(x - px) * profile(y - py), so every value lies in [floor, floor + 1]: the floor
-    keeps every token selectable, the product of the two axis profiles is a soft square around the point.
-    With `jitter` > 0 the map is the mean over 9 copies of the point shifted by {-1, 0, 1}^2 * jitter (training).
+    form "product" (the reference code): value(x, y) = (floor + profile(x - px)) * (floor + profile(y - py)), so
+        with floor 1 the values lie in [1, 4]: 4 on the plateau around the point, 2 on the point's row or column
+        away from it, 1 far from it on both axes.
+    form "bump" (stmvl before it followed the reference): value(x, y) = floor + profile(x - px) * profile(y - py),
+        values in [floor, floor + 1]; a flatter map, 2 at the point against 1 elsewhere.
+    Either way the floor keeps every token selectable. With `jitter` > 0 the map is the mean over 9 copies of the
+    point shifted by {-1, 0, 1}^2 * jitter (training).
 
     Args:
         points: [..., 2] points (x, y) in normalised grid coordinates.
         gh, gw: grid height and width in cells.
         jitter: offset step of the 9 jittered copies; 0 = the point alone (eval).
+        form: "product" or "bump" (see above).
 
     Returns:
         [..., gh * gw] heatmap, row-major over the grid (index = row * gw + col).
     """
+    if form not in HEATMAP_FORMS:
+        raise ValueError(f"heatmap form must be one of {HEATMAP_FORMS}, got {form!r}")
     if jitter > 0:
         steps = torch.tensor([-1.0, 0.0, 1.0], device=points.device, dtype=points.dtype) * jitter
         offsets = torch.cartesian_prod(steps, steps)  # [9, 2]
         copies = points.unsqueeze(-2) + offsets  # [..., 9, 2]
-        return heatmap(copies, gh, gw, plateau, slope, floor, 0.0).mean(dim=-2)
+        return heatmap(copies, gh, gw, plateau, slope, floor, 0.0, form).mean(dim=-2)
     xs = grid_coordinates(gw, points.device, points.dtype)
     ys = grid_coordinates(gh, points.device, points.dtype)
     px = axis_profile(xs - points[..., 0:1], plateau, slope)  # [..., gw]
     py = axis_profile(ys - points[..., 1:2], plateau, slope)  # [..., gh]
+    if form == "product":
+        return ((floor + py).unsqueeze(-1) * (floor + px).unsqueeze(-2)).flatten(-2)
     bump = py.unsqueeze(-1) * px.unsqueeze(-2)  # [..., gh, gw]
     return floor + bump.flatten(-2)
 
 
-def pairs_to_frames(per_pair: Tensor) -> Tensor:
+def pairs_to_frames(per_pair: Tensor, last: str = "second") -> Tensor:
     """Per-frame mean over the pairs that include each frame.
 
     Args:
         per_pair: [B, T-1, 2, ...] values of pair (t-1, t) for its first (index 0) and second (index 1) frame.
+        last: what the last frame gets: "second" = the second-frame value of the last pair (its own value);
+            "first" = the first-frame value of the last pair, i.e. frame T-2's value (the reference code's masking
+            branch does this; docs/method.md lists it among the deliberate differences).
 
     Returns:
         [B, T, ...]: frame 0 and frame T-1 belong to one pair, every other frame to two.
     """
+    if last not in LAST_FRAME_POINTS:
+        raise ValueError(f"last-frame point must be one of {LAST_FRAME_POINTS}, got {last!r}")
     first, second = per_pair[:, :, 0], per_pair[:, :, 1]
     pad = torch.zeros_like(first[:, :1])
     total = torch.cat([first, pad], 1) + torch.cat([pad, second], 1)
     count = torch.full((per_pair.shape[1] + 1,), 2.0, device=per_pair.device, dtype=per_pair.dtype)
     count[0] = count[-1] = 1.0
-    return total / count.view(1, -1, *([1] * (total.dim() - 2)))
+    frames = total / count.view(1, -1, *([1] * (total.dim() - 2)))
+    if last == "first":
+        frames = torch.cat([frames[:, :-1], first[:, -1:]], 1)
+    return frames
 
 
 class SafeBatchNorm2d(nn.BatchNorm2d):
@@ -174,19 +197,30 @@ class PredictorOutput:
 
 
 class TemporalPointPredictor(nn.Module):
-    """Temporal point predictor over adjacent frame pairs (DESIGN 3.2).
+    """Temporal point predictor over adjacent frame pairs (docs/method.md, "Temporal point predictor").
 
     Args:
         in_dim: width W' of the input token maps.
-        cfg: PredictorConfig (projection width d, CNN widths, heatmap shape, jitter).
+        cfg: PredictorConfig (projection width d, CNN widths, heatmap shape, jitter, last-frame point).
+        project: put Linear(W' -> d) + LayerNorm in front of the pair CNN (the masking predictor, which reads the
+            teacher's tokens); False = the pair CNN reads the W'-wide maps directly (the ST decoder's copy).
+        last_frame: "second" | "first" (see pairs_to_frames); None = cfg.last_frame_point.
     """
 
-    def __init__(self, in_dim: int, cfg: PredictorConfig | None = None):
+    def __init__(
+        self, in_dim: int, cfg: PredictorConfig | None = None, project: bool = True, last_frame: str | None = None
+    ):
         super().__init__()
         self.cfg = cfg = cfg or PredictorConfig()
-        self.proj = nn.Linear(in_dim, cfg.dim)
-        self.norm = nn.LayerNorm(cfg.dim)
-        self.interaction = InteractionCNN(cfg.dim, cfg.hidden)
+        self.last_frame = last_frame or cfg.last_frame_point
+        if self.last_frame not in LAST_FRAME_POINTS:
+            raise ValueError(f"predictor.last_frame_point must be one of {LAST_FRAME_POINTS}, got {self.last_frame!r}")
+        if cfg.heatmap not in HEATMAP_FORMS:
+            raise ValueError(f"predictor.heatmap must be one of {HEATMAP_FORMS}, got {cfg.heatmap!r}")
+        cnn_dim = cfg.dim if project else in_dim
+        self.proj = nn.Linear(in_dim, cfg.dim) if project else nn.Identity()
+        self.norm = nn.LayerNorm(cfg.dim) if project else nn.Identity()
+        self.interaction = InteractionCNN(cnn_dim, cfg.hidden)
         self.head = PointHead(cfg.hidden, cfg.head_hidden, cfg.point_scale)
 
     def jitter_step(self, halve_jitter: bool) -> float:
@@ -220,10 +254,10 @@ class TemporalPointPredictor(nn.Module):
         features = self.interaction(self.pair_inputs(maps, gh, gw))  # [B*P, hidden, gh, gw]
         points = self.head(features).view(b, t - 1, 2, 2)
         c = self.cfg
-        pair_maps = heatmap(points, gh, gw, c.plateau, c.slope, c.floor, self.jitter_step(halve_jitter))
+        pair_maps = heatmap(points, gh, gw, c.plateau, c.slope, c.floor, self.jitter_step(halve_jitter), c.heatmap)
         return PredictorOutput(
             points=points,
             pair_maps=pair_maps,
-            frame_map=pairs_to_frames(pair_maps),
+            frame_map=pairs_to_frames(pair_maps, self.last_frame),
             features=features.view(b, t - 1, *features.shape[1:]),
         )

@@ -1,4 +1,4 @@
-"""The assembled STM model (DESIGN 3) and the UMT baseline preset.
+"""The assembled STM model (docs/method.md) and the UMT baseline preset.
 
 One pretraining step on a video batch:
     teacher (frozen)            -> targets [K, B, T*N, C], spatial scores s_sp [B*T, N], patch tokens [B, T, N, W]
@@ -6,6 +6,8 @@ One pretraining step on a video batch:
     masking                     -> mask bool [B, T*N] (True = masked) + straight-through float copy
     student pass 1 (visible)    -> last K layers -> decoders -> MVM (ST decoder) or UTA (linear decoder)
     student pass 2 (pass2_tokens: masked | visible | all) -> pooled embedding -> VTC; tokens -> VTM, MLM
+    (with mask.straight_through 'encoder' the float mask multiplies each pass's input tokens, so every loss trains
+    the predictor and lambda; 'decoder' leaves that to MVM through the ST decoder's fill)
     text encoder                -> class token -> VTC; fusion layers over pass-2 tokens -> VTM head, MLM head
 Image batches (T = 1) take the same path with the image mask rule and no temporal map.
 
@@ -37,15 +39,17 @@ from stmvl.models.losses import (
     vtm_loss,
 )
 from stmvl.models.masking import make_mask, mask_seed
-from stmvl.models.predictor import TemporalPointPredictor
+from stmvl.models.predictor import HEATMAP_FORMS, LAST_FRAME_POINTS, TemporalPointPredictor
 from stmvl.models.teacher import CLIPTeacher, TeacherOutput
 from stmvl.models.text import BertEncoder
 from stmvl.models.vit import VideoViT
 
 LOSS_NAMES = ("vtc", "vtm", "mlm", "mvm")
 PASS2_CHOICES = ("masked", "visible", "all")
+STRAIGHT_THROUGH_CHOICES = ("encoder", "decoder", "both")
+VTM_NEGATIVE_CHOICES = ("temperature", "cosine")
 
-# Method settings of the two presets (DESIGN 3.3, 3.8): dotted key -> value.
+# Method settings of the two presets (docs/method.md, "Presets"): dotted key -> value.
 PRESETS: dict[str, dict[str, object]] = {
     "stm": {
         "mask.video_strategy": "stm",
@@ -102,6 +106,14 @@ def validate_config(cfg: ModelConfig) -> None:
         raise ValueError("the linear decoder only predicts visible tokens: use mvm_tokens 'visible' or decoder 'st'")
     if cfg.mask.logits not in ("log", "reference"):
         raise ValueError(f"mask.logits must be 'log' or 'reference', got {cfg.mask.logits!r}")
+    for key, value, allowed in (
+        ("mask.straight_through", cfg.mask.straight_through, STRAIGHT_THROUGH_CHOICES),
+        ("loss.vtm_negatives", cfg.loss.vtm_negatives, VTM_NEGATIVE_CHOICES),
+        ("predictor.heatmap", cfg.predictor.heatmap, HEATMAP_FORMS),
+        ("predictor.last_frame_point", cfg.predictor.last_frame_point, LAST_FRAME_POINTS),
+    ):
+        if value not in allowed:
+            raise ValueError(f"{key} must be one of {allowed}, got {value!r}")
 
 
 def needs_teacher(cfg: ModelConfig) -> bool:
@@ -275,6 +287,13 @@ class STMModel(nn.Module):
             self.temp.clamp_(self.cfg.temp_min, self.cfg.temp_max)
         return self.temp
 
+    def negative_temperature(self) -> Tensor | float:
+        """Temperature of the VTM negative draw: the contrastive temperature (UMT/STM), or 1 with
+        loss.vtm_negatives 'cosine'. Clamped out of place: VTC may already hold self.temp in its graph."""
+        if self.cfg.loss.vtm_negatives == "cosine":
+            return 1.0
+        return self.temp.detach().clamp(self.cfg.temp_min, self.cfg.temp_max)
+
     def grid(self, video: Tensor) -> tuple[int, int, int, int]:
         """(T', N, gh, gw) of the student's token grid for video [B, T, 3, H, W]."""
         _, t, _, h, w = video.shape
@@ -325,6 +344,7 @@ class STMModel(nn.Module):
         teacher_out = merge_tubelets(self.teacher(video), self.vision.tubelet) if self.teacher is not None else None
         mask, mask_st = self.make_batch_mask(teacher_out, b, frames, n, gh, gw, sample_ids, step, halve, video.device)
         keep = ~mask
+        pass_weights = self.encoder_mask_weights(mask_st)
 
         text_states = self.text(ids, mask_ids)
         losses: dict[str, Tensor] = {}
@@ -335,11 +355,16 @@ class STMModel(nn.Module):
             )
 
         reuse_pass1 = self.cfg.pass2_tokens == "visible" and visible_tokens is not None
-        tokens2 = visible_tokens if reuse_pass1 else self.contrastive_tokens(video, keep)
+        tokens2 = visible_tokens if reuse_pass1 else self.contrastive_tokens(video, keep, pass_weights)
         needs_reversed = self.cfg.loss.temporal_negatives and frames > 1
         reversed_tokens = None
         if needs_reversed:
-            reversed_tokens = self.contrastive_tokens(video.flip(1), self.reverse_frames(keep, frames))
+            reversed_weights = None if pass_weights is None else tuple(
+                self.reverse_frames(w, frames) for w in pass_weights
+            )
+            reversed_tokens = self.contrastive_tokens(
+                video.flip(1), self.reverse_frames(keep, frames), reversed_weights
+            )
         foil = self.foil_states(batch)
 
         video_embed, text_embed = self.embed_video(tokens2), self.text_class(text_states, mask_ids)
@@ -366,6 +391,7 @@ class STMModel(nn.Module):
                 reversed_tokens=reversed_tokens,
                 foil_states=None if foil is None else foil[0],
                 foil_mask=None if foil is None else foil[1],
+                temp=self.negative_temperature(),
             )
         if weights["mlm"] > 0:
             losses["mlm"] = self.masked_language_loss(ids, mask_ids, tokens2, step, sample_ids)
@@ -404,12 +430,16 @@ class STMModel(nn.Module):
         Returns (loss, pass-1 final tokens [B, n_vis, D], reused as the pass-2 tokens when pass2_tokens='visible').
         """
         k = len(self.decoders)
-        out = self.vision(video, keep=keep, return_layers=k)  # layers [K, B, n_vis, D]
+        weights = self.encoder_mask_weights(mask_st)
+        visible_weight = None if weights is None else weights[0]
+        out = self.vision(video, keep=keep, return_layers=k, keep_weight=visible_weight)  # layers [K, B, n_vis, D]
         targets = teacher_out.targets
         if self.cfg.decoder == "linear":
             prediction = torch.stack([dec(out.layers[i]) for i, dec in enumerate(self.decoders)])
             return uta_loss(prediction, targets, keep), out.tokens
         text_cls = self.pooled_text(text_states, text_mask)
+        if self.cfg.mask.straight_through == "encoder":
+            mask_st = None  # the decoder fills with the hard mask; the gradient reaches the mask through pass 1
         prediction = torch.stack(
             [dec(out.layers[i], keep, frames, gh, gw, text_cls, mask_st, halve) for i, dec in enumerate(self.decoders)]
         )
@@ -417,11 +447,32 @@ class STMModel(nn.Module):
             return mvm_loss(select_tokens(prediction, keep), select_tokens(targets, keep)), out.tokens
         return mvm_loss(prediction, targets), out.tokens
 
-    def contrastive_tokens(self, video: Tensor, keep: Tensor) -> Tensor:
-        """Pass 2: student tokens [B, n2, D] of cfg.pass2_tokens (masked / visible / all)."""
+    def contrastive_tokens(
+        self, video: Tensor, keep: Tensor, weights: tuple[Tensor, Tensor] | None = None
+    ) -> Tensor:
+        """Pass 2: student tokens [B, n2, D] of cfg.pass2_tokens (masked / visible / all).
+
+        weights: (visible weight, masked weight) from `encoder_mask_weights`, or None; the matching one multiplies
+        the pass's input tokens ('all' runs every token and takes no weight).
+        """
         choice = self.cfg.pass2_tokens
         run = {"masked": ~keep, "visible": keep, "all": None}[choice]
-        return self.vision(video, keep=run).tokens
+        weight = None
+        if weights is not None and choice != "all":
+            weight = weights[0] if choice == "visible" else weights[1]
+        return self.vision(video, keep=run, keep_weight=weight).tokens
+
+    def encoder_mask_weights(self, mask_st: Tensor) -> tuple[Tensor, Tensor] | None:
+        """(1 - mask, mask) as float [B, T'*N] weights of the student's input tokens in pass 1 and pass 2.
+
+        The reference code multiplies the student's embedded tokens by the straight-through mask before gathering
+        the kept ones, in both passes; the values stay 1 on every kept token, so this changes gradients only: VTC,
+        VTM and MLM train the predictor and lambda as well as MVM. None when mask.straight_through is 'decoder' or
+        the mask carries no gradient (masks other than stm, or evaluation under no_grad).
+        """
+        if self.cfg.mask.straight_through == "decoder" or not mask_st.requires_grad:
+            return None
+        return 1.0 - mask_st, mask_st
 
     @staticmethod
     def reverse_frames(tokens_mask: Tensor, frames: int) -> Tensor:

@@ -1,4 +1,4 @@
-"""Student video encoder: a ViT over per-frame patches with a sincos position embedding (DESIGN 3.4).
+"""Student video encoder: a ViT over per-frame patches with a sincos position embedding (docs/method.md).
 
 Parameter names follow UMT (``patch_embed.proj``, ``blocks.i.{norm1, attn.{qkv, q_bias, v_bias, proj}, norm2,
 mlp.{fc1, fc2}}``, ``norm``, ``pool_norm``) so UMT checkpoints map onto it one to one.
@@ -156,14 +156,39 @@ class VideoViT(nn.Module):
             return checkpoint(block, x, use_reentrant=False)
         return block(x)
 
-    def forward(self, video: torch.Tensor, keep: torch.Tensor | None = None, return_layers: int = 0) -> ViTOutput:
+    @staticmethod
+    def weight_tokens(x: torch.Tensor, keep: torch.Tensor | None, keep_weight: torch.Tensor) -> torch.Tensor:
+        """Embedded tokens ``[B, n_all, D]`` times a float ``keep_weight [B, n_all]`` (1 on every kept token).
+
+        The weight is STM's straight-through mask (or its complement): 1 or 0 in value, so the kept tokens are
+        unchanged, but its gradient carries every loss computed from these tokens back to the mask scores.
+        """
+        if keep is None:
+            raise ValueError("keep_weight needs keep: it weights the tokens that keep selects")
+        if keep_weight.shape != x.shape[:2]:
+            raise ValueError(f"keep_weight must be [B, T*N] = {list(x.shape[:2])}, got {list(keep_weight.shape)}")
+        return x * keep_weight.unsqueeze(-1).to(x.dtype)
+
+    def forward(
+        self,
+        video: torch.Tensor,
+        keep: torch.Tensor | None = None,
+        return_layers: int = 0,
+        keep_weight: torch.Tensor | None = None,
+    ) -> ViTOutput:
         """Encode ``video [B, T, 3, H, W]``; ``keep`` bool ``[B, T'*N]`` runs only the True tokens.
+
+        ``keep_weight`` (float ``[B, T'*N]``, 1 where ``keep`` is True) multiplies the tokens after the patch and
+        position embedding and before the kept ones are gathered, where the reference STM code applies its
+        straight-through mask.
 
         Returns ``ViTOutput(tokens [B, n, D], layers [K, B, n, D] | None)`` with K = ``return_layers``.
         """
         if not 0 <= return_layers <= len(self.blocks):
             raise ValueError(f"return_layers must be in [0, {len(self.blocks)}], got {return_layers}")
         x = self.embed(video)
+        if keep_weight is not None:
+            x = self.weight_tokens(x, keep, keep_weight)
         if keep is not None:
             x = self.select_kept(x, keep)
         first_returned = len(self.blocks) - return_layers
