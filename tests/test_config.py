@@ -57,7 +57,7 @@ def test_reference_settings_of_the_paper_recipes():
     assert all((e.num_frames, e.sampling, e.k_test) == (4, "middle", 128) for e in lengths.values())
     demo = load_config("demo")
     assert (demo.model.vision.stem, demo.model.text.fusion_start, demo.data.img_size, demo.optim.precision) == (
-        "diff", 4, 64, "bf16")
+        "diff", 4, 64, "auto")
     assert demo.model.loss.temporal_negatives and demo.model.loss.foil_negatives and not demo.data.flip
 
 
@@ -91,7 +91,7 @@ def test_wrong_types_and_choices_name_key_and_allowed_values():
         ("optim.epochs=ten", "optim.epochs: expected int | None, got str 'ten'"),
         ("runtime.compile=1", "runtime.compile: expected bool, got int 1"),
         ("optim.betas=[0.9]", r"optim.betas: expected 2 values"),
-        ("optim.precision=fp8", "optim.precision: 'fp8' is not allowed; allowed values: bf16, fp16, fp32"),
+        ("optim.precision=fp8", "optim.precision: 'fp8' is not allowed; allowed values: auto, bf16, fp16, fp32"),
         ("model.vision.stem=flow", "model.vision.stem.*allowed values: rgb, diff, tubelet2"),
         ("model.pass2_tokens=some", "model.pass2_tokens.*masked, visible, all"),
         ("model.teacher.input_norm=x", "model.teacher.input_norm.*clip, imagenet, none"),

@@ -151,7 +151,7 @@ def test_task_without_required_members_is_rejected(tmp_path):
 
 def test_precision_and_progress_line():
     assert resolve_precision("bf16", torch.device("cpu")) == "bf16"
-    with pytest.raises(ValueError, match="bf16, fp16, fp32"):
+    with pytest.raises(ValueError, match="auto, bf16, fp16, fp32"):
         resolve_precision("fp8", torch.device("cpu"))
     out = io.StringIO()
     p = Progress(total_steps=100, start_step=0, stream=out)

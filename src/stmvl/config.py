@@ -161,7 +161,7 @@ class OptimConfig:
     min_lr_ratio: float = field(default=0.01, metadata=_range(0.0, 1.0))
     grad_accum: int = field(default=1, metadata=_range(1, None))
     clip_grad: float | None = field(default=None, metadata=_range(0.0, None))  # max global grad norm; None = off
-    precision: str = field(default="bf16", metadata=_choices("bf16", "fp16", "fp32"))
+    precision: str = field(default="auto", metadata=_choices("auto", "bf16", "fp16", "fp32"))  # train/precision.py
     max_nonfinite_steps: int = field(default=20, metadata=_range(0, None))  # skipped steps before giving up
     no_decay_names: list[str] = field(default_factory=lambda: ["temp", "pos"])  # name components without decay
 
@@ -672,11 +672,16 @@ def validate(cfg: RunConfig) -> None:
                 raise ConfigError(f"{section}.{i} ({c.name}): set annotation (with media_root) or shards")
 
 
-def save_config(cfg: RunConfig, path: str | os.PathLike) -> None:
-    """Write the resolved config as YAML (loadable again with `load_config(path)`), atomically."""
+def save_config(cfg: RunConfig, path: str | os.PathLike, header: str | None = None) -> None:
+    """Write the resolved config as YAML (loadable again with `load_config(path)`), atomically.
+
+    `header`: an optional note written as a leading YAML comment (e.g. what `optim.precision: auto` resolved to).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as fh:
+        if header:
+            fh.write("".join(f"# {line}\n" for line in header.splitlines()))
         yaml.safe_dump(config_to_dict(cfg), fh, sort_keys=False, default_flow_style=None)
     os.replace(tmp, path)

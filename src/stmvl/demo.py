@@ -28,6 +28,16 @@ COMPARE_KEYS = ("synth_test.itm.t2v_r1", "synth_test.itc.t2v_r1", "synth_test.it
                 "synth_probe.itm_acc", "synth_probe_shuffled.itc_acc")
 
 
+# Overrides that apply to every stage of the demo (teacher and pretraining); all others are the pretraining
+# recipe's (the teacher has its own schedule and model, which `stmvl train-teacher` overrides).
+SHARED_PREFIXES = ("optim.precision=", "runtime.threads=", "runtime.device=", "paths.", "data.synthetic.")
+
+
+def teacher_overrides(overrides: list[str]) -> list[str]:
+    """The demo overrides that reach the teacher stage (see SHARED_PREFIXES)."""
+    return [o for o in overrides if o.startswith(SHARED_PREFIXES)]
+
+
 def _paths(out: Path) -> list[str]:
     return [f"paths.data={out / 'data'}", f"paths.models={out}"]
 
@@ -142,7 +152,10 @@ def run_demo(out: Path, compare: bool = False, overrides: list[str] | None = Non
     started = time.perf_counter()
     ensure_synthetic_corpus(load_run_config("demo", _paths(out) + overrides), log=_log)
     timings["corpus"] = time.perf_counter() - started
-    timings["teacher"] = run_teacher(out, [o for o in overrides if not o.startswith("optim.")])
+    shared = teacher_overrides(overrides)
+    if len(shared) < len(overrides):
+        _log("overrides for the pretraining stage only: " + " ".join(o for o in overrides if o not in shared))
+    timings["teacher"] = run_teacher(out, shared)
     runs = {}
     for name in (COMPARE_VARIANTS if compare else ["stm"]):
         _log(f"pretraining variant {name!r}")

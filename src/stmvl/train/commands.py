@@ -108,7 +108,10 @@ def evaluate(cfg: RunConfig, checkpoint: str | Path) -> dict[str, Any]:
 
     dist = init_distributed(cfg.runtime.backend, cfg.runtime.device)
     model = load_checkpoint_model(checkpoint, dist.device)
-    results = evaluate_downstream(model, cfg, dist.device, autocast=cfg.optim.precision == "bf16")
+    from stmvl.train.precision import resolve
+
+    results = evaluate_downstream(model, cfg, dist.device,
+                                  autocast=resolve(cfg.optim.precision, dist.device).name == "bf16")
     if dist.rank == 0:
         out = Path(cfg.runtime.out_dir)
         out.mkdir(parents=True, exist_ok=True)

@@ -32,6 +32,7 @@ from stmvl.train import distributed as D
 from stmvl.train.checkpoint import MODEL_FILE, latest_checkpoint, load_checkpoint, load_weights, save_checkpoint
 from stmvl.train.logging import MetricsWriter, Progress, truncate_metrics
 from stmvl.train.optim import build_optimizer, default_param_groups
+from stmvl.train.precision import resolve as resolve_run_precision
 from stmvl.train.schedule import WarmupCosineSchedule
 
 __all__ = [
@@ -120,13 +121,8 @@ def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContex
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """bf16 where the device supports it, else fp16 (with a grad scaler); fp32 and fp16 pass through."""
-    if precision not in ("bf16", "fp16", "fp32"):
-        raise ValueError(f"optim.precision: {precision!r} is not one of bf16, fp16, fp32")
-    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        print("[engine] this GPU has no bf16: using fp16 autocast with a grad scaler", file=sys.stderr)
-        return "fp16"
-    return precision
+    """The precision name (bf16 | fp16 | fp32) a run computes in; see stmvl.train.precision for the rules."""
+    return resolve_run_precision(precision, device).name
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -217,7 +213,10 @@ class Trainer:
             torch.set_num_threads(rt.threads)
         self.dist = D.init_distributed(rt.backend, rt.device)
         self.device = self.dist.device
-        self.precision = resolve_precision(o.precision, self.device)
+        chosen = resolve_run_precision(o.precision, self.device)
+        self.precision, self.precision_reason = chosen.name, chosen.reason
+        if self.dist.is_main:
+            print(f"[engine] precision {self.precision} ({chosen.reason})", file=sys.stderr)
         self.ctx = TrainContext(
             cfg=self.cfg, run_dir=self.run_dir, device=self.device, rank=self.dist.rank,
             world_size=self.dist.world_size, local_rank=self.dist.local_rank, precision=self.precision,
@@ -248,7 +247,8 @@ class Trainer:
         self.train_model = self._wrap(self.model)
         self.writer = MetricsWriter(self.run_dir, rt.tensorboard) if self.dist.is_main else None
         if self.dist.is_main:
-            save_config(self.cfg, self.run_dir / "config.yaml")
+            save_config(self.cfg, self.run_dir / "config.yaml",
+                        header=f"optim.precision {self.cfg.optim.precision} -> {self.precision}: {self.precision_reason}")
 
     def _frozen_names(self) -> tuple[str, ...]:
         declared = getattr(self.task, "frozen_submodules", None)

@@ -1,0 +1,59 @@
+"""optim.precision: auto picks what the hardware computes natively; explicit bf16 on an emulating CPU warns once."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from stmvl.train import precision as P
+
+
+@pytest.mark.parametrize("native, expected", [(True, "bf16"), (False, "fp32")])
+def test_auto_on_cpu_follows_native_bf16(monkeypatch, native, expected):
+    monkeypatch.setattr(P, "cpu_bf16_support", lambda: (native, "CPU under test"))
+    chosen = P.resolve("auto", torch.device("cpu"))
+    assert chosen.name == expected and chosen.reason == "auto: CPU under test"
+
+
+def test_explicit_choices_pass_through_and_unknown_names_the_choices(monkeypatch):
+    monkeypatch.setattr(P, "cpu_bf16_support", lambda: (True, "CPU under test"))
+    assert [P.resolve(p, torch.device("cpu")).name for p in ("fp32", "bf16", "fp16")] == ["fp32", "bf16", "fp16"]
+    with pytest.raises(ValueError, match="optim.precision: 'fp8' is not one of auto, bf16, fp16, fp32"):
+        P.resolve("fp8", torch.device("cpu"))
+
+
+def test_explicit_bf16_on_an_emulating_cpu_warns_once_with_the_measured_slowdown(monkeypatch, caplog):
+    monkeypatch.setattr(P, "cpu_bf16_support", lambda: (False, "CPU under test"))
+    monkeypatch.setattr(P, "bf16_slowdown", lambda: 48.0)
+    monkeypatch.setattr(P, "_warned", set())
+    with caplog.at_level(logging.WARNING, logger="stmvl.train.precision"):
+        assert P.resolve("bf16", torch.device("cpu")).name == "bf16"
+        P.resolve("bf16", torch.device("cpu"))
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1 and "48x slower than fp32" in warnings[0]
+
+
+def test_the_real_cpu_probe_and_slowdown_measurement_answer():
+    native, why = P.cpu_bf16_support()
+    assert isinstance(native, bool) and torch.backends.cpu.get_cpu_capability() in why
+    assert P.bf16_slowdown(size=64, repeats=1) > 0
+
+
+def test_the_run_config_records_what_auto_chose(tmp_path, monkeypatch):
+    from stmvl.config import load_config, save_config
+
+    cfg = load_config(None, ["optim.max_steps=1"])
+    assert cfg.optim.precision == "auto"
+    save_config(cfg, tmp_path / "config.yaml", header="optim.precision auto -> fp32: auto: CPU under test")
+    text = (tmp_path / "config.yaml").read_text()
+    assert text.startswith("# optim.precision auto -> fp32: auto: CPU under test\n")
+    assert load_config(str(tmp_path / "config.yaml")).optim.precision == "auto"
+
+
+def test_demo_stage_overrides_reach_the_teacher():
+    from stmvl.demo import teacher_overrides
+
+    given = ["optim.precision=fp32", "optim.max_steps=5", "runtime.threads=1", "model.loss.vtm=0"]
+    assert teacher_overrides(given) == ["optim.precision=fp32", "runtime.threads=1"]
