@@ -91,6 +91,30 @@ def test_vtm_negatives_follow_similarity_and_rows_without_negatives_are_dropped(
     assert (all_same[0] == -1).all() and (all_same[1] == -1).all()
 
 
+def test_vtm_negatives_with_the_contrastive_temperature_are_hard():
+    # 8 pairs; for text i the video i+1 has cosine 0.9, every other non-positive video 0.1.
+    # UMT/STM draw from softmax(cos / temp): at temp 0.07 the 0.9 video has weight 1 / (1 + 6 exp(-0.8 / 0.07))
+    # = 0.99993; without the temperature it has 1 / (1 + 6 exp(-0.8)) = 0.27.
+    b = 8
+    ids = torch.arange(b)
+    sim = torch.full((b, b), 0.1)
+    sim[torch.arange(b), (torch.arange(b) + 1) % b] = 0.9
+    sim.fill_diagonal_(1.0)
+    g = torch.Generator().manual_seed(0)
+
+    def hard_share(temp):
+        hits = total = 0
+        for _ in range(250):
+            neg_video, neg_text = sample_hard_negatives(sim, ids, g, temp)
+            hits += (neg_video == (ids + 1) % b).sum().item() + (neg_text == (ids - 1) % b).sum().item()
+            total += 2 * b
+        return hits / total
+
+    with_temp, without = hard_share(torch.tensor(0.07)), hard_share(1.0)
+    assert with_temp > 0.9, with_temp
+    assert 0.2 < without < 0.35, without  # the near-uniform draw stmvl made before
+
+
 def test_vtm_loss_scores_3b_pairs_with_labels():
     seen = {}
 

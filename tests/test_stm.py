@@ -96,6 +96,70 @@ def test_mvm_gradients_reach_predictor_and_lambda_through_the_mask(stm_model):
     torch.nn.init.zeros_(stm_model.predictor.head.fc2.weight)
 
 
+def vtc_only_config(straight_through: str):
+    cfg = tiny_config("stm")
+    loss = dataclasses.replace(cfg.loss, vtm=0.0, mlm=0.0, mvm=0.0)
+    return dataclasses.replace(cfg, loss=loss, mask=dataclasses.replace(cfg.mask, straight_through=straight_through))
+
+
+def test_vtc_alone_trains_predictor_and_lambda_through_the_input_mask():
+    """The reference multiplies the student's input tokens by the straight-through mask in both passes, so the
+    contrastive loss shapes the mask too; with the mask only in the decoder (the old stmvl path) it cannot."""
+    torch.manual_seed(0)
+    model = STMModel(vtc_only_config("encoder")).train()
+    torch.nn.init.normal_(model.predictor.head.fc2.weight, std=0.5)  # open the zero-init point layer
+    out = model(make_batch(model), step=1)
+    assert set(out) == {"loss", "vtc", "mask_lambda"}
+    out["loss"].backward()
+    assert model.lam.grad is not None and model.lam.grad.abs() > 0
+    for name, p in model.predictor.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+    torch.manual_seed(0)
+    decoder_only = STMModel(vtc_only_config("decoder")).train()
+    torch.nn.init.normal_(decoder_only.predictor.head.fc2.weight, std=0.5)
+    decoder_only(make_batch(decoder_only), step=1)["loss"].backward()
+    assert decoder_only.lam.grad is None or decoder_only.lam.grad.abs() == 0
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in decoder_only.predictor.parameters())
+
+
+def test_input_mask_changes_gradients_not_values():
+    torch.manual_seed(0)
+    encoder = STMModel(tiny_config("stm")).train()
+    decoder = STMModel(dataclasses.replace(encoder.cfg, mask=dataclasses.replace(encoder.cfg.mask,
+                                                                                  straight_through="decoder")))
+    decoder.load_state_dict(encoder.state_dict())
+    decoder.train()
+    batch = make_batch(encoder)
+    a, b = encoder(batch, step=4), decoder(batch, step=4)  # the tiny config has no dropout
+    for name in ("vtc", "vtm", "mlm", "mvm"):
+        torch.testing.assert_close(a[name], b[name])
+
+
+def test_vtm_negatives_use_the_contrastive_temperature(stm_model):
+    torch.testing.assert_close(stm_model.negative_temperature(), stm_model.temp.detach())
+    cosine = STMModel(tiny_config("stm", loss=dataclasses.replace(tiny_config().loss, vtm_negatives="cosine")))
+    assert cosine.negative_temperature() == 1.0
+
+
+def test_new_method_options_are_validated_by_the_config_loader():
+    from stmvl.config import ConfigError, from_dict
+    from stmvl.models.config import ModelConfig as Model
+
+    cfg = from_dict(Model, {"mask": {"straight_through": "both"}, "loss": {"vtm_negatives": "cosine"},
+                            "predictor": {"heatmap": "bump", "last_frame_point": "first"}})
+    assert (cfg.mask.straight_through, cfg.loss.vtm_negatives) == ("both", "cosine")
+    assert (cfg.predictor.heatmap, cfg.predictor.last_frame_point) == ("bump", "first")
+    for section, key, allowed in [("mask", "straight_through", "encoder, decoder, both"),
+                                  ("loss", "vtm_negatives", "temperature, cosine"),
+                                  ("predictor", "heatmap", "product, bump"),
+                                  ("predictor", "last_frame_point", "second, first")]:
+        with pytest.raises(ConfigError, match=f"{section}.{key}.*allowed values: {allowed}"):
+            from_dict(Model, {section: {key: "bogus"}}, "model")
+    with pytest.raises(ValueError, match="mask.straight_through must be one of"):
+        STMModel(tiny_config("stm", mask=dataclasses.replace(tiny_config().mask, straight_through="input")))
+
+
 def test_teacher_gets_no_gradient_and_is_not_optimised(stm_model):
     stm_model.train()
     assert not stm_model.teacher.training

@@ -47,6 +47,24 @@ def test_keep_all_equals_keep_none_and_keep_selects_tokens(tiny):
         tiny(video, keep=bad)
 
 
+def test_keep_weight_keeps_values_and_passes_gradient(tiny):
+    video = torch.rand(2, 4, 3, 32, 32)
+    keep = torch.zeros(2, 64, dtype=torch.bool)
+    keep[:, ::4] = True
+    # a straight-through-like weight: exactly 1 on kept tokens (and 0 elsewhere) in value, with a gradient
+    scores = torch.zeros(2, 64, requires_grad=True)
+    weight = keep.float() + scores - scores.detach()
+    out = tiny(video, keep=keep, keep_weight=weight)
+    torch.testing.assert_close(out.tokens, tiny(video, keep=keep).tokens)
+    out.tokens.sum().backward()
+    # the weight multiplies the embedded tokens before the gather: only kept tokens pass gradient to it
+    assert scores.grad[keep].abs().sum() > 0 and scores.grad[~keep].abs().sum() == 0
+    with pytest.raises(ValueError, match="needs keep"):
+        tiny(video, keep_weight=weight)
+    with pytest.raises(ValueError, match="keep_weight must be"):
+        tiny(video, keep=keep, keep_weight=weight[:, :10])
+
+
 def test_position_embedding_follows_input_frames(tiny):
     for T in (1, 4, 12):
         out = tiny(torch.rand(1, T, 3, 32, 32))
