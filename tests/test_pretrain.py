@@ -150,6 +150,36 @@ def test_two_rank_mixed_media_gives_the_one_rank_curves(recipe, tmp_path):
     assert rec_one[0]["loss"] != rec_one[-1]["loss"]
 
 
+@pytest.mark.ddp
+def test_a_two_rank_checkpoint_resumes_on_one_rank_with_the_same_global_batch_and_refuses_another(recipe, tmp_path,
+                                                                                                 capsys):
+    """2 ranks x 4 clips, killed after step 2, resumed on 1 rank x 8 clips: the same samples per step and schedule,
+    so the losses continue the uninterrupted run's (VTC + MVM with per-sample masks, no dropout). Resuming with
+    another global batch is refused with a one-line error (exit 2)."""
+    from stmvl.cli import main
+
+    per_sample = ["model.loss.vtm=0", "model.loss.mlm=0", "model.mask.video_strategy=attention",
+                  "model.loss.temporal_negatives=false", "model.loss.foil_negatives=false"]
+    full = _run([sys.executable, str(WORKER), str(recipe), f"runtime.out_dir={tmp_path / 'full'}", *per_sample])
+    assert full.returncode == 0, full.stderr[-3000:]
+    killed = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(WORKER),
+                   str(recipe), f"runtime.out_dir={tmp_path / 'cut'}", "data.video_batch_size=4", *per_sample],
+                  {"STMVL_TEST_EXIT_AFTER": "2"})
+    assert killed.returncode != 0 and len(_train_records(tmp_path / "cut")) == 2
+    code = main(["pretrain", str(recipe), "--out", str(tmp_path / "cut"), "--resume", "data.video_batch_size=4",
+                 *per_sample])
+    err = capsys.readouterr().err
+    assert code == 2 and "cannot resume from" in err and "written by 2 rank(s)" in err, err[-2000:]
+    resumed = _run([sys.executable, str(WORKER), str(recipe), f"runtime.out_dir={tmp_path / 'cut'}",
+                    "runtime.resume=true", *per_sample])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "checkpoint has 2 ranks, run has 1" in resumed.stderr
+    expected = [r["loss"] for r in _train_records(tmp_path / "full")]
+    got = [r["loss"] for r in _train_records(tmp_path / "cut")]
+    assert len(got) == len(expected) == 4
+    assert got == pytest.approx(expected, rel=1e-4, abs=1e-5)
+
+
 def test_evaluate_command_reproduces_the_end_of_training_numbers(recipe, tmp_path):
     """`stmvl evaluate RECIPE --checkpoint RUN` on the exported model gives the numbers the run reported."""
     import torch

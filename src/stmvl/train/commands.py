@@ -86,7 +86,12 @@ def _train_main(argv: list[str], prog: str, description: str, run) -> int:
         cfg = _config(args)
     except (ConfigError, ValueError) as exc:
         return _fail(exc)
-    run(cfg)
+    from stmvl.train.engine import ResumeError
+
+    try:
+        run(cfg)
+    except ResumeError as exc:
+        return _fail(exc)
     return 0
 
 

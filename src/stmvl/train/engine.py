@@ -29,7 +29,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from stmvl.config import RunConfig, save_config
 from stmvl.train import distributed as D
-from stmvl.train.checkpoint import MODEL_FILE, latest_checkpoint, load_checkpoint, load_weights, save_checkpoint
+from stmvl.train.checkpoint import (MODEL_FILE, STATE_FILE, latest_checkpoint, load_checkpoint, load_weights,
+                                    save_checkpoint)
 from stmvl.train.logging import MetricsWriter, Progress, truncate_metrics
 from stmvl.train.optim import build_optimizer, default_param_groups
 from stmvl.train.precision import resolve as resolve_run_precision
@@ -40,12 +41,18 @@ __all__ = [
     "TrainContext",
     "Trainer",
     "NonFiniteLossError",
+    "ResumeError",
     "unwrap_model",
     "resolve_precision",
     "seed_everything",
     "capture_rng_state",
     "restore_rng_state",
 ]
+
+
+class ResumeError(ValueError):
+    """A resume that cannot continue the checkpoint's run: another cut of the epoch into batches (the global batch
+    changed with the number of ranks), or a checkpoint that this rank cannot read. A user error: exit code 2."""
 
 
 class NonFiniteLossError(RuntimeError):
@@ -332,6 +339,8 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "rng": D.all_gather_object(capture_rng_state()),
             "world_size": self.dist.world_size,
+            "batches_per_epoch": self.batches_per_epoch,
+            "grad_accum": self.cfg.optim.grad_accum,
             "nonfinite_steps": self.nonfinite_steps,
             "best": dict(self.best),
             "task": task_state,
@@ -363,14 +372,41 @@ class Trainer:
             raise RuntimeError(f"weights in {source} do not match the model: missing {missing[:10]} "
                                f"({len(missing)}), unexpected {unexpected[:10]} ({len(unexpected)})")
 
+    def _chosen_checkpoint(self) -> Path | None:
+        """Rank 0's latest checkpoint, the same on every rank (node-local folders could otherwise disagree)."""
+        found = latest_checkpoint(self.run_dir) if self.dist.is_main else None
+        chosen = D.broadcast_object(None if found is None else str(found))
+        if chosen is None:
+            return None
+        path = Path(chosen)
+        if not (path / STATE_FILE).is_file():
+            raise ResumeError(f"rank {self.dist.rank} cannot read checkpoint {path} that rank 0 resumes from: every "
+                              "node must see the same run folder (a shared file system, or copy it to each node)")
+        return path
+
+    def _check_resume_geometry(self, st: dict[str, Any], ckpt: Path) -> None:
+        """Refuse a resume whose epoch is cut into other batches than the checkpoint's (see ResumeError)."""
+        old_world = int(st.get("world_size", self.dist.world_size))
+        old_batches = st.get("batches_per_epoch")
+        same = old_batches == self.batches_per_epoch if old_batches is not None else old_world == self.dist.world_size
+        same = same and int(st.get("grad_accum", self.cfg.optim.grad_accum)) == self.cfg.optim.grad_accum
+        if not same:
+            raise ResumeError(
+                f"cannot resume from {ckpt}: it was written by {old_world} rank(s) with {old_batches} batches per "
+                f"epoch per rank (grad_accum {st.get('grad_accum', '?')}); this run has {self.dist.world_size} "
+                f"rank(s) and {self.batches_per_epoch} (grad_accum {self.cfg.optim.grad_accum}), so its data "
+                "position and schedule would not line up. Keep the global batch (per-rank batch x ranks x "
+                "grad_accum) of the checkpoint, or start a new run with runtime.init_from pointing at it")
+
     def _resume(self) -> bool:
-        ckpt = latest_checkpoint(self.run_dir)
+        ckpt = self._chosen_checkpoint()
         if ckpt is None:
             if self.dist.is_main:
                 print(f"[engine] resume: no checkpoint in {self.run_dir}/checkpoints, starting from scratch",
                       file=sys.stderr)
             return False
         model_state, st = load_checkpoint(ckpt, map_location="cpu")
+        self._check_resume_geometry(st, ckpt)
         self._load_model_state(model_state, ckpt)
         self.optimizer.load_state_dict(st["optimizer"])
         self.schedule.load_state_dict(st["schedule"])
@@ -384,11 +420,13 @@ class Trainer:
         if len(rng) == self.dist.world_size:
             restore_rng_state(rng[self.dist.rank])
         else:
-            # another world size cannot continue the same random streams; keep runs distinct but reproducible
+            # Same global batch on another number of ranks: every optimizer step still sees the same samples (each
+            # rank takes every world_size-th index of the epoch's permutation) and the schedule is unchanged, but the
+            # per-rank RNG streams (dropout) cannot be continued; reseed them reproducibly.
             seed_everything(self.cfg.runtime.seed + self.dist.rank + 1000003 * self.global_step)
             if self.dist.is_main:
-                print(f"[engine] resume: checkpoint has {len(rng)} ranks, run has {self.dist.world_size}: RNG "
-                      "streams are reseeded (losses will not match an uninterrupted run)", file=sys.stderr)
+                print(f"[engine] resume: checkpoint has {len(rng)} ranks, run has {self.dist.world_size}: same "
+                      "samples per step and schedule; RNG streams reseeded (dropout draws differ)", file=sys.stderr)
         if self.dist.is_main:
             truncate_metrics(self.run_dir, self.global_step)
             print(f"[engine] resumed from {ckpt} (step {self.global_step}, epoch {self.epoch + 1}, batch "
