@@ -43,10 +43,29 @@ class PredictionHead(nn.Module):
 
 
 class LinearDecoder(PredictionHead):
-    """UMT's decoder: tokens [B, n, D] -> [B, n, C] (the tokens already carry the encoder's position embedding).
+    """UMT's decoder (``Linear_Decoder``): visible tokens [B, n, D] -> [B, n, C].
 
-    Submodule names `head` and `norm` match UMT's `clip_decoder.i.{head,norm}` checkpoint keys.
+    As UMT's ``PretrainVisionTransformer.forward``, the tokens first get ``clip_pos_embed`` once more: the 1-D sincos
+    table over the T*N token index at width D (the encoder's own table), taken at the visible positions. Submodule
+    names `head` and `norm` match UMT's `clip_decoder.i.{head,norm}` checkpoint keys.
     """
+
+    def forward(self, x: Tensor, keep: Tensor | None = None) -> Tensor:
+        """Args:
+            x: [B, n, D] tokens of the kept positions, in increasing token-index order.
+            keep: bool [B, T*N], True = kept (n per sample); None = x holds every token of the clip (n = T*N).
+
+        Returns:
+            [B, n, C].
+        """
+        b, n, d = x.shape
+        total = n if keep is None else keep.shape[1]
+        pos = sincos_1d(torch.arange(total), d).to(device=x.device, dtype=x.dtype).expand(b, -1, -1)
+        if keep is not None:
+            if keep.shape[0] != b or int(keep[0].sum()) != n:
+                raise ValueError(f"keep {list(keep.shape)} does not select the {n} tokens of each of {b} samples")
+            pos = pos[keep].view(b, n, d)
+        return super().forward(x + pos)
 
 
 def split_pair_channels(features: Tensor) -> Tensor:

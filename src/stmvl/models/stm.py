@@ -123,18 +123,32 @@ def needs_teacher(cfg: ModelConfig) -> bool:
 
 
 def build_teacher(cfg: TeacherConfig) -> CLIPTeacher:
-    """The frozen teacher: from cfg.weights (CLIP state dict, HF CLIP folder or stmvl teacher dir) or random init."""
+    """The frozen teacher: from cfg.weights or random init.
+
+    cfg.weights: OpenAI's TorchScript .pt, an OpenAI/open_clip state dict, an ActionCLIP checkpoint, a HF CLIP or
+    open_clip folder, or an stmvl teacher dir. Sizes come from the weights (a warning names any that differ from
+    cfg); cfg gives the run options. Only folders record the activation, so files take cfg.act.
+    """
     if cfg.weights is None:
         return CLIPTeacher(cfg)
+    import logging
+
     from stmvl.models.weights import load_clip_vision
 
-    run_options = {
-        "return_layers": cfg.return_layers,
-        "input_norm": cfg.input_norm,
-        "temporal_fusion": cfg.temporal_fusion,
-        "temporal_fusion_layers": cfg.temporal_fusion_layers,
-    }
-    return load_clip_vision(cfg.weights, **run_options)
+    run_options = {"return_layers": cfg.return_layers, "input_norm": cfg.input_norm,
+                   "temporal_fusion": cfg.temporal_fusion}
+    if cfg.temporal_fusion_norm_eps is not None:
+        run_options["temporal_fusion_norm_eps"] = cfg.temporal_fusion_norm_eps
+    if not Path(cfg.weights).is_dir():
+        run_options["act"] = cfg.act
+    teacher = load_clip_vision(cfg.weights, **run_options)
+    sizes = ("img_size", "patch_size", "width", "layers", "heads", "embed_dim")
+    differ = [f"{k} {getattr(cfg, k)} -> {getattr(teacher.cfg, k)}" for k in sizes
+              if getattr(cfg, k) != getattr(teacher.cfg, k)]
+    if differ:
+        logging.getLogger(__name__).warning("teacher sizes follow the weights in %s, not the config: %s",
+                                            cfg.weights, ", ".join(differ))
+    return teacher
 
 
 def text_weights_folder(cfg: TextConfig) -> Path | None:
@@ -205,6 +219,10 @@ class STMModel(nn.Module):
         self.lam = nn.Parameter(torch.tensor(float(cfg.mask.lam_init))) if uses_stm else None
         self.decoders = self._build_decoders(width, text_width) if self.teacher is not None else nn.ModuleList()
         self._tokenizer = None
+        if cfg.vision.init:
+            from stmvl.models.weights import init_student
+
+            self.student_init = init_student(self, cfg.vision.init)  # strict; logs what loaded
 
     # ------------------------------------------------------------------------------------------------ building
 
@@ -435,7 +453,7 @@ class STMModel(nn.Module):
         out = self.vision(video, keep=keep, return_layers=k, keep_weight=visible_weight)  # layers [K, B, n_vis, D]
         targets = teacher_out.targets
         if self.cfg.decoder == "linear":
-            prediction = torch.stack([dec(out.layers[i]) for i, dec in enumerate(self.decoders)])
+            prediction = torch.stack([dec(out.layers[i], keep) for i, dec in enumerate(self.decoders)])
             return uta_loss(prediction, targets, keep), out.tokens
         text_cls = self.pooled_text(text_states, text_mask)
         if self.cfg.mask.straight_through == "encoder":

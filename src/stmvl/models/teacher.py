@@ -1,6 +1,7 @@
-"""Frozen CLIP image ViT applied to every frame: MVM targets, spatial scores, tokenizer tokens (DESIGN 3.1).
+"""Frozen CLIP image ViT applied to every frame: MVM targets, spatial scores, tokenizer tokens (docs/method.md, Teacher).
 
-Layout (names used by the importers in ``weights.py``): ``conv1`` (Conv2d, no bias), ``class_embedding [W]``,
+Layout (names used by the importers in ``stmvl.models.weights``): ``conv1`` (Conv2d, no bias; UMT's teacher
+stores it as a Conv3d with temporal kernel 1, ``[W, 3, 1, p, p]``, squeezed on import), ``class_embedding [W]``,
 ``positional_embedding [1 + G*G, W]``, ``ln_pre``, ``blocks.i.{ln_1, attn.{qkv, proj}, ln_2, mlp.{fc1, fc2}}``,
 ``ln_post``, ``proj`` (Linear W -> C, no bias), and optionally ``temporal.*`` (temporal fusion).
 """
@@ -32,12 +33,12 @@ class TeacherOutput(NamedTuple):
 class ResidualBlock(nn.Module):
     """CLIP's pre-norm block: ``x + attn(ln_1 x)``, then ``x + mlp(ln_2 x)``."""
 
-    def __init__(self, width: int, heads: int, act: str, eps: float) -> None:
+    def __init__(self, width: int, heads: int, act: str, eps: float, mlp_width: int | None = None) -> None:
         super().__init__()
         self.ln_1 = layer_norm(width, eps)
         self.attn = Attention(width, heads, qkv_bias="all")
         self.ln_2 = layer_norm(width, eps)
-        self.mlp = Mlp(width, 4 * width, act=act)
+        self.mlp = Mlp(width, mlp_width or 4 * width, act=act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x))
@@ -56,7 +57,8 @@ class ResidualBlock(nn.Module):
 class TemporalFusion(nn.Module):
     """ActionCLIP-style temporal transformer: at every spatial position, tokens ``[M, T, C]`` attend over T.
 
-    ``out = blocks(x + frame_position_embeddings[:T]) + x`` (residual around the whole stack, as ActionCLIP).
+    ``out = blocks(x + frame_position_embeddings[:T]) + x`` (residual around the whole stack, as ActionCLIP's
+    ``visual_prompt("Transf")``: 8 heads at width 512, MLP 4x, QuickGELU, LayerNorm eps 1e-12, a 77-row table).
     """
 
     def __init__(self, width: int, layers: int, max_frames: int, act: str, eps: float) -> None:
@@ -102,11 +104,14 @@ class CLIPTeacher(nn.Module):
         self.class_embedding = nn.Parameter(torch.randn(w) * w**-0.5)
         self.positional_embedding = nn.Parameter(torch.randn(1 + grid * grid, w) * w**-0.5)
         self.ln_pre = layer_norm(w, cfg.norm_eps)
-        self.blocks = nn.ModuleList(ResidualBlock(w, cfg.heads, cfg.act, cfg.norm_eps) for _ in range(cfg.layers))
+        self.blocks = nn.ModuleList(
+            ResidualBlock(w, cfg.heads, cfg.act, cfg.norm_eps, cfg.mlp_width) for _ in range(cfg.layers)
+        )
         self.ln_post = layer_norm(w, cfg.norm_eps)
         self.proj = nn.Linear(w, cfg.embed_dim, bias=False)
         self.temporal = (
-            TemporalFusion(cfg.embed_dim, cfg.temporal_fusion_layers, cfg.max_frames, cfg.act, cfg.norm_eps)
+            TemporalFusion(cfg.embed_dim, cfg.temporal_fusion_layers, cfg.max_frames, cfg.act,
+                           cfg.norm_eps if cfg.temporal_fusion_norm_eps is None else cfg.temporal_fusion_norm_eps)
             if cfg.temporal_fusion
             else None
         )

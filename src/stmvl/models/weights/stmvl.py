@@ -1,0 +1,117 @@
+"""stmvl's own model folders: ``model.safetensors`` + ``config.json`` ({stmvl_config_type, config, kwargs, ...})."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import typing
+from pathlib import Path
+from typing import Callable, Iterable, Mapping
+
+import torch
+from torch import nn
+
+from stmvl.models.config import ModelConfig, TeacherConfig, TextConfig, VisionConfig
+from stmvl.models.weights.core import WeightLoadError, _read_json, load_state_dict_strict, read_state_dict
+
+def _build_kwargs(module: nn.Module) -> dict:
+    from stmvl.models.text import BertEncoder
+
+    return {"cross_width": module.cross_width} if isinstance(module, BertEncoder) else {}
+
+
+def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(str(tmp))
+    os.replace(tmp, path)
+
+
+def save_state_dict(sd: Mapping[str, torch.Tensor], path: str | Path) -> None:
+    """Write tensors as safetensors (contiguous CPU copies, so shared storage is never a problem)."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in sd.items()}
+    _atomic_write(Path(path), lambda p: save_file(tensors, p))
+
+
+def save_model(module: nn.Module, cfg, directory: str | Path, extra: Mapping | None = None) -> Path:
+    """Write ``directory/model.safetensors`` and ``directory/config.json`` ({config_type, config, kwargs})."""
+    if not dataclasses.is_dataclass(cfg):
+        raise TypeError(f"cfg must be a config dataclass, got {type(cfg).__name__}")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_state_dict(module.state_dict(), directory / "model.safetensors")
+    cfg, initialised_from = _without_student_init(cfg)
+    if initialised_from:
+        extra = {"initialised_from": initialised_from, **(dict(extra) if extra else {})}
+    meta = {"stmvl_config_type": type(cfg).__name__, "config": dataclasses.asdict(cfg),
+            "kwargs": _build_kwargs(module), **(dict(extra) if extra else {})}
+    text = json.dumps(meta, indent=2)
+    _atomic_write(directory / "config.json", lambda p: Path(p).write_text(text, encoding="utf-8"))
+    return directory
+
+
+def _without_student_init(cfg):
+    """``(cfg with vision.init cleared, the cleared path or None)``: the saved tensors already hold the student, so
+    rebuilding the folder's model must not read (and need) the file it was first initialised from."""
+    if isinstance(cfg, ModelConfig) and cfg.vision.init:
+        return dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, init=None)), cfg.vision.init
+    if isinstance(cfg, VisionConfig) and cfg.init:
+        return dataclasses.replace(cfg, init=None), cfg.init
+    return cfg, None
+
+
+def _is_stmvl_dir(directory: Path) -> bool:
+    path = directory / "config.json"
+    return path.is_file() and "stmvl_config_type" in _read_json(path)
+
+
+def config_from_dict(cls, data: Mapping, where: str = "config"):
+    """Rebuild a (nested) config dataclass from a dict; unknown keys are an error naming them."""
+    if not isinstance(data, Mapping):
+        raise WeightLoadError(f"{where}: expected a mapping for {cls.__name__}, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise WeightLoadError(f"{where}: unknown {cls.__name__} keys {unknown}")
+    values = {}
+    for key, value in data.items():
+        kind = hints[key]
+        if dataclasses.is_dataclass(kind):
+            value = config_from_dict(kind, value, f"{where}.{key}")
+        elif typing.get_origin(kind) is tuple and isinstance(value, list):
+            value = tuple(value)
+        values[key] = value
+    return cls(**values)
+
+
+def _builder(config_type: str):
+    from stmvl.models.teacher import CLIPTeacher
+    from stmvl.models.text import BertEncoder
+    from stmvl.models.vit import VideoViT
+
+    builders = {"VisionConfig": (VisionConfig, VideoViT), "TeacherConfig": (TeacherConfig, CLIPTeacher),
+                "TextConfig": (TextConfig, BertEncoder)}
+    if config_type == "ModelConfig":
+        from stmvl.models.stm import STMModel
+
+        return ModelConfig, STMModel
+    if config_type not in builders:
+        raise WeightLoadError(f"unknown stmvl_config_type {config_type!r}")
+    return builders[config_type]
+
+
+def load_model_dir(directory: str | Path, allow_missing: Iterable[str] = ()) -> nn.Module:
+    """Rebuild the module saved by :func:`save_model` and load its weights strictly."""
+    directory = Path(directory)
+    meta = _read_json(directory / "config.json")
+    if "stmvl_config_type" not in meta:
+        raise WeightLoadError(f"{directory / 'config.json'} was not written by stmvl (no 'stmvl_config_type')")
+    cfg_cls, module_cls = _builder(meta["stmvl_config_type"])
+    cfg = config_from_dict(cfg_cls, meta["config"], str(directory / "config.json"))
+    module = module_cls(cfg, **meta.get("kwargs", {}))
+    module.load_report = load_state_dict_strict(module, read_state_dict(directory / "model.safetensors"), allow_missing)
+    return module
+
