@@ -180,6 +180,36 @@ def test_a_two_rank_checkpoint_resumes_on_one_rank_with_the_same_global_batch_an
     assert got == pytest.approx(expected, rel=1e-4, abs=1e-5)
 
 
+def test_dry_run_lists_every_missing_path_at_once(recipe, tmp_path, capsys):
+    from stmvl.cli import main
+
+    root = recipe.parent
+    bad_eval = (f"eval.corpora=[{{name: t, kind: retrieval, annotation: {root}/annotations/no_such_test.json, "
+                f"media_root: {root}}}]")
+    code = main(["pretrain", str(recipe), "--dry-run", "--out", str(tmp_path / "run"), bad_eval,
+                 f"model.teacher.weights={tmp_path}/no_teacher"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert "2 path(s) named by the recipe do not exist" in err[0]
+    assert "eval.corpora.0.annotation (t)" in err[0] and "no_such_test.json" in err[0]
+    assert "model.teacher.weights" in err[0] and "no_teacher" in err[0]
+
+
+def test_dry_run_runs_one_step_of_each_media_type_and_writes_nothing(recipe, tmp_path, capsys):
+    from stmvl.cli import main
+
+    root = recipe.parent
+    mixed = [m.replace("{root}", str(root)) for m in MIXED]
+    code = main(["pretrain", str(recipe), "--dry-run", "--out", str(tmp_path / "run"), "data.image_batch_size=4",
+                 *mixed])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    lines = [line for line in out.splitlines() if line.startswith("[dry-run]")]
+    assert lines[0].startswith("[dry-run] image: one step") and lines[1].startswith("[dry-run] video: one step")
+    assert "peak memory" in lines[1] and "loss_video_mvm=" in lines[1] and "loss_image_vtc=" in lines[0]
+    assert not (tmp_path / "run").exists()
+
+
 def test_evaluate_command_reproduces_the_end_of_training_numbers(recipe, tmp_path):
     """`stmvl evaluate RECIPE --checkpoint RUN` on the exported model gives the numbers the run reported."""
     import torch

@@ -37,7 +37,7 @@ from stmvl.data.transforms import EvalTransform, to_float
 from stmvl.data.video import MediaError, read_video
 
 VIDEO_EXTENSIONS = (".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".mpg", ".mpeg", ".ogv", ".flv", ".wmv", ".3gp")
-DEFAULT_NUM_FRAMES = 4  # the zero-shot protocol of the recipes (DESIGN 3.8)
+DEFAULT_NUM_FRAMES = 4  # the zero-shot protocol of the recipes (README.md, Evaluation protocol)
 DEFAULT_SAMPLING = "middle"
 CACHE_VERSION = 1
 EMBED_BATCH = 8  # clips per forward pass while filling the cache

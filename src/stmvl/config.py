@@ -97,7 +97,7 @@ def _range(lo: float | None, hi: float | None) -> dict[str, Any]:
 
 @dataclass
 class CorpusConfig:
-    """One annotation file and its media (DESIGN 4). Relative paths are relative to the working directory; the
+    """One annotation file and its media (README.md, Recipes). Relative paths are relative to the working directory; the
     packaged recipes write them as `${paths.data}/...`."""
 
     name: str = ""
@@ -113,7 +113,7 @@ class CorpusConfig:
 
 @dataclass
 class SyntheticConfig:
-    """The embedded synthetic temporal corpus (DESIGN 4.1), generated on demand when `enabled`."""
+    """The embedded synthetic temporal corpus (docs/synthetic_corpus.md), generated on demand when `enabled`."""
 
     enabled: bool = False
     dir: str = "${paths.data}/synthetic"
@@ -147,7 +147,7 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    """AdamW, cosine schedule with linear warmup and a floor, mixed precision and step guards (DESIGN 5)."""
+    """AdamW, cosine schedule with linear warmup and a floor, mixed precision and step guards (docs/internals.md)."""
 
     lr: float = field(default=1e-4, metadata=_range(0.0, None))
     weight_decay: float = field(default=0.02, metadata=_range(0.0, None))
@@ -168,7 +168,7 @@ class OptimConfig:
 
 @dataclass
 class EvalConfig:
-    """Evaluation protocol (DESIGN 6) and the corpora it runs on."""
+    """Evaluation protocol (README.md, Evaluation protocol) and the corpora it runs on."""
 
     corpora: list[CorpusConfig] = field(default_factory=list)  # kind: retrieval | probe | qa | mc
     num_frames: int = field(default=4, metadata=_range(1, None))

@@ -1,6 +1,6 @@
 """Annotation files (UMT format, JSON list or JSONL), validated and stored packed.
 
-Record kinds (DESIGN 4):
+Record kinds (README.md, Recipes):
 
 - ``video``     pretraining video-text  ``{"video": rel_path, "caption": str}``
 - ``image``     pretraining image-text  ``{"image": rel_path, "caption": str}``

@@ -1,4 +1,4 @@
-"""The synthetic temporal video-text corpus (DESIGN 4.1): ``stmvl synth --out DIR``.
+"""The synthetic temporal video-text corpus (docs/synthetic_corpus.md): ``stmvl synth --out DIR``.
 
 Each clip shows 1 or 2 coloured shapes on a static, per-clip random texture; each object has one motion (moves
 left/right/up/down, grows, shrinks, stays). With two objects, the first moves during the first half of the clip and

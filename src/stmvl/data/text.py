@@ -1,4 +1,4 @@
-"""Captions -> BERT WordPiece token ids (DESIGN 4, "Text").
+"""Captions -> BERT WordPiece token ids (docs/internals.md, stmvl.data.text).
 
 The tokenizer is built with the `tokenizers` library from a local ``vocab.txt`` so that it runs offline and
 cannot silently fall back to a downloaded vocabulary. The default vocabulary is the bert-base-uncased

@@ -1,4 +1,4 @@
-"""Multiple-choice video-text scoring (MSRVTT-MC style, DESIGN 6).
+"""Multiple-choice video-text scoring (MSRVTT-MC style, README.md, Evaluation protocol).
 
 For a clip and its K candidate sentences:
 ``score_k = 0.7 * softmax(itm_logits_k)[1] + 0.3 * softmax_k(itc_k / temp)`` where ``itc_k`` is the mean over frames

@@ -1,4 +1,4 @@
-"""Temporal probe: does the model prefer the true caption over its temporal foil (DESIGN 4.1, 6)?
+"""Temporal probe: does the model prefer the true caption over its temporal foil (docs/synthetic_corpus.md)?
 
 Each item has a clip and two captions that differ only in temporal order ("moves left" vs "moves right", "first ...
 then ..." swapped); reversing the motion turns one into the other, so a frame-order-blind model cannot beat chance.

@@ -1,4 +1,4 @@
-"""VideoQA evaluation by answer-list ranking (DESIGN 6).
+"""VideoQA evaluation by answer-list ranking (README.md, Evaluation protocol).
 
 Every question is answered with an entry of the dataset's answer list: the answer decoder keeps the ``k`` answers
 whose first token is most probable and re-scores them by full sequence log-likelihood

@@ -1,10 +1,11 @@
 """Zero-shot / finetuned text-video retrieval: ITC similarity, ITM re-ranking of the top ``k_test``, both tables.
 
-DESIGN 6. Features are extracted once (sharded over ranks, gathered). The ITC matrix is the mean over frames of the
-cosine between text and frame embeddings. For every query, in both directions, its ``k_test`` best candidates by
-ITC are re-scored by the ITM head's positive probability; the (text, video) pairs of all queries and both
-directions are deduplicated, sharded over ranks and scored in chunks of ``batch_size`` pairs. In the re-ranked
-matrix the other candidates keep their ITC order but sit strictly below every re-scored one.
+Protocol: README.md, "Evaluation protocol". Features are extracted once (sharded over ranks, gathered). The ITC
+matrix is the mean over frames of the cosine between text and frame embeddings. For every query, in both
+directions, its ``k_test`` best candidates by ITC are re-scored by the ITM head's positive probability; the
+(text, video) pairs of all queries and both directions are deduplicated, sharded over ranks and scored in chunks
+of ``batch_size`` pairs. In the re-ranked matrix the other candidates keep their ITC order but sit strictly below
+every re-scored one.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 @dataclass
 class VisionConfig:
-    """Student video ViT (DESIGN 3.4). Input video is float in [0, 1], shape [B, T, 3, H, W]."""
+    """Student video ViT (docs/method.md, "Student"). Input video is float in [0, 1], shape [B, T, 3, H, W]."""
 
     size: str = "b16"  # tiny | demo | b16 | l16 (sets the defaults below when built by preset)
     img_size: int = 224
@@ -39,7 +39,7 @@ class VisionConfig:
 
 @dataclass
 class TeacherConfig:
-    """Frozen CLIP image ViT applied per frame (DESIGN 3.1)."""
+    """Frozen CLIP image ViT applied per frame (docs/method.md, "Teacher")."""
 
     weights: str | None = None  # OpenAI/open_clip state dict file, HF CLIP folder, or stmvl teacher dir
     img_size: int = 224
@@ -61,7 +61,7 @@ class TeacherConfig:
 
 @dataclass
 class TextConfig:
-    """BERT text encoder with fusion (cross-attention) layers from `fusion_start` on (DESIGN 3.6)."""
+    """BERT text encoder with fusion (cross-attention) layers from `fusion_start` on (docs/method.md, "Text side")."""
 
     weights: str | None = None  # HF BERT folder, or "minilm" for the packaged MiniLM-L6
     vocab: str | None = None  # vocab.txt or folder; None = the weights folder's, else packaged bert-base-uncased
@@ -82,7 +82,7 @@ class TextConfig:
 
 @dataclass
 class PredictorConfig:
-    """Temporal point predictor (DESIGN 3.2)."""
+    """Temporal point predictor (docs/method.md, "Temporal point predictor")."""
 
     dim: int = 512  # d: teacher tokens are projected W -> d before the pair CNN
     hidden: int = 256
@@ -102,7 +102,7 @@ class PredictorConfig:
 
 @dataclass
 class MaskConfig:
-    """Masking strategies and ratios (DESIGN 3.3). Masks: bool [B, T*N], True = masked."""
+    """Masking strategies and ratios (docs/method.md, "Masking"). Masks: bool [B, T*N], True = masked."""
 
     video_strategy: str = "stm"  # random | tube | attention | attention_inverse | stm
     video_ratio: float = 0.7
@@ -121,7 +121,7 @@ class MaskConfig:
 
 @dataclass
 class LossConfig:
-    """Loss weights and options (DESIGN 3.7)."""
+    """Loss weights and options (docs/method.md, "Losses")."""
 
     vtc: float = 1.0
     vtm: float = 1.0
@@ -136,7 +136,7 @@ class LossConfig:
 
 @dataclass
 class ModelConfig:
-    """The assembled STM / UMT model (DESIGN 3)."""
+    """The assembled STM / UMT model (docs/method.md)."""
 
     preset: str = "stm"  # stm | umt (fills the method defaults; explicit keys win)
     vision: VisionConfig = field(default_factory=VisionConfig)

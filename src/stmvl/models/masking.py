@@ -1,5 +1,5 @@
-"""Token masking strategies (DESIGN 3.3). Every strategy returns bool [B, T*N], True = masked, with exactly
-k = int(N * ratio) masked tokens in every frame (token index = t * N + n).
+"""Token masking strategies (docs/method.md, "Masking"). Every strategy returns bool [B, T*N], True = masked, with
+exactly k = int(N * ratio) masked tokens in every frame (token index = t * N + n).
 
 Strategies:
     random             uniform per frame.
@@ -10,10 +10,10 @@ Strategies:
     stm                spatial attention and the temporal heatmap mixed with a learnable lambda; k tokens drawn by
                        hard Gumbel-top-k with a straight-through estimator so the predictor and lambda get gradients.
 
-STM scores. DESIGN 3.3 writes s = softmax(lam * softmax(s_tp) + (1 - lam) * s_sp). Both terms inside the softmax are
-probabilities of size ~1/N, so that outer softmax is flat (all s within ~1/N of each other in log space) and
-log s = mix - const is flat too: using either as Gumbel logits draws tokens almost uniformly. The reference code
-did this (`logits: reference`: the softmax output s used as logits, reproduced as written). The default
+STM scores. The reference code computes s = softmax(lam * softmax(s_tp) + (1 - lam) * s_sp). Both terms inside the
+softmax are probabilities of size ~1/N, so that outer softmax is flat (all s within ~1/N of each other in log space)
+and log s = mix - const is flat too: using either as Gumbel logits draws tokens almost uniformly. The reference code
+uses s itself as the Gumbel logits (`logits: reference`, reproduced as written). The default
 `logits: log` draws tokens in proportion to the mixture distribution itself,
 s = lam * softmax(s_tp) + (1 - lam) * s_sp / sum(s_sp), i.e. Gumbel logits = log s: the standard Gumbel-top-k
 sampler of "k tokens without replacement, in proportion to s", which is what the method intends.

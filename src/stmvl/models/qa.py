@@ -1,4 +1,4 @@
-"""VideoQA model (DESIGN 6): question encoder over video + a causal answer decoder; answer-list ranking.
+"""VideoQA model (README.md): question encoder over video + a causal answer decoder; answer-list ranking.
 
 Data flow for a batch of B clips and questions:
     video [B, T, 3, H, W] -> student ViT -> video tokens [B, n, Dv]
@@ -39,7 +39,7 @@ def _causal_mask(answer_mask: Tensor) -> Tensor:
 
 
 class AnswerDecoder(nn.Module):
-    """Causal BERT decoder initialised from the fusion layers of ``text`` (DESIGN 6).
+    """Causal BERT decoder initialised from the fusion layers of ``text`` (README.md, Evaluation protocol).
 
     The fusion layers cross-attend to video tokens of width ``text.cross_width``; here the keys are question states
     of width ``H`` (text hidden). Cross-attention key/value weights are copied when the widths agree and freshly

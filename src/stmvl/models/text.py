@@ -1,4 +1,4 @@
-"""BERT text encoder whose top layers cross-attend to video tokens, plus a tied MLM head (DESIGN 3.6).
+"""BERT text encoder whose top layers cross-attend to video tokens, plus a tied MLM head (docs/method.md, Text side).
 
 Layers ``[0, F)`` are text-only; layers ``[F, L)`` insert cross-attention (keys/values from the video tokens,
 width ``cross_width``) between self-attention and the feed-forward, as in UMT/ALBEF. BERT is post-norm:

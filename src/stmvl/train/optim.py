@@ -2,7 +2,7 @@
 
 No weight decay on biases, normalisation weights, any other 1-D parameter (scalars such as the STM lambda
 included), and parameters with a name component listed in `no_decay_names` (default `temp` and `pos*`: the
-contrastive temperature and position tables), DESIGN 5.
+contrastive temperature and position tables); docs/internals.md, stmvl.train.
 """
 
 from __future__ import annotations
