@@ -188,8 +188,8 @@ def test_dry_run_lists_every_missing_path_at_once(recipe, tmp_path, capsys):
                 f"media_root: {root}}}]")
     code = main(["pretrain", str(recipe), "--dry-run", "--out", str(tmp_path / "run"), bad_eval,
                  f"model.teacher.weights={tmp_path}/no_teacher"])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1, err
+    err = [line for line in capsys.readouterr().err.splitlines() if not line.startswith("[engine]")]
+    assert code == 2 and len(err) == 1 and err[0].startswith("stmvl: error: "), err
     assert "2 path(s) named by the recipe do not exist" in err[0]
     assert "eval.corpora.0.annotation (t)" in err[0] and "no_such_test.json" in err[0]
     assert "model.teacher.weights" in err[0] and "no_teacher" in err[0]

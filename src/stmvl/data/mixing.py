@@ -1,4 +1,4 @@
-"""Distributed batch sampling and the media-type mixing stream (DESIGN 4, "Media mixing").
+"""Distributed batch sampling and the media-type mixing stream (docs/internals.md, Batch).
 
 The stream keeps one loader per media type (video, image), each with its own batch size. Every step is one media
 type; the order of media types in an epoch is a shuffle seeded by (seed, epoch) only, so it is identical on all
@@ -162,6 +162,10 @@ class MixedBatchStream:
         while True:
             yield from self._pass_iterator(name, pass_index, start)
             pass_index, start = pass_index + 1, 0
+
+    def first_batch(self, name: str) -> Any:
+        """The first batch of media ``name`` in the current epoch (for a dry run; the stream position is unchanged)."""
+        return next(self._media_batches(name, 0))
 
     def __iter__(self) -> Iterator[Any]:
         schedule = self.schedule()

@@ -129,10 +129,23 @@ class StreamTask:
     ctx: Any = None
     stream: MixedBatchStream | None = None
 
+    # whether the run reads model.teacher.weights (pretraining with MVM or attention masks); checked before step 1
+    reads_teacher_weights: bool = False
+
     def setup(self, ctx) -> None:
+        from stmvl.errors import MissingPathsError
+        from stmvl.tasks.preflight import describe_missing, missing_paths
+        from stmvl.train.distributed import all_gather_object
+
         self.ctx = ctx
         if ctx.is_main:
             ensure_synthetic_corpus(self.cfg)
+        # every rank looks (node-local disks differ) and every rank raises the same error, so none waits alone
+        found = all_gather_object(missing_paths(self.cfg, self.reads_teacher_weights))
+        bad = [(rank, missing) for rank, missing in enumerate(found) if missing]
+        if bad:
+            rank, missing = bad[0]
+            raise MissingPathsError(describe_missing(missing, f"rank {rank}: " if ctx.world_size > 1 else ""))
         if ctx.world_size > 1:
             torch.distributed.barrier()
 
@@ -145,9 +158,17 @@ class StreamTask:
     def steps_per_epoch(self) -> int:
         return len(self._stream())
 
+    def sample_batches(self) -> dict[str, dict]:
+        """One batch of each media type of the stream, on the device (for `--dry-run`)."""
+        stream = self._stream()
+        return {name: self._to_device(stream.first_batch(name)) for name in sorted(stream.sources)}
+
+    def _to_device(self, batch: dict) -> dict:
+        device = self.ctx.device
+        return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
     def train_batches(self, epoch: int, start_step: int) -> Iterable[dict]:
         stream = self._stream()
         stream.load_state_dict({"epoch": epoch, "step": start_step})
-        device = self.ctx.device
         for batch in stream:
-            yield {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+            yield self._to_device(batch)

@@ -488,6 +488,7 @@ def finetune(cfg: RunConfig, checkpoint: str | Path | None = None, *, cache_clip
 
 def finetune_main(argv: list[str]) -> int:
     """``stmvl finetune RECIPE --checkpoint DIR [--out DIR] [key=value ...]``."""
+    from stmvl.errors import UserError
     from stmvl.train.commands import _config, _fail, _parser
 
     args = _parser("finetune", "finetune a pretrained checkpoint (retrieval, VideoQA, multiple choice)",
@@ -495,7 +496,7 @@ def finetune_main(argv: list[str]) -> int:
     try:
         cfg = _config(args)
         task_result = finetune(cfg, args.checkpoint)
-    except (ConfigError, FileNotFoundError) as exc:
+    except (ConfigError, FileNotFoundError, UserError) as exc:
         return _fail(exc)
     for line in summary_lines(_nest(task_result["eval"])):
         print(line)

@@ -44,6 +44,7 @@ class PretrainTask(StreamTask):
 
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
+        self.reads_teacher_weights = needs_teacher(cfg.model)
         self.ctx: TrainContext | None = None
         self.stream = None
         self.total_steps = 0

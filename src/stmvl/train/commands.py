@@ -24,6 +24,8 @@ def _parser(prog: str, description: str, checkpoint: bool = False) -> argparse.A
                                                            "folder or a step folder")
     else:
         p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint of the run folder")
+        p.add_argument("--dry-run", action="store_true", help="check every path, build everything, run one step of "
+                       "each media type, print step time and memory, and exit (nothing is written to the run folder)")
     return p
 
 
@@ -86,13 +88,52 @@ def _train_main(argv: list[str], prog: str, description: str, run) -> int:
         cfg = _config(args)
     except (ConfigError, ValueError) as exc:
         return _fail(exc)
-    from stmvl.train.engine import ResumeError
+    from stmvl.errors import UserError
 
     try:
-        run(cfg)
-    except ResumeError as exc:
+        if args.dry_run:
+            dry_run(cfg, _TASKS[prog])
+        else:
+            run(cfg)
+    except UserError as exc:
         return _fail(exc)
     return 0
+
+
+def _pretrain_task(cfg: RunConfig):
+    from stmvl.tasks.pretrain import PretrainTask
+
+    return PretrainTask(cfg)
+
+
+def _teacher_task(cfg: RunConfig):
+    from stmvl.tasks.teacher import TeacherTask
+
+    return TeacherTask(cfg)
+
+
+_TASKS = {"pretrain": _pretrain_task, "train-teacher": _teacher_task}
+
+
+def dry_run(cfg: RunConfig, make_task) -> list[dict[str, Any]]:
+    """`--dry-run`: one step of each media type in a throw-away run folder; prints one line per media type."""
+    import tempfile
+
+    from stmvl.train.engine import Trainer
+
+    cfg.runtime.resume, cfg.runtime.tensorboard, cfg.runtime.progress = False, False, False
+    with tempfile.TemporaryDirectory(prefix="stmvl-dry-run-") as tmp:
+        cfg.runtime.out_dir = tmp
+        trainer = Trainer(cfg, make_task(cfg), run_dir=tmp)
+        rows = trainer.dry_run()
+        if trainer.dist.is_main:
+            for row in rows:
+                losses = " ".join(f"{k}={v:.4f}" for k, v in row["losses"].items())
+                print(f"[dry-run] {row['media']}: one step {row['seconds']:.2f}s, peak memory "
+                      f"{row['peak_memory_bytes'] / 2**30:.2f} GiB ({trainer.device.type}, {trainer.precision}) "
+                      f"{losses}")
+            print("[dry-run] every path exists and every media type ran one step; nothing was saved")
+    return rows
 
 
 def train_teacher_main(argv: list[str]) -> int:

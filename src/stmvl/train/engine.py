@@ -1,6 +1,6 @@
 """The one training loop of stmvl: pretraining, finetuning and teacher training are `Task`s run by `Trainer`.
 
-The engine owns everything that is the same for every task (DESIGN 5): seeding, device and process group, AdamW
+The engine owns everything that is the same for every task (docs/internals.md): seeding, device and process group, AdamW
 with parameter groups, the per-step warmup + cosine schedule, autocast (bf16, or fp16 with a grad scaler),
 gradient accumulation, clipping, the NaN/inf guard, DDP, checkpoints and resume, logging and evaluation calls.
 The task owns the model, the data and the loss.
@@ -28,6 +28,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from stmvl.config import RunConfig, save_config
+from stmvl.errors import UserError
 from stmvl.train import distributed as D
 from stmvl.train.checkpoint import (MODEL_FILE, STATE_FILE, latest_checkpoint, load_checkpoint, load_weights,
                                     save_checkpoint)
@@ -50,7 +51,7 @@ __all__ = [
 ]
 
 
-class ResumeError(ValueError):
+class ResumeError(UserError):
     """A resume that cannot continue the checkpoint's run: another cut of the epoch into batches (the global batch
     changed with the number of ranks), or a checkpoint that this rank cannot read. A user error: exit code 2."""
 
@@ -582,6 +583,37 @@ class Trainer:
         every = self.cfg.eval.every_epochs
         return finished or (every > 0 and epoch_done % every == 0)
 
+    def dry_run(self) -> list[dict[str, Any]]:
+        """Build everything (model, optimizer, data), then run one optimizer step on one batch of each media type the
+        task offers (`task.sample_batches() -> {media: batch}`). Nothing is checkpointed.
+
+        Returns one row per media type: {media, seconds (the first step, so it includes one-off kernel set-up),
+        peak_memory_bytes (CUDA: allocated by tensors; CPU: the process's peak resident set), losses}.
+        """
+        self._setup()
+        if not hasattr(self.task, "sample_batches"):
+            raise TypeError(f"task {type(self.task).__name__} has no sample_batches(): it cannot be dry-run")
+        self._set_train_mode()
+        rows = []
+        for media, batch in self.task.sample_batches().items():
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+                torch.cuda.reset_peak_memory_stats(self.device)
+            started = time.perf_counter()
+            metrics = self._optimizer_step([batch])
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+                peak = torch.cuda.max_memory_allocated(self.device)
+            else:
+                import resource
+
+                peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+            rows.append({"media": media, "seconds": time.perf_counter() - started, "peak_memory_bytes": int(peak),
+                         "losses": {k: v for k, v in metrics.items() if k == "loss" or k.startswith("loss_")}})
+        if self.writer is not None:
+            self.writer.close()
+        return rows
+
     def fit(self) -> dict[str, Any]:
         """Train until optim.max_steps / optim.epochs; returns {global_step, run_dir, checkpoint, eval, best}."""
         self._setup()
@@ -609,7 +641,7 @@ class Trainer:
                 micro = self._micro_batches(batches, n_micro)
                 computed = time.perf_counter()
                 metrics = self._optimizer_step(micro)
-                # data wait vs compute time: tells whether the loader keeps up (DESIGN: wait < 10% of the step)
+                # data wait vs compute time: tells whether the loader keeps up (target: wait < 10% of the step)
                 metrics.update(data_wait_s=computed - waited, step_s=time.perf_counter() - waited)
                 self.global_step += 1
                 step_in_epoch += 1
