@@ -262,7 +262,9 @@ def test_tiny_model_overfits_8_pairs(preset):
         first, last, r1 = overfit(preset)
     finally:
         torch.set_num_threads(threads)
-    # measured (2-core CPU, seed 0, 1 thread): total loss stm 15.5 -> 0.63, umt 15.3 -> 0.66; R@1 1.0 for both
+    # measured (2-core CPU, seed 0, 1 thread): total loss stm 14.6 -> 0.65, umt 14.8 -> 0.89; R@1 1.0 for both
+    # (before the method followed the reference code: stm 15.5 -> 0.63, umt 15.3 -> 0.66; the hard VTM negatives
+    # drawn at the contrastive temperature keep the VTM loss higher late in training, the rest moved with them)
     assert last <= 0.5 * first, (first, last)
     assert r1 == 1.0
 
