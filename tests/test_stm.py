@@ -263,8 +263,9 @@ def test_tiny_model_overfits_8_pairs(preset):
     finally:
         torch.set_num_threads(threads)
     # measured (2-core CPU, seed 0, 1 thread): total loss stm 14.6 -> 0.65, umt 14.8 -> 0.89; R@1 1.0 for both
-    # (before the method followed the reference code: stm 15.5 -> 0.63, umt 15.3 -> 0.66; the hard VTM negatives
-    # drawn at the contrastive temperature keep the VTM loss higher late in training, the rest moved with them)
+    # (measured again after the method changes of docs/method.md; the old comment said stm 15.5 -> 0.63, umt 15.3 ->
+    # 0.66. With loss.vtm_negatives 'cosine' the same runs end at stm 0.86, umt 0.83: the ending loss of this tiny
+    # overfit moves by ~0.2 with such changes, the thresholds below leave room for that)
     assert last <= 0.5 * first, (first, last)
     assert r1 == 1.0
 
