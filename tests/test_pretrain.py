@@ -79,6 +79,9 @@ def test_resume_after_kill_reproduces_the_uninterrupted_losses_exactly(recipe, t
     got = [[r[n] for n in names] for r in _train_records(tmp_path / "cut")]
     assert len(expected) == 4
     assert got == expected  # exactly: same samples, masks, negatives and RNG after the restart
+    # the first step runs under the FLOP counter and is kept out of the rates; the others log clips/s and MFU
+    records = _train_records(tmp_path / "full")
+    assert "mfu" not in records[0] and all(0 < r["mfu"] < 1.5 and r["clips_per_s"] > 0 for r in records[1:])
     assert expected[0][0] != expected[-1][0]
 
 

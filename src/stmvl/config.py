@@ -201,6 +201,7 @@ class RuntimeConfig:
     grad_checkpointing: bool = False
     backend: str = field(default="auto", metadata=_choices("auto", "gloo", "nccl"))
     find_unused_parameters: bool = False
+    count_flops: bool = True  # count each step kind's FLOPs once; log clips_per_s, tflops_per_s and mfu
     tensorboard: bool = True
     progress: bool = True
 

@@ -34,6 +34,7 @@ from stmvl.train.checkpoint import (MODEL_FILE, STATE_FILE, latest_checkpoint, l
                                     save_checkpoint)
 from stmvl.train.logging import MetricsWriter, Progress, truncate_metrics
 from stmvl.train.optim import build_optimizer, default_param_groups
+from stmvl.train.flops import count_flops, matmul_peak, mfu
 from stmvl.train.precision import resolve as resolve_run_precision
 from stmvl.train.schedule import WarmupCosineSchedule
 
@@ -210,6 +211,7 @@ class Trainer:
         self.callbacks = list(callbacks)
         self.global_step = 0
         self.nonfinite_steps = 0
+        self.step_flops: dict[tuple, int] = {}  # FLOPs of one optimizer step per step kind (see _step_kind)
         self.best: dict[str, Any] = {}
         self.last_eval: dict[str, Any] = {}
         self.last_checkpoint: Path | None = None
@@ -537,6 +539,38 @@ class Trainer:
         metrics.update(lr=lr, grad_norm=float(grad_norm), skipped=float(bad))
         return metrics
 
+    @staticmethod
+    def _step_kind(batches: list[Any]) -> tuple:
+        """What decides a step's FLOPs besides the config: the media type (and shape) of each micro-batch."""
+        kinds = []
+        for batch in batches:
+            video = batch.get("video") if isinstance(batch, dict) else None
+            kinds.append((batch.get("media") if isinstance(batch, dict) else None,
+                          tuple(video.shape) if isinstance(video, torch.Tensor) else None))
+        return tuple(kinds)
+
+    def _counted_step(self, batches: list[Any]) -> tuple[dict[str, float], int | None]:
+        """One optimizer step; the first step of each kind runs under FlopCounterMode (runtime.count_flops)."""
+        kind = self._step_kind(batches)
+        if not self.cfg.runtime.count_flops or kind in self.step_flops:
+            return self._optimizer_step(batches), None
+        box: dict[str, dict[str, float]] = {}
+        self.step_flops[kind] = count_flops(lambda: box.update(metrics=self._optimizer_step(batches)))
+        return box["metrics"], self.step_flops[kind]
+
+    def _rates(self, batches: list[Any], seconds: float) -> dict[str, float]:
+        """clips/s over all ranks, and MFU (this rank's counted FLOPs over the measured matmul peak)."""
+        out: dict[str, float] = {}
+        clips = sum(b["video"].shape[0] for b in batches if isinstance(b, dict) and "video" in b)
+        if clips:
+            out["clips_per_s"] = clips * self.dist.world_size / max(seconds, 1e-12)
+        flops = self.step_flops.get(self._step_kind(batches))
+        if flops:
+            peak = matmul_peak(self.precision, self.device.type, self.device.index)
+            out["tflops_per_s"] = flops / max(seconds, 1e-12) / 1e12
+            out["mfu"] = mfu(flops, seconds, peak)
+        return out
+
     def _count_nonfinite(self, loss: float, grad_norm: float) -> None:
         self.nonfinite_steps += 1
         limit = self.cfg.optim.max_nonfinite_steps
@@ -555,7 +589,8 @@ class Trainer:
         means = D.all_reduce_mean(means, self.device)
         if self.dist.is_main:
             rate = progress.log(self.global_step, self.epoch, self.num_epochs,
-                                {k: v for k, v in means.items() if k in ("loss", "lr") or k.startswith("loss_")})
+                                {k: v for k, v in means.items()
+                                 if k in ("loss", "lr", "clips_per_s", "mfu") or k.startswith("loss_")})
             self.writer.write(self.global_step, {"epoch": self.epoch, **means, "steps_per_s": rate})
 
     def _evaluate(self, epoch: int) -> dict[str, Any]:
@@ -640,9 +675,11 @@ class Trainer:
                 waited = time.perf_counter()
                 micro = self._micro_batches(batches, n_micro)
                 computed = time.perf_counter()
-                metrics = self._optimizer_step(micro)
+                metrics, counted = self._counted_step(micro)
                 # data wait vs compute time: tells whether the loader keeps up (target: wait < 10% of the step)
                 metrics.update(data_wait_s=computed - waited, step_s=time.perf_counter() - waited)
+                if counted is None:  # the step that ran under the FLOP counter is slower: keep it out of the rates
+                    metrics.update(self._rates(micro, metrics["step_s"]))
                 self.global_step += 1
                 step_in_epoch += 1
                 end_of_epoch = step_in_epoch >= self.steps_per_epoch

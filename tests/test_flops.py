@@ -1,0 +1,22 @@
+"""Counted FLOPs (FlopCounterMode) and the MFU the engine logs."""
+
+from __future__ import annotations
+
+import torch
+
+from stmvl.train.flops import count_flops, matmul_peak, mfu
+
+
+def test_a_linear_training_step_counts_forward_and_both_backward_matmuls():
+    layer = torch.nn.Linear(64, 32)
+    x = torch.randn(16, 64, requires_grad=True)
+    flops = count_flops(lambda: layer(x).sum().backward())
+    forward = 2 * 16 * 64 * 32
+    assert flops == 3 * forward  # forward, grad of the input, grad of the weight
+
+
+def test_matmul_peak_leaves_the_global_rng_alone_and_mfu_is_a_ratio():
+    state = torch.get_rng_state()
+    peak = matmul_peak("fp32", "cpu", None, 128, 1)
+    assert torch.equal(state, torch.get_rng_state()) and peak > 1e6
+    assert mfu(flops=5e9, seconds=0.5, peak=2e10) == 0.5
