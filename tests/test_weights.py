@@ -1,4 +1,5 @@
-"""stmvl.models.weights: HF BERT / CLIP parity, real MiniLM, UMT import/export, strict loading, save/load."""
+"""stmvl.models.weights: HF BERT / CLIP parity, real MiniLM, CLIP teacher sources (OpenAI TorchScript, open_clip,
+UMT's extracted tower), strict loading, save/load. UMT checkpoints: tests/test_convert_umt.py."""
 
 import json
 
@@ -13,16 +14,12 @@ from stmvl.models.text import BertEncoder
 from stmvl.models.vit import VideoViT, vit_config
 from stmvl.models.weights import (
     WeightLoadError,
-    convert_main,
     load_bert,
     load_clip_vision,
     load_model_dir,
     load_state_dict_strict,
-    model_config_from_umt,
     read_state_dict,
     save_model,
-    stmvl_to_umt,
-    umt_to_stmvl,
 )
 
 transformers = pytest.importorskip("transformers")
@@ -156,124 +153,141 @@ def test_clip_temporal_fusion_weights_load(tmp_path):
     assert torch.equal(teacher.temporal.blocks[0].mlp.fc2.weight, fusion.blocks[0].mlp.fc2.weight)
 
 
-class _UmtLikeModel(nn.Module):
-    """The STMModel submodules a UMT stage-2 checkpoint fills (vision, text, teacher, heads), at B/16 widths."""
+class _QuickGELU(nn.Module):
+    def forward(self, x):
+        return x * torch.sigmoid(1.702 * x)
 
-    def __init__(self):
+
+class _ResidualAttentionBlock(nn.Module):
+    """OpenAI clip/model.py ResidualAttentionBlock (nn.MultiheadAttention, mlp c_fc -> act -> c_proj)."""
+
+    def __init__(self, width, heads, act):
         super().__init__()
-        self.vision = VideoViT(vit_config("b16"))
-        self.text = BertEncoder(TextConfig(vocab_size=120, hidden=768, layers=2, heads=12, intermediate=256,
-                                           max_position=40, fusion_start=1), cross_width=768)
-        self.teacher = CLIPTeacher(TeacherConfig(width=768, layers=1, heads=12, embed_dim=512, return_layers=1))
-        self.vision_proj = nn.Linear(768, 512)
-        self.text_proj = nn.Linear(768, 512)
-        self.itm_head = nn.Linear(768, 2)
-        self.temp = nn.Parameter(torch.tensor(0.07))
+        self.attn = nn.MultiheadAttention(width, heads)
+        self.ln_1 = nn.LayerNorm(width)
+        self.mlp = nn.Sequential()
+        self.mlp.add_module("c_fc", nn.Linear(width, width * 4))
+        self.mlp.add_module("gelu", act())
+        self.mlp.add_module("c_proj", nn.Linear(width * 4, width))
+        self.ln_2 = nn.LayerNorm(width)
+
+    def forward(self, x):
+        h = self.ln_1(x)
+        x = x + self.attn(h, h, h, need_weights=False)[0]
+        return x + self.mlp(self.ln_2(x))
 
 
-def _umt_stage2_state(model: _UmtLikeModel) -> dict:
-    """A UMT stage-2 state dict with UMT's own key names, random values, shapes taken from the model."""
-    g = torch.Generator().manual_seed(0)
-    shapes = {k: v.shape for k, v in model.state_dict().items()}
-    rnd = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
-    sd = {"vision_encoder.patch_embed.proj.weight": rnd(*shapes["vision.patch_embed.proj.weight"]),
-          "vision_encoder.patch_embed.proj.bias": rnd(768)}
-    for i in range(12):
-        p = f"vision_encoder.blocks.{i}."
-        sd.update({p + "norm1.weight": rnd(768), p + "norm1.bias": rnd(768), p + "attn.qkv.weight": rnd(2304, 768),
-                   p + "attn.q_bias": rnd(768), p + "attn.v_bias": rnd(768), p + "attn.proj.weight": rnd(768, 768),
-                   p + "attn.proj.bias": rnd(768), p + "norm2.weight": rnd(768), p + "norm2.bias": rnd(768),
-                   p + "mlp.fc1.weight": rnd(3072, 768), p + "mlp.fc1.bias": rnd(3072),
-                   p + "mlp.fc2.weight": rnd(768, 3072), p + "mlp.fc2.bias": rnd(768)})
-    for name in ("norm", "pool_norm"):
-        sd[f"vision_encoder.{name}.weight"], sd[f"vision_encoder.{name}.bias"] = rnd(768), rnd(768)
-    b = "text_encoder.bert."
-    sd.update({b + "embeddings.word_embeddings.weight": rnd(120, 768), b + "embeddings.position_embeddings.weight": rnd(40, 768),
-               b + "embeddings.token_type_embeddings.weight": rnd(2, 768), b + "embeddings.LayerNorm.weight": rnd(768),
-               b + "embeddings.LayerNorm.bias": rnd(768), b + "embeddings.position_ids": torch.arange(40)[None]})
-    for i in range(2):
-        p = f"{b}encoder.layer.{i}."
-        blocks = ["attention"] + (["crossattention"] if i == 1 else [])
-        for att in blocks:
-            for qkv in ("query", "key", "value"):
-                sd[f"{p}{att}.self.{qkv}.weight"], sd[f"{p}{att}.self.{qkv}.bias"] = rnd(768, 768), rnd(768)
-            sd[f"{p}{att}.output.dense.weight"], sd[f"{p}{att}.output.dense.bias"] = rnd(768, 768), rnd(768)
-            sd[f"{p}{att}.output.LayerNorm.weight"], sd[f"{p}{att}.output.LayerNorm.bias"] = rnd(768), rnd(768)
-        sd.update({p + "intermediate.dense.weight": rnd(256, 768), p + "intermediate.dense.bias": rnd(256),
-                   p + "output.dense.weight": rnd(768, 256), p + "output.dense.bias": rnd(768),
-                   p + "output.LayerNorm.weight": rnd(768), p + "output.LayerNorm.bias": rnd(768)})
-    c = "text_encoder.cls.predictions."
-    sd.update({c + "bias": rnd(120), c + "transform.dense.weight": rnd(768, 768), c + "transform.dense.bias": rnd(768),
-               c + "transform.LayerNorm.weight": rnd(768), c + "transform.LayerNorm.bias": rnd(768)})
-    sd[c + "decoder.weight"] = sd[b + "embeddings.word_embeddings.weight"]
-    sd[c + "decoder.bias"] = sd[c + "bias"]
-    t = "clip_teacher."
-    sd.update({t + "conv1.weight": rnd(768, 3, 16, 16), t + "class_embedding": rnd(768),
-               t + "positional_embedding": rnd(197, 768), t + "ln_pre.weight": rnd(768), t + "ln_pre.bias": rnd(768),
-               t + "ln_post.weight": rnd(768), t + "ln_post.bias": rnd(768), t + "proj": rnd(768, 512)})
-    r = t + "transformer.resblocks.0."
-    sd.update({r + "ln_1.weight": rnd(768), r + "ln_1.bias": rnd(768), r + "attn.in_proj_weight": rnd(2304, 768),
-               r + "attn.in_proj_bias": rnd(2304), r + "attn.out_proj.weight": rnd(768, 768),
-               r + "attn.out_proj.bias": rnd(768), r + "ln_2.weight": rnd(768), r + "ln_2.bias": rnd(768),
-               r + "mlp.c_fc.weight": rnd(3072, 768), r + "mlp.c_fc.bias": rnd(3072),
-               r + "mlp.c_proj.weight": rnd(768, 3072), r + "mlp.c_proj.bias": rnd(768)})
-    sd.update({"vision_proj.weight": rnd(512, 768), "vision_proj.bias": rnd(512), "text_proj.weight": rnd(512, 768),
-               "text_proj.bias": rnd(512), "itm_head.weight": rnd(2, 768), "itm_head.bias": rnd(2), "temp": torch.tensor(0.05)})
-    return sd
+class _Resblocks(nn.Module):
+    def __init__(self, width, layers, heads, act):
+        super().__init__()
+        self.resblocks = nn.Sequential(*[_ResidualAttentionBlock(width, heads, act) for _ in range(layers)])
+
+    def forward(self, x):
+        return self.resblocks(x)
 
 
-@pytest.fixture(scope="module")
-def umt_model():
-    # Real shapes without spending time on random init: the UMT values are loaded over it anyway.
-    with torch.device("meta"):
-        model = _UmtLikeModel()
-    return model.to_empty(device="cpu")
+class _OpenAIVisual(nn.Module):
+    """OpenAI clip/model.py VisionTransformer; forward returns ``ln_post(x) @ proj`` for every token (OpenAI keeps
+    token 0, the image embedding; the patch tokens are the teacher's last-layer targets)."""
+
+    def __init__(self, res=32, patch=8, width=128, layers=2, heads=2, output_dim=24, act=_QuickGELU):
+        super().__init__()
+        scale = width**-0.5
+        self.conv1 = nn.Conv2d(3, width, kernel_size=patch, stride=patch, bias=False)
+        self.class_embedding = nn.Parameter(scale * torch.randn(width))
+        self.positional_embedding = nn.Parameter(scale * torch.randn((res // patch) ** 2 + 1, width))
+        self.ln_pre = nn.LayerNorm(width)
+        self.transformer = _Resblocks(width, layers, heads, act)
+        self.ln_post = nn.LayerNorm(width)
+        self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
+
+    def forward(self, x):
+        x = self.conv1(x)
+        x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)
+        cls = self.class_embedding.to(x.dtype) + torch.zeros(x.shape[0], 1, x.shape[-1], dtype=x.dtype)
+        x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)
+        x = self.ln_pre(x).permute(1, 0, 2)
+        x = self.transformer(x).permute(1, 0, 2)
+        return self.ln_post(x) @ self.proj
 
 
-def test_umt_stage2_import_places_every_key_and_round_trips(umt_model, tmp_path):
-    umt = _umt_stage2_state(umt_model)
-    mapping = umt_to_stmvl({"model": umt})
-    assert mapping.stage == 2 and mapping.unplaced == []
-    assert set(mapping.ignored) == {"text_encoder.bert.embeddings.position_ids",
-                                    "text_encoder.cls.predictions.decoder.weight",
-                                    "text_encoder.cls.predictions.decoder.bias"}
-    report = load_state_dict_strict(umt_model, mapping.state_dict)
-    assert report.missing == {} and report.ok
-    assert torch.equal(umt_model.teacher.proj.weight, umt["clip_teacher.proj"].t())
-    assert torch.equal(umt_model.vision.blocks[3].attn.q_bias, umt["vision_encoder.blocks.3.attn.q_bias"])
-    exported, unplaced = stmvl_to_umt(umt_model.state_dict(), stage=2)
-    assert unplaced == []
-    umt.pop("text_encoder.bert.embeddings.position_ids")
-    assert set(exported) == set(umt)
-    assert all(torch.equal(exported[k], umt[k]) for k in umt)
-    cfg = model_config_from_umt(mapping.state_dict)
-    assert (cfg.vision.width, cfg.vision.depth, cfg.vision.size) == (768, 12, "b16")
-    assert (cfg.text.fusion_start, cfg.teacher.embed_dim, cfg.embed_dim) == (1, 512, 512)
+class _OpenAICLIP(nn.Module):
+    """The parts of OpenAI's CLIP the teacher import meets: ``visual.*`` plus text-tower keys to ignore."""
+
+    def __init__(self, act=_QuickGELU):
+        super().__init__()
+        torch.manual_seed(0)
+        self.visual = _OpenAIVisual(act=act)
+        self.token_embedding = nn.Embedding(10, 16)
+        self.logit_scale = nn.Parameter(torch.ones([]))
+
+    def forward(self, image):
+        return self.visual(image)
 
 
-def test_umt_stage1_round_trip_and_convert_cli(tmp_path):
-    vit = VideoViT(vit_config("tiny"))
-    decoders = nn.ModuleList(nn.ModuleDict({"head": nn.Linear(64, 24), "norm": nn.LayerNorm(24)}) for _ in range(2))
-    ours = {**{"vision." + k: v for k, v in vit.state_dict().items()},
-            **{"decoders." + k: v for k, v in decoders.state_dict().items()}}
-    umt, unplaced = stmvl_to_umt(ours, stage=1)
-    assert unplaced == [] and "encoder.blocks.1.attn.q_bias" in umt and "clip_decoder.1.head.weight" in umt
-    back = umt_to_stmvl(umt)
-    assert back.stage == 1 and back.unplaced == []
-    assert set(back.state_dict) == set(ours) and all(torch.equal(back.state_dict[k], ours[k]) for k in ours)
-    # Through the CLI: a UMT file -> stmvl safetensors + a config inferred from the shapes.
-    torch.save({"model": umt}, tmp_path / "umt.pth")
-    assert convert_main(["umt", str(tmp_path / "umt.pth"), str(tmp_path / "out"), "--img-size", "32"]) == 0
-    meta = json.loads((tmp_path / "out" / "config.json").read_text())
-    assert meta["config"]["vision"]["width"] == 64 and meta["config"]["vision"]["depth"] == 2
-    converted = read_state_dict(tmp_path / "out" / "model.safetensors")
-    assert set(converted) == set(ours) and torch.equal(converted["vision.norm.weight"], ours["vision.norm.weight"])
-    umt["encoder.blocks.0.gamma_1"] = torch.ones(64)
-    umt["some_head.weight"] = torch.ones(3)
-    assert umt_to_stmvl(umt).unplaced == ["encoder.blocks.0.gamma_1", "some_head.weight"]
-    torch.save(umt, tmp_path / "bad.pth")
-    assert convert_main(["umt", str(tmp_path / "bad.pth"), str(tmp_path / "bad")]) == 1
-    assert not (tmp_path / "bad").exists()
+def _check_teacher_against(teacher, reference, pixels):
+    with torch.no_grad():
+        expected = reference(pixels)
+        got = teacher(pixels[:, None])  # [B, T=1, 3, H, W]
+        image = teacher.image_embedding(pixels)
+    torch.testing.assert_close(got.targets[-1], expected[:, 1:], atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(image, expected[:, 0], atol=2e-5, rtol=1e-4)
+    return (got.targets[-1] - expected[:, 1:]).abs().max().item()
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+def test_openai_torchscript_archive_loads_as_the_teacher(tmp_path):
+    """OpenAI publishes TorchScript archives; weights_only torch.load refuses them, the teacher loader reads them."""
+    clip = _OpenAICLIP().eval()
+    pixels = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        traced = torch.jit.trace(clip, pixels)
+    torch.jit.save(traced, str(tmp_path / "ViT-tiny.pt"))
+    torch.save(clip.state_dict(), tmp_path / "plain.pt")
+    from stmvl.models.weights import is_torchscript_archive
+
+    assert is_torchscript_archive(tmp_path / "ViT-tiny.pt") and not is_torchscript_archive(tmp_path / "plain.pt")
+    with pytest.raises(WeightLoadError, match="TorchScript archive"):
+        read_state_dict(tmp_path / "ViT-tiny.pt")  # everything but a named CLIP teacher stays weights-only
+    teacher = load_clip_vision(tmp_path / "ViT-tiny.pt", return_layers=2, input_norm="none")
+    assert (teacher.cfg.width, teacher.cfg.heads, teacher.cfg.layers, teacher.cfg.embed_dim) == (128, 2, 2, 24)
+    assert {"token_embedding.weight", "logit_scale"} <= set(teacher.load_report.ignored)
+    _check_teacher_against(teacher, clip.visual, pixels)
+    # the same tensors as a weights-only state dict, and as UMT's extracted tower (keys without "visual.")
+    _check_teacher_against(load_clip_vision(tmp_path / "plain.pt", input_norm="none"), clip.visual, pixels)
+    bare = {k[len("visual."):]: v for k, v in clip.state_dict().items() if k.startswith("visual.")}
+    torch.save(bare, tmp_path / "vit_tiny.pth")
+    _check_teacher_against(load_clip_vision(tmp_path / "vit_tiny.pth", input_norm="none"), clip.visual, pixels)
+
+
+def test_open_clip_folder_takes_its_activation_from_the_config(tmp_path):
+    clip = _OpenAICLIP(act=nn.GELU).eval()  # open_clip's LAION models: nn.GELU unless quick_gelu
+    folder = tmp_path / "open_clip"
+    folder.mkdir()
+    torch.save(clip.state_dict(), folder / "open_clip_pytorch_model.bin")
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": {"embed_dim": 24, "vision_cfg": {}}}))
+    teacher = load_clip_vision(folder, input_norm="none")
+    assert teacher.cfg.act == "gelu"
+    _check_teacher_against(teacher, clip.visual, torch.rand(2, 3, 32, 32))
+
+
+def test_clip_mlp_width_comes_from_the_tensors(tmp_path):
+    cfg = transformers.CLIPVisionConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                                        image_size=32, patch_size=8, projection_dim=24, attn_implementation="eager")
+    ref = transformers.CLIPVisionModelWithProjection(cfg).eval()
+    ref.save_pretrained(tmp_path)
+    teacher = load_clip_vision(tmp_path, return_layers=1, input_norm="none")
+    assert teacher.cfg.mlp_width == 160 and teacher.blocks[0].mlp.fc1.out_features == 160
+    pixels = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        out = ref(pixel_values=pixels, output_hidden_states=True)
+        expected = ref.visual_projection(ref.vision_model.post_layernorm(out.hidden_states[-1][:, 1:]))
+        torch.testing.assert_close(teacher(pixels[:, None]).targets[0], expected, atol=2e-5, rtol=1e-4)
+
+
+def test_missing_teacher_file_says_what_it_is(tmp_path):
+    with pytest.raises(FileNotFoundError, match="CLIP teacher weights not found"):
+        load_clip_vision(tmp_path / "ViT-B-16.pt")
 
 
 def test_strict_loading_reports_by_group():

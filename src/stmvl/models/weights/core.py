@@ -62,14 +62,15 @@ def read_pickle_object(path: str | Path) -> object:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    if is_torchscript_archive(path):
+        raise WeightLoadError(f"{path}: a TorchScript archive (code, not only tensors) is not read here; only a CLIP "
+                              "teacher's weights may be one (model.teacher.weights)")
     try:
         return torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - re-raised with the file named
-        if is_torchscript_archive(path):
-            hint = " (it is a TorchScript archive: only a CLIP teacher's weights may be one)"
-        else:  # e.g. a training checkpoint that also pickles its argparse/EasyDict settings
-            hint = (" (if it also pickles objects such as training arguments, save its tensors alone, e.g. "
-                    "torch.save(ckpt['model'], 'weights.pth'), in an environment you trust)")
+        # e.g. a training checkpoint that also pickles its argparse / EasyDict settings
+        hint = (" (if it also pickles objects such as training arguments, save its tensors alone, e.g. "
+                "torch.save(ckpt['model'], 'weights.pth'), in an environment you trust)")
         raise WeightLoadError(f"{path}: cannot be read as a weights-only torch checkpoint{hint}: {error}") from error
 
 

@@ -174,6 +174,10 @@ def stmvl_to_umt(sd: Mapping[str, torch.Tensor], stage: int = 2) -> tuple[StateD
         out.update({layout.pool_norm + k[len("vision.pool_norm."):]: v for k, v in pool.items()})
         text, u = stmvl_to_bert(sd, prefix="text.", bert_prefix="text_encoder.bert.",
                                 cls_prefix="text_encoder.cls.predictions.")
+        if "text_encoder.bert.embeddings.position_embeddings.weight" in text:
+            # UMT's xbert registers position_ids as a persistent buffer: a strict load of the export needs it
+            rows = text["text_encoder.bert.embeddings.position_embeddings.weight"].shape[0]
+            text["text_encoder.bert.embeddings.position_ids"] = torch.arange(rows).unsqueeze(0)
         out.update(text)
         unplaced += u
         teacher, u = stmvl_to_openai_clip(sd, prefix="teacher.", out_prefix="clip_teacher.")
