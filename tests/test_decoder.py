@@ -137,9 +137,17 @@ def test_st_decoder_mask_weight_carries_gradient():
     assert weight.grad[mask].abs().sum() > 0
 
 
-def test_linear_decoder_is_linear_plus_layernorm():
+def test_linear_decoder_is_linear_plus_layernorm_after_the_position_table():
     dec = LinearDecoder(8, 5)
+
+    def expected(tokens):
+        return torch.nn.functional.layer_norm(tokens @ dec.head.weight.t() + dec.head.bias, (5,), dec.norm.weight,
+                                              dec.norm.bias)
+
+    # UMT adds its 1-D position table (clip_pos_embed) once more in front of the linear decoder
     x = torch.randn(2, 3, 8)
-    expected = torch.nn.functional.layer_norm(x @ dec.head.weight.t() + dec.head.bias, (5,), dec.norm.weight, dec.norm.bias)
-    torch.testing.assert_close(dec(x), expected)
+    torch.testing.assert_close(dec(x), expected(x + reference_position_table(3, 8)))
+    keep = torch.tensor([[True, False, True, False], [False, True, True, False]])
+    table = reference_position_table(4, 8)
+    torch.testing.assert_close(dec(x[:, :2], keep), expected(x[:, :2] + torch.stack([table[[0, 2]], table[[1, 2]]])))
     assert set(dict(dec.named_parameters())) == {"head.weight", "head.bias", "norm.weight", "norm.bias"}
