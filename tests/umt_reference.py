@@ -201,7 +201,8 @@ def student_forward(sd, prefix: str, s: UmtSizes, x: torch.Tensor, mask: torch.T
         x: [B, 3, T, H, W] normalised video; mask: bool [B, T*N], True = masked (UMT's convention).
 
     Returns:
-        (x_vis [B, n, D], x_pool [B, T, D] (keep_temporal) or [B, 1, D], x_clip [K, B, n, C] or None).
+        (x_vis [B, n, D], x_pool [B, T, D] (keep_temporal) or [B, 1, D] (None without pool_norm),
+        x_clip [K, B, n, C] (None without a mask)).
     """
     e = prefix + "encoder."
     T = x.shape[2]
@@ -230,6 +231,8 @@ def student_forward(sd, prefix: str, s: UmtSizes, x: torch.Tensor, mask: torch.T
                          sd[f"{d}{i}.norm.weight"], sd[f"{d}{i}.norm.bias"], 1e-5)  # nn.LayerNorm(output_dim)
             for i in range(K)])
     pool = prefix + "pool_norm"
+    if pool + ".weight" not in sd:  # single_modality's class has no pool norm
+        return x_vis, None, x_clip
     if keep_temporal:
         x_pool = _ln(x_vis.view(B, T, -1, C).mean(2), sd, pool, 1e-6)
     else:

@@ -142,7 +142,8 @@ def build_teacher(cfg: TeacherConfig) -> CLIPTeacher:
     if not Path(cfg.weights).is_dir():
         run_options["act"] = cfg.act
     teacher = load_clip_vision(cfg.weights, **run_options)
-    sizes = ("img_size", "patch_size", "width", "layers", "heads", "embed_dim")
+    # img_size is left out: the position table is interpolated to whatever grid the frames give
+    sizes = ("patch_size", "width", "layers", "heads", "embed_dim")
     differ = [f"{k} {getattr(cfg, k)} -> {getattr(teacher.cfg, k)}" for k in sizes
               if getattr(cfg, k) != getattr(teacher.cfg, k)]
     if differ:
