@@ -78,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ckpt-every", type=int, default=2)
     ap.add_argument("--precision", default="bf16")
     ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--grad-compression", default="none")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     cfg = load_config(None, [
@@ -85,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         "optim.lr=0.05", f"optim.precision={args.precision}", "optim.clip_grad=5.0",
         f"runtime.ckpt_every_steps={args.ckpt_every}", "runtime.keep_last=2", "runtime.log_every=1",
         "runtime.tensorboard=false", "runtime.progress=false", "runtime.seed=7", "runtime.device=cpu",
-        f"runtime.resume={'true' if args.resume else 'false'}",
+        f"runtime.resume={'true' if args.resume else 'false'}", f"runtime.grad_compression={args.grad_compression}",
     ])
     exit_after = int(os.environ.get("STMVL_TEST_EXIT_AFTER", "0"))
 

@@ -199,3 +199,20 @@ def test_two_rank_gloo_run_matches_one_rank_with_the_same_global_batch(tmp_path)
     assert len(one) == len(two) == 4
     assert two == pytest.approx(one, rel=1e-5)
     assert one[0] != one[-1]  # the model moved: the curves compare training, not a constant
+
+
+@pytest.mark.ddp
+def test_gradient_compression_all_reduces_in_16_bits_and_stays_close_to_fp32(tmp_path):
+    """fp16 compression on gloo (bf16 needs NCCL: refused with a message that says so)."""
+    common = ["--steps", "4", "--dropout", "0", "--precision", "fp32", "--global-batch", "8"]
+    exact = _run([sys.executable, str(WORKER), "--run-dir", str(tmp_path / "one"), *common])
+    assert exact.returncode == 0, exact.stderr
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(WORKER)]
+    refused = _run([*torchrun, "--run-dir", str(tmp_path / "bf16"), *common, "--grad-compression", "bf16"])
+    assert refused.returncode != 0 and "grad_compression=bf16 needs the NCCL backend" in refused.stderr
+    ddp = _run([*torchrun, "--run-dir", str(tmp_path / "two"), *common, "--grad-compression", "fp16"])
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert "all-reduced in fp16" in ddp.stderr
+    one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    assert two[0] == pytest.approx(one[0], rel=1e-6)  # same start; later steps carry the rounding of the gradients
+    assert two == pytest.approx(one, rel=2e-2) and two != one

@@ -324,10 +324,26 @@ class Trainer:
                 device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 find_unused_parameters=self.cfg.runtime.find_unused_parameters,
             )
+            self._register_grad_compression(wrapped)
         if self.cfg.runtime.compile:
             compile_fn = getattr(self.task, "compile_model", None) or torch.compile
             wrapped = compile_fn(wrapped)
         return wrapped
+
+    def _register_grad_compression(self, ddp: DistributedDataParallel) -> None:
+        """runtime.grad_compression: all-reduce gradient buckets as bf16 / fp16 (torch's built-in DDP hooks)."""
+        kind = self.cfg.runtime.grad_compression
+        if kind == "none":
+            return
+        if kind == "bf16" and self.dist.backend != "nccl":
+            raise UserError(f"runtime.grad_compression=bf16 needs the NCCL backend (GPUs); this run uses "
+                            f"{self.dist.backend}: use runtime.grad_compression=fp16 or none")
+        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+        hook = default_hooks.bf16_compress_hook if kind == "bf16" else default_hooks.fp16_compress_hook
+        ddp.register_comm_hook(state=None, hook=hook)
+        if self.dist.is_main:
+            print(f"[engine] DDP gradients are all-reduced in {kind}", file=sys.stderr)
 
     # ------------------------------------------------------------------------------------------ checkpoints
     def _train_state(self) -> dict[str, Any]:
