@@ -95,3 +95,101 @@ def test_input_norm_and_temporal_fusion():
     assert torch.allclose(fused(video).targets, 2 * base.targets + pos, atol=1e-5)
     with pytest.raises(ValueError, match="input_norm"):
         CLIPTeacher(TeacherConfig(**CFG, input_norm="zscore"))
+
+
+# --------------------------------------------------------------------------------------------------- ActionCLIP
+
+
+class _TFLayerNorm(torch.nn.Module):
+    """STM actionclip.py LayerNorm: TF style, eps inside the square root, 1e-12."""
+
+    def __init__(self, hidden_size, eps=1e-12):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size))
+        self.bias = torch.nn.Parameter(torch.zeros(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, x):
+        u = x.mean(-1, keepdim=True)
+        s = (x - u).pow(2).mean(-1, keepdim=True)
+        return self.weight * ((x - u) / torch.sqrt(s + self.variance_epsilon)) + self.bias
+
+
+class _FusionBlock(torch.nn.Module):
+    """actionclip.py ResidualAttentionBlock (QuickGELU MLP 4x, nn.MultiheadAttention)."""
+
+    def __init__(self, d_model, n_head):
+        super().__init__()
+        self.attn = torch.nn.MultiheadAttention(d_model, n_head)
+        self.ln_1 = _TFLayerNorm(d_model)
+        self.mlp = torch.nn.Sequential()
+        self.mlp.add_module("c_fc", torch.nn.Linear(d_model, d_model * 4))
+        self.mlp.add_module("c_proj", torch.nn.Linear(d_model * 4, d_model))
+        self.ln_2 = _TFLayerNorm(d_model)
+
+    def forward(self, x):
+        h = self.ln_1(x)
+        x = x + self.attn(h, h, h, need_weights=False)[0]
+        h = self.mlp.c_fc(self.ln_2(x))
+        return x + self.mlp.c_proj(h * torch.sigmoid(1.702 * h))
+
+
+class _VisualPrompt(torch.nn.Module):
+    """actionclip.py visual_prompt("Transf"): frame table of context_length rows, 6 blocks at the CLIP embed width,
+    text_width // 64 heads, residual around the stack."""
+
+    def __init__(self, embed_dim=512, context_length=77, text_width=512):
+        super().__init__()
+        self.frame_position_embeddings = torch.nn.Embedding(context_length, embed_dim)
+        self.transformer = torch.nn.Module()
+        self.transformer.resblocks = torch.nn.Sequential(*[_FusionBlock(embed_dim, text_width // 64) for _ in range(6)])
+        for p in self.parameters():  # visual_prompt.init_weights: normal(0, 0.02) on Linear/Embedding, then trained
+            torch.nn.init.normal_(p, std=0.02)
+        for block in self.transformer.resblocks:
+            for ln in (block.ln_1, block.ln_2):
+                torch.nn.init.normal_(ln.weight, 1.0, 0.1)
+
+    def forward(self, x):  # x [b, t, c]
+        original = x
+        x = x + self.frame_position_embeddings(torch.arange(x.shape[1]).unsqueeze(0).expand(x.shape[0], -1))
+        x = self.transformer.resblocks(x.permute(1, 0, 2)).permute(1, 0, 2)
+        return x + original
+
+
+def test_actionclip_checkpoint_loads_as_teacher_with_its_temporal_fusion(tmp_path):
+    """STM's teacher: ActionCLIP's visual tower, then visual_prompt over T at each position of each returned layer
+    (stm.py: rearrange 'k b (t n) d -> (k b n) t d', fusion_model, back)."""
+    from stmvl.models.weights import load_clip_vision
+
+    torch.manual_seed(0)
+    cfg = TeacherConfig(img_size=32, patch_size=8, width=128, layers=2, heads=2, embed_dim=512, return_layers=2,
+                        input_norm="none")
+    tower = CLIPTeacher(cfg)  # its forward is checked against explicit CLIP above; its weights in OpenAI names:
+    from stmvl.models.weights import stmvl_to_openai_clip
+
+    visual, unplaced = stmvl_to_openai_clip(tower.state_dict())
+    assert unplaced == []
+    fusion = _VisualPrompt().eval()
+    text = {"text_projection": torch.randn(512, 512), "positional_embedding": torch.randn(77, 512),
+            "token_embedding.weight": torch.randn(100, 512), "ln_final.weight": torch.ones(512),
+            "transformer.resblocks.0.ln_1.weight": torch.ones(512), "logit_scale": torch.tensor(4.6)}
+    torch.save({"epoch": 3, "model_state_dict": {**visual, **text},
+                "fusion_model_state_dict": {"module." + k: v for k, v in fusion.state_dict().items()}},
+               tmp_path / "actionclip_vit-b-16-8f.pt")
+
+    teacher = load_clip_vision(tmp_path / "actionclip_vit-b-16-8f.pt", temporal_fusion=True, return_layers=2,
+                               input_norm="none")
+    c = teacher.cfg
+    assert (c.temporal_fusion, c.temporal_fusion_layers, c.max_frames, c.temporal_fusion_norm_eps) == (True, 6, 77, 1e-12)
+    assert teacher.temporal.blocks[0].attn.heads == 8  # ActionCLIP: text width 512 // 64
+    video = torch.rand(2, 4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    plain = tower(video).targets  # [K, B, T*N, C]
+    k, b, tn, ch = plain.shape
+    per_position = plain.view(k, b, 4, tn // 4, ch).permute(0, 1, 3, 2, 4).reshape(-1, 4, ch)
+    with torch.no_grad():
+        expected = fusion(per_position).view(k, b, tn // 4, 4, ch).permute(0, 1, 3, 2, 4).reshape(k, b, tn, ch)
+    got = teacher(video).targets
+    torch.testing.assert_close(got, expected, atol=5e-5, rtol=1e-4)
+    assert not torch.allclose(got, plain, atol=1e-3)
+    with pytest.raises(Exception, match="temporal_fusion: true"):
+        load_clip_vision(tmp_path / "actionclip_vit-b-16-8f.pt", temporal_fusion=False)
