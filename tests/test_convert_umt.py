@@ -288,3 +288,18 @@ def test_l16_and_odd_mlp_widths_are_inferred():
         cfg = _vision_config_from_state(sd, 224)
         with torch.device("meta"):
             assert VideoViT(cfg).blocks[0].mlp.fc1.out_features == hidden, (hidden, width)
+
+
+def test_to_umt_writes_umts_layout_from_an_stmvl_folder(converted, stage2, tmp_path, capsys):
+    _, sd = stage2
+    assert convert_main(["to-umt", str(converted), str(tmp_path / "back.pth")]) == 0
+    back = torch.load(tmp_path / "back.pth", weights_only=True)["model"]
+    assert set(back) == set(sd) and all(torch.equal(back[k], sd[k]) for k in sd)
+    # stage 1 drops the text tower, heads and teacher: refused unless asked, then bare encoder.* + clip_decoder.*
+    assert convert_main(["to-umt", str(converted), str(tmp_path / "s1.pth"), "--stage", "1"]) == 1
+    assert "refusing to write" in capsys.readouterr().err and not (tmp_path / "s1.pth").exists()
+    assert convert_main(["to-umt", str(converted), str(tmp_path / "s1.pth"), "--stage", "1", "--allow-unplaced"]) == 0
+    stage1 = torch.load(tmp_path / "s1.pth", weights_only=True)
+    assert set(stage1) == set(umt.student_shapes(SIZES, "", pool_norm=False))
+    assert torch.equal(stage1["encoder.blocks.1.attn.qkv.weight"], sd["vision_encoder.encoder.blocks.1.attn.qkv.weight"])
+    assert convert_main(["to-umt", str(tmp_path / "nowhere"), str(tmp_path / "x.pth")]) == 2

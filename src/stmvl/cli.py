@@ -15,7 +15,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "pretrain": ("stmvl.train.commands", "pretrain_main", "pretrain an STM / UMT model from a recipe"),
     "finetune": ("stmvl.train.commands", "finetune_main", "finetune on retrieval, QA or multiple choice"),
     "evaluate": ("stmvl.train.commands", "evaluate_main", "zero-shot / finetuned evaluation of a checkpoint"),
-    "convert": ("stmvl.models.weights", "convert_main", "convert foreign checkpoints (UMT) to stmvl"),
+    "convert": ("stmvl.models.weights", "convert_main", "convert UMT checkpoints to stmvl folders and back (to-umt)"),
     "search": ("stmvl.api", "search_main", "search a folder of videos with a text query"),
     "show-masks": ("stmvl.report", "show_masks_main", "draw the masks of every strategy on a video"),
 }

@@ -389,15 +389,23 @@ def init_student(model: nn.Module, source: str | Path) -> StudentInit:
 
 def convert_main(argv: list[str] | None = None) -> int:
     """``stmvl convert umt SRC OUT``: map a UMT checkpoint to stmvl names and write an stmvl model folder
-    (model.safetensors + config.json) that :func:`stmvl.api.load_model` loads strictly into an STMModel."""
+    (model.safetensors + config.json) that :func:`stmvl.api.load_model` loads strictly into an STMModel.
+    ``stmvl convert to-umt SRC_DIR OUT.pth [--stage 1|2]``: the reverse, an stmvl model folder as a UMT checkpoint."""
     parser = argparse.ArgumentParser(prog="stmvl convert", description=convert_main.__doc__)
-    parser.add_argument("format", choices=["umt"], help="source checkpoint format")
-    parser.add_argument("src", help="UMT checkpoint (.pth / .bin / .safetensors; bare, {'model': ...} or {'module': ...})")
-    parser.add_argument("out", help="output folder (model.safetensors + config.json)")
+    parser.add_argument("format", choices=["umt", "to-umt"],
+                        help="umt: UMT checkpoint -> stmvl folder; to-umt: stmvl folder -> UMT checkpoint")
+    parser.add_argument("src", help="umt: UMT checkpoint (.pth / .bin / .safetensors; bare, {'model': ...} or "
+                                    "{'module': ...}); to-umt: an stmvl model folder")
+    parser.add_argument("out", help="umt: output folder (model.safetensors + config.json); to-umt: output .pth")
     parser.add_argument("--img-size", type=int, default=224, help="input size the student was trained at")
     parser.add_argument("--num-frames", type=int, default=4, help="frames per clip at inference (zero-shot: 4)")
+    parser.add_argument("--stage", type=int, choices=[1, 2], default=2,
+                        help="to-umt: UMT layout to write (1: encoder + clip_decoder, bare; 2: the full UMT model "
+                             "under 'model')")
     parser.add_argument("--allow-unplaced", action="store_true", help="write the output even if keys are unplaced")
     args = parser.parse_args(argv)
+    if args.format == "to-umt":
+        return _export_umt(args)
     try:
         mapping = umt_to_stmvl(read_state_dict(args.src))
     except (FileNotFoundError, WeightLoadError) as error:
@@ -441,6 +449,30 @@ def convert_main(argv: list[str] | None = None) -> int:
     _atomic_write(out / "config.json", lambda p: Path(p).write_text(json.dumps(meta, indent=2), encoding="utf-8"))
     print(f"wrote {out / 'model.safetensors'} and {out / 'config.json'} "
           f"(ViT {cfg.vision.size}, text {cfg.text.layers} layers fusion from {cfg.text.fusion_start})")
+    return 0
+
+
+def _export_umt(args) -> int:
+    """stmvl folder -> UMT checkpoint: stage 1 bare (as ``b16_ptk710_f8_res224.pth``, which UMT's stage 2 loads
+    without unwrapping), stage 2 as ``{"model": ...}`` (UMT's own checkpoints)."""
+    src = Path(args.src)
+    try:
+        sd = read_state_dict(src / "model.safetensors")
+    except (FileNotFoundError, WeightLoadError) as error:
+        print(f"stmvl convert: {error} (to-umt needs an stmvl model folder)", file=sys.stderr)
+        return 2
+    umt, unplaced = stmvl_to_umt(sd, stage=args.stage)
+    for key in unplaced:
+        print(f"  UNPLACED {key}" + (" (dropped)" if args.allow_unplaced else ""))
+    if unplaced and not args.allow_unplaced:
+        print(f"refusing to write: {len(unplaced)} stmvl tensors have no place in UMT stage {args.stage} "
+              "(pass --allow-unplaced to drop them)", file=sys.stderr)
+        return 1
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous().clone() for k, v in umt.items()}
+    _atomic_write(out, lambda p: torch.save(tensors if args.stage == 1 else {"model": tensors}, p))
+    print(f"wrote {out}: UMT stage {args.stage}, {len(tensors)} tensors, {len(unplaced)} dropped")
     return 0
 
 
