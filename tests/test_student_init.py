@@ -130,3 +130,13 @@ def test_recipes_point_the_student_at_umt_stage1():
                        ("pretrain/stm_l16_25m", "l16_ptk710_f8_res224.pth")):
         cfg = load_config(name, ["paths.models=/weights"])
         assert cfg.model.vision.init == f"/weights/umt/{file}", name
+
+
+def test_umt_stage2_checkpoint_gives_its_vision_part(tmp_path):
+    sd = umt.random_state(umt.stage2_shapes(SIZES), seed=9)
+    torch.save({"model": sd}, tmp_path / "umt_stage2.pth")
+    model = STMModel(model_config(init=str(tmp_path / "umt_stage2.pth")))
+    assert model.student_init.kind == "umt-stage2" and model.student_init.vision.missing == {}
+    assert torch.equal(model.vision.pool_norm.weight, sd["vision_encoder.pool_norm.weight"])
+    assert torch.equal(model.decoders[0].head.weight, sd["vision_encoder.clip_decoder.0.head.weight"])
+    assert not torch.equal(model.vision_proj.weight, sd["vision_proj.weight"])  # only the student and decoders

@@ -228,7 +228,7 @@ def _file_state(source: Path) -> tuple[StateDict, dict]:
         log.info("%s: OpenAI TorchScript archive, read with torch.jit.load (a file the user named)", source)
         return read_torchscript_state_dict(source), {}
     if source.suffix == ".safetensors":
-        return read_state_dict(source), {}
+        return _strip_module(read_state_dict(source)), {}
     obj = read_pickle_object(source)
     if isinstance(obj, Mapping) and "fusion_model_state_dict" in obj:
         return _actionclip_state(obj, source), {"temporal_fusion_norm_eps": ACTIONCLIP_FUSION_EPS}

@@ -35,6 +35,7 @@ from stmvl.models.weights.bert import bert_to_stmvl, stmvl_to_bert
 from stmvl.models.weights.clip import openai_clip_to_stmvl, stmvl_to_openai_clip, teacher_config_from_state
 from stmvl.models.weights.core import (
     StateDict,
+    LoadReport,
     WeightLoadError,
     _count_indices,
     _grouped,
@@ -288,7 +289,7 @@ class StudentInit:
 
     source: str
     kind: str  # "umt-stage1" | "umt-stage2" | "stmvl"
-    vision: object  # LoadReport of the student
+    vision: LoadReport  # the student's strict load
     decoders: str  # "loaded" | why not
 
 
