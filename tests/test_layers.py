@@ -77,3 +77,16 @@ def test_drop_path_drops_whole_samples_and_keeps_expectation():
     assert torch.equal(y, per_sample[:, None].expand_as(y))
     assert abs(y.mean().item() - 1.0) < 0.1
     assert torch.equal(drop.eval()(x), x)
+
+
+def test_sincos_tables_are_built_once_per_grid_and_device_and_match_the_formula():
+    from stmvl.models.layers import sincos_1d, sincos_3d, sincos_table
+
+    first = sincos_table((48,), 64)
+    assert sincos_table((48,), 64) is first  # served from the cache, not rebuilt
+    assert torch.equal(first, sincos_1d(torch.arange(48), 64))
+    assert torch.equal(sincos_table((2, 3, 4), 64), sincos_3d(2, 3, 4, 64))
+    assert sincos_table((48,), 64, dtype=torch.bfloat16).dtype == torch.bfloat16
+    with torch.inference_mode():
+        fresh = sincos_table((50,), 64)
+    assert not fresh.is_inference()  # usable in a later training step

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from stmvl.models.config import PredictorConfig
-from stmvl.models.layers import sincos_1d
+from stmvl.models.layers import sincos_table
 from stmvl.models.predictor import TemporalPointPredictor, pairs_to_frames
 
 
@@ -60,7 +60,7 @@ class LinearDecoder(PredictionHead):
         """
         b, n, d = x.shape
         total = n if keep is None else keep.shape[1]
-        pos = sincos_1d(torch.arange(total), d).to(device=x.device, dtype=x.dtype).expand(b, -1, -1)
+        pos = sincos_table((total,), d, x.device, x.dtype).expand(b, -1, -1)
         if keep is not None:
             if keep.shape[0] != b or int(keep[0].sum()) != n:
                 raise ValueError(f"keep {list(keep.shape)} does not select the {n} tokens of each of {b} samples")
@@ -119,10 +119,11 @@ class PairAlignment(nn.Module):
         return aligned, interaction
 
 
-def decoder_position(frames: int, gh: int, gw: int, width: int) -> Tensor:
+def decoder_position(frames: int, gh: int, gw: int, width: int, device: torch.device | str = "cpu",
+                     dtype: torch.dtype = torch.float32) -> Tensor:
     """The decoder's position embedding [T*N, D]: 1-D sincos over the frame-major token index (the reference's
-    table for the decoder; on an image it is the first N rows)."""
-    return sincos_1d(torch.arange(frames * gh * gw), width)
+    table for the decoder; on an image it is the first N rows). Cached per (size, device, dtype): read-only."""
+    return sincos_table((frames * gh * gw,), width, device, dtype)
 
 
 class STDecoder(nn.Module):
@@ -183,7 +184,7 @@ class STDecoder(nn.Module):
             raise ValueError(f"mask covers {total} tokens, the grid {frames}x{gh}x{gw} has {frames * n}")
         m = (~keep).to(visible.dtype) if mask_weight is None else mask_weight.to(visible.dtype)
         m = m.unsqueeze(-1)
-        pos = decoder_position(frames, gh, gw, self.width).to(visible.device, visible.dtype)
+        pos = decoder_position(frames, gh, gw, self.width, visible.device, visible.dtype)
         grid = scatter_to_grid(visible, keep) * (1 - m) + pos
         if frames == 1:
             return self.head(grid)

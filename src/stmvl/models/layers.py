@@ -7,6 +7,8 @@ modules are boolean with True = "may attend" (the SDPA convention), shaped to br
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -177,6 +179,27 @@ def sincos_1d(positions: torch.Tensor, dim: int) -> torch.Tensor:
     table[:, 0::2] = torch.sin(angles)
     table[:, 1::2] = torch.cos(angles)
     return table.float()
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_table(kind: str, shape: tuple[int, ...], dim: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    # a normal tensor even when first asked for under inference_mode (an inference tensor could not be saved for a
+    # later backward)
+    with torch.inference_mode(False), torch.no_grad():
+        table = sincos_1d(torch.arange(shape[0]), dim) if kind == "1d" else sincos_3d(*shape, dim)
+        return table.to(device=device, dtype=dtype)
+
+
+def sincos_table(shape: tuple[int, ...], dim: int, device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A fixed sincos table, built once per (shape, width, device, dtype) and then served from a cache.
+
+    `shape` (n,) gives `sincos_1d(arange(n), dim)`; (t, gh, gw) gives `sincos_3d(t, gh, gw, dim)`. Without the cache
+    every forward rebuilt the table in float64 on the CPU and copied it to the GPU (several times per step: the
+    student passes and every decoder). The result is shared: never modify it in place.
+    """
+    kind = "1d" if len(shape) == 1 else "3d"
+    return _cached_table(kind, tuple(int(s) for s in shape), int(dim), torch.device(device), dtype)
 
 
 def _axis_widths(dim: int, axes: int) -> list[int]:

@@ -21,8 +21,7 @@ from stmvl.models.layers import (
     check_heads,
     init_linear_trunc_normal,
     layer_norm,
-    sincos_1d,
-    sincos_3d,
+    sincos_table,
 )
 
 _PRESETS = {
@@ -117,11 +116,12 @@ class VideoViT(nn.Module):
             raise ValueError(f"stem 'tubelet2' needs an even number of frames, got T={T}")
         return T // self.tubelet, (H // p) * (W // p)
 
-    def position_embedding(self, T: int, gh: int, gw: int) -> torch.Tensor:
-        """Fixed sincos embedding ``[T*gh*gw, D]`` for the input's actual grid (never a stored table)."""
-        if self.cfg.pos_embed == "3d":
-            return sincos_3d(T, gh, gw, self.cfg.width)
-        return sincos_1d(torch.arange(T * gh * gw), self.cfg.width)
+    def position_embedding(self, T: int, gh: int, gw: int, device: torch.device | str = "cpu",
+                           dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Fixed sincos embedding ``[T*gh*gw, D]`` for the input's actual grid (not a parameter: any grid works),
+        cached per (grid, device, dtype)."""
+        shape = (T, gh, gw) if self.cfg.pos_embed == "3d" else (T * gh * gw,)
+        return sincos_table(shape, self.cfg.width, device, dtype)
 
     def _stem_input(self, video: torch.Tensor) -> torch.Tensor:
         """Normalised video ``[B, T, 3, H, W]`` -> Conv3d input ``[B, C, T, H, W]``."""
@@ -138,8 +138,8 @@ class VideoViT(nn.Module):
         _, T, _, H, W = video.shape
         t_tokens, _ = self.grid(T, H, W)
         x = self.patch_embed(self._stem_input(video))
-        pos = self.position_embedding(t_tokens, H // self.cfg.patch_size, W // self.cfg.patch_size)
-        return x + pos.to(device=x.device, dtype=x.dtype)
+        pos = self.position_embedding(t_tokens, H // self.cfg.patch_size, W // self.cfg.patch_size, x.device, x.dtype)
+        return x + pos
 
     @staticmethod
     def select_kept(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
