@@ -1,7 +1,10 @@
 """``stmvl check-data``: decode every media file of a corpus up front and report the broken ones.
 
 Each distinct media path is decoded completely (every video frame), so truncated files that open fine but fail
-half-way are found too. Exit code 0 when everything decodes, 1 otherwise.
+half-way are found too. A shard corpus (no ``--media-root``: an ``index.json``, its folder or a webdataset pattern)
+is read sample by sample with the training reader's checks (tar structure, member names and sizes, ``.json`` and
+``index``), every sample decoded completely, and each shard's sample count compared with the index. Exit code 0
+when everything decodes, 1 otherwise.
 """
 
 from __future__ import annotations
@@ -11,9 +14,12 @@ import json
 import multiprocessing
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
+
+from stmvl.errors import UserError
 
 from .annotations import AnnotationError, read_records
+from .stream import DEFAULT_MAX_MEMBER_BYTES, ShardIndex, frame_members, iter_raw_samples, media_member, parse_meta
 from .video import FAILURE_REASONS, MediaError, count_decodable_frames, read_image, resolve_media_path
 
 
@@ -75,30 +81,119 @@ def check_corpus(annotation: str | Path, media_root: str | Path, media_type: str
             "files": len(jobs), "counts": counts, "bad": bad}
 
 
+def check_shard_sample(sample: dict, media_type: str, records: int | None, min_frames: int = 1) -> int:
+    """Check one raw shard sample completely; returns its frame count, raises MediaError naming ``SHARD:KEY``."""
+    if "__error__" in sample:
+        raise sample["__error__"]
+    where = f"{sample['__url__']}:{sample['__key__']}"
+    meta, _ = parse_meta(sample, records)
+    try:
+        jpegs = frame_members(sample) if media_type == "video" else []
+        if jpegs:
+            for data in jpegs:
+                read_image(data)
+            frames = len(jpegs)
+        else:
+            entry = media_member(sample, media_type, meta)
+            if entry is None:
+                raise MediaError(where, "missing", f"no {media_type} member in the sample")
+            if media_type == "image":
+                read_image(entry[1])
+                frames = 1
+            else:
+                frames = count_decodable_frames(entry[1])
+    except MediaError as err:
+        raise MediaError(where, err.reason, err.detail) from None
+    if frames < min_frames:
+        raise MediaError(where, "too_short", f"{frames} frames, need at least {min_frames}")
+    return frames
+
+
+def _check_shard_job(job: tuple[str, str, int | None, int, int]) -> tuple[str, int, int, list[dict]]:
+    url, media_type, records, min_frames, max_member_bytes = job
+    ok, seen, bad = 0, 0, []
+    for sample in iter_raw_samples(url, max_member_bytes):
+        seen += 1
+        try:
+            check_shard_sample(sample, media_type, records, min_frames)
+            ok += 1
+        except MediaError as err:
+            bad.append({"path": err.path, "reason": err.reason, "detail": err.detail})
+    return url, ok, seen, bad
+
+
+def check_shards(source: str | Sequence[str], index: ShardIndex | None = None, media_type: str | None = None,
+                 min_frames: int = 1, workers: int = 1,
+                 max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES) -> dict[str, Any]:
+    """Read and decode every sample of a shard corpus; return the report dict.
+
+    ``source``: a shards spec (``index.json``, its folder, a webdataset pattern) or a list of shard URLs (sample
+    counts from ``index`` when given). Report: ``{"shards", "media_type", "samples", "counts": {ok, missing, empty,
+    undecodable, too_short}, "bad": [{"path": "SHARD:KEY", "reason", "detail"}], "index_mismatch": [{"url",
+    "index", "found"}]}``.
+    """
+    if isinstance(source, str):
+        index = ShardIndex.load(source)
+        urls = index.urls
+    else:
+        urls = list(source)
+    media_type = media_type or (index.media_type if index is not None else "video")
+    expected = dict(zip(index.urls, index.counts)) if index is not None else {}
+    records = index.records if index is not None else None
+    jobs = [(url, media_type, records, min_frames, max_member_bytes) for url in urls]
+    if workers > 1 and len(jobs) > 1:
+        with multiprocessing.get_context("spawn").Pool(workers) as pool:
+            results = pool.map(_check_shard_job, jobs, chunksize=1)
+    else:
+        results = [_check_shard_job(job) for job in jobs]
+    counts = {"ok": 0, **{reason: 0 for reason in FAILURE_REASONS}}
+    bad, mismatch = [], []
+    for url, ok, seen, shard_bad in results:
+        counts["ok"] += ok
+        for entry in shard_bad:
+            counts[entry["reason"]] += 1
+        bad += shard_bad
+        if url in expected and expected[url] != seen:
+            mismatch.append({"url": url, "index": expected[url], "found": seen})
+    return {"shards": str(source) if isinstance(source, str) else len(urls), "media_type": media_type,
+            "samples": sum(r[2] for r in results), "counts": counts, "bad": bad, "index_mismatch": mismatch}
+
+
 def cli_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="stmvl check-data", description=__doc__.splitlines()[0])
-    parser.add_argument("annotation", help="annotation file (JSON list or JSONL)")
-    parser.add_argument("--media-root", required=True, help="folder the records' media paths are relative to")
-    parser.add_argument("--media-type", choices=("video", "image"), default="video")
+    parser.add_argument("annotation", help="annotation file (JSON list or JSONL); without --media-root, a shard "
+                                           "corpus: its index.json, the folder holding it, or a webdataset pattern")
+    parser.add_argument("--media-root", help="folder the records' media paths are relative to (annotation files)")
+    parser.add_argument("--media-type", choices=("video", "image"), default=None, help="default: video, or the "
+                                                                                        "shard index's")
     parser.add_argument("--report", help="write the JSON report here")
     parser.add_argument("--workers", type=int, default=1, help="decode with this many processes")
     parser.add_argument("--min-frames", type=int, default=1, help="videos with fewer frames are 'too_short'")
     args = parser.parse_args(argv)
     try:
-        report = check_corpus(args.annotation, args.media_root, args.media_type, args.min_frames, args.workers)
-    except AnnotationError as err:
+        if args.media_root is None:
+            report = check_shards(args.annotation, media_type=args.media_type, min_frames=args.min_frames,
+                                  workers=args.workers)
+            what, total = "shard samples", report["samples"]
+        else:
+            report = check_corpus(args.annotation, args.media_root, args.media_type or "video", args.min_frames,
+                                  args.workers)
+            what, total = f"{report['media_type']} files", report["files"]
+    except (AnnotationError, UserError) as err:
         print(f"stmvl check-data: {err}", file=sys.stderr)
         return 2
     counts = report["counts"]
-    print(f"checked {report['files']} {args.media_type} files of {args.annotation}")
+    print(f"checked {total} {what} of {args.annotation}")
     for status, count in counts.items():
         print(f"  {status:<12}{count}")
     for entry in report["bad"][:20]:
         print(f"  BAD {entry['reason']:<12}{entry['path']}  {entry['detail']}")
     if len(report["bad"]) > 20:
         print(f"  ... and {len(report['bad']) - 20} more (see the report)")
+    for entry in report.get("index_mismatch", []):
+        print(f"  INDEX {entry['url']}: the index lists {entry['index']} samples, the shard holds {entry['found']}")
     if args.report:
         Path(args.report).parent.mkdir(parents=True, exist_ok=True)
         Path(args.report).write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
         print(f"report: {args.report}")
-    return 0 if counts["ok"] == report["files"] else 1
+    return 0 if counts["ok"] == total and not report.get("index_mismatch") else 1

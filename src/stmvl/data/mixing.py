@@ -15,7 +15,14 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
+import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
+
+
+def one_thread_per_worker(worker_id: int) -> None:
+    """DataLoader worker set-up: one intra-op thread per decoding worker (N workers would otherwise each start as
+    many threads as there are cores, and fight the training process for them)."""
+    torch.set_num_threads(1)
 
 
 class DistributedBatchSampler(Sampler[list[int]]):
@@ -69,9 +76,16 @@ class DistributedBatchSampler(Sampler[list[int]]):
         return self.num_batches - self.start_batch
 
 
+def is_stream(dataset: Any) -> bool:
+    """Whether a source's dataset is a streamed batch source (``num_batches`` + ``stream_batches``, e.g.
+    :class:`stmvl.data.stream.ShardStream`) rather than a map-style dataset read through a batch sampler."""
+    return bool(getattr(dataset, "streaming", False)) and callable(getattr(dataset, "stream_batches", None))
+
+
 @dataclass
 class MediaSource:
-    """One media type of the stream: its dataset, per-rank batch size and collate function."""
+    """One source of the stream: its dataset (map-style, or a streamed source such as a ShardStream), per-rank batch
+    size and collate function (whose batches carry ``media``: several sources may share one media type)."""
 
     dataset: Dataset
     batch_size: int
@@ -96,12 +110,15 @@ class MixedBatchStream:
         rank, world_size: this process's share of every dataset.
         num_workers: DataLoader workers per media loader (results do not depend on it).
 
+    A streamed source (``is_stream``) gives ``num_batches(batch_size, world_size)`` batches per pass (from its
+    index file, the same on all ranks) and produces them itself with ``stream_batches``.
+
     ``len(stream)`` = steps per epoch. ``state_dict()`` -> {"epoch", "step"}: after ``load_state_dict`` the next
     iteration continues the epoch at that step; the skipped batches are not loaded.
     """
 
     def __init__(self, sources: Mapping[str, MediaSource], seed: int = 0, weights: Mapping[str, float] | None = None,
-                 rank: int = 0, world_size: int = 1, num_workers: int = 0, pin_memory: bool = False,
+                 rank: int = 0, world_size: int = 1, num_workers: int = 0, pin_memory: bool | None = None,
                  prefetch_factor: int | None = None):
         if not sources:
             raise ValueError("MixedBatchStream needs at least one media source")
@@ -112,16 +129,20 @@ class MixedBatchStream:
         self.sources = dict(sources)
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.num_workers, self.pin_memory, self.prefetch_factor = num_workers, pin_memory, prefetch_factor
+        # streamed sources (shards, stmvl.data.stream) size their epoch themselves; the file sources keep their
+        # seeds (seed + position among the file sources) whatever streams are added next to them
+        files = sorted((name, src) for name, src in self.sources.items() if not is_stream(src.dataset))
         self.samplers = {
             name: DistributedBatchSampler(len(src.dataset), src.batch_size, rank, world_size, seed=seed + i)
-            for i, (name, src) in enumerate(sorted(self.sources.items()))
+            for i, (name, src) in enumerate(files)
         }
+        per_pass = {name: (src.dataset.num_batches(src.batch_size, world_size) if is_stream(src.dataset)
+                           else self.samplers[name].num_batches) for name, src in self.sources.items()}
         self.weights = {name: float(weights.get(name, 1.0)) for name in self.sources}
         for name, w in self.weights.items():
             if not w > 0:
                 raise ValueError(f"weight of media {name!r} must be > 0, got {w}")
-        self.counts = {name: max(1, round(self.weights[name] * self.samplers[name].num_batches))
-                       for name in self.sources}
+        self.counts = {name: max(1, round(self.weights[name] * per_pass[name])) for name in self.sources}
         self.epoch, self.step = 0, 0
 
     def __len__(self) -> int:
@@ -151,12 +172,21 @@ class MixedBatchStream:
         kwargs: dict[str, Any] = {}
         if self.num_workers > 0 and self.prefetch_factor is not None:
             kwargs["prefetch_factor"] = self.prefetch_factor
+        if self.num_workers > 0:
+            kwargs["worker_init_fn"] = one_thread_per_worker
+        pin = torch.cuda.is_available() if self.pin_memory is None else self.pin_memory
         loader = DataLoader(source.dataset, batch_sampler=sampler, collate_fn=source.collate_fn,
-                            num_workers=self.num_workers, pin_memory=self.pin_memory, **kwargs)
+                            num_workers=self.num_workers, pin_memory=pin, **kwargs)
         return iter(loader)
 
     def _media_batches(self, name: str, skip: int) -> Iterator[Any]:
         """All batches of ``name`` for this epoch after skipping ``skip`` of them (possibly several passes)."""
+        source = self.sources[name]
+        if is_stream(source.dataset):  # a stream cycles over its shards by itself (stmvl.data.stream)
+            yield from source.dataset.stream_batches(
+                self.epoch, skip, source.batch_size, source.collate_fn, rank=self.rank, world_size=self.world_size,
+                num_workers=self.num_workers, pin_memory=self.pin_memory, prefetch_factor=self.prefetch_factor)
+            return
         per_pass = self.samplers[name].num_batches
         pass_index, start = divmod(skip, per_pass)
         while True:

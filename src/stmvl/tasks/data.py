@@ -12,6 +12,7 @@ from stmvl.data.annotations import id_offsets, load_annotations
 from stmvl.data.datasets import ProbeDataset, RetrievalDataset, VideoTextCollator, VideoTextDataset
 from stmvl.data.mixing import MediaSource, MixedBatchStream
 from stmvl.data.quarantine import Quarantine
+from stmvl.data.transforms import to_float
 
 SYNTHETIC_MARKER = "manifest.json"
 
@@ -52,24 +53,36 @@ def _require(path: str, what: str) -> None:
                                 f"e.g. paths.data=/your/data)")
 
 
-def pretrain_datasets(cfg: RunConfig, run_dir: Path, seed: int) -> dict[str, list[VideoTextDataset]]:
-    """Media type -> its pretraining datasets, with global sample ids unique across all corpora."""
+def pretrain_datasets(cfg: RunConfig, run_dir: Path, seed: int) -> dict[str, list]:
+    """Media type -> its pretraining datasets, with global sample ids unique across all corpora.
+
+    A corpus with ``shards`` gives a :class:`~stmvl.data.stream.ShardStream` (its ``annotation``, when set, names
+    the shard index file); the others a VideoTextDataset. Sample ids of a shard corpus span its index's
+    ``records``, so they never collide with another corpus's.
+    """
+    from stmvl.data.stream import ShardIndex, ShardStream
+
     quarantine = Quarantine(run_dir)
     corpora = [c for c in cfg.data.corpora if c.kind == "pretrain"]
     if not corpora:
         raise ValueError("data.corpora has no corpus of kind 'pretrain'")
     records = []
     for c in corpora:
+        if c.shards:
+            records.append(ShardIndex.load(c.shards, c.annotation or None))
+            continue
         _require(c.annotation, f"corpus {c.name!r} annotation")
         records.append(load_annotations(c.annotation, c.media_type))
-    offsets = id_offsets([len(r) for r in records])
-    by_media: dict[str, list[VideoTextDataset]] = {}
+    offsets = id_offsets([r.records if isinstance(r, ShardIndex) else len(r) for r in records])
+    by_media: dict[str, list] = {}
     for c, recs, offset in zip(corpora, records, offsets):
-        ds = VideoTextDataset(
-            recs, c.media_root, id_offset=offset, media_type=c.media_type, num_frames=cfg.data.num_frames,
-            img_size=cfg.data.img_size, sampling=cfg.data.sampling, train=True, hflip=cfg.data.flip, seed=seed,
-            corpus=c.name, quarantine=quarantine, max_bad_fraction=cfg.data.max_bad_fraction,
-        )
+        common = dict(media_type=c.media_type, num_frames=cfg.data.num_frames, img_size=cfg.data.img_size,
+                      sampling=cfg.data.sampling, train=True, hflip=cfg.data.flip, seed=seed, corpus=c.name,
+                      quarantine=quarantine, max_bad_fraction=cfg.data.max_bad_fraction)
+        if isinstance(recs, ShardIndex):
+            ds = ShardStream(recs, id_offset=offset, **common)
+        else:
+            ds = VideoTextDataset(recs, c.media_root, id_offset=offset, **common)
         by_media.setdefault(c.media_type, []).append(ds)
     return by_media
 
@@ -80,12 +93,22 @@ def pretrain_stream(cfg: RunConfig, run_dir: Path, tokenizer, rank: int, world_s
     by_media = pretrain_datasets(cfg, run_dir, seed)
     batch_sizes = {"video": cfg.data.video_batch_size, "image": cfg.data.image_batch_size}
     sources, weights = {}, {}
-    for media, datasets in by_media.items():
+    for media, all_datasets in by_media.items():
+        # each shard corpus is a source of its own ("video:webvid"), weighted by its corpus weight; the file corpora
+        # of a media type are concatenated into one source named after the media type, as before
+        for ds in (d for d in all_datasets if getattr(d, "streaming", False)):
+            collate = VideoTextCollator(tokenizer, media=media, max_length=cfg.model.text.max_length)
+            sources[f"{media}:{ds.corpus}"] = MediaSource(ds, batch_sizes[media], collate)
+            weights[f"{media}:{ds.corpus}"] = next(c.weight for c in cfg.data.corpora
+                                                   if c.kind == "pretrain" and c.name == ds.corpus)
+        datasets = [d for d in all_datasets if not getattr(d, "streaming", False)]
+        if not datasets:
+            continue
         dataset = datasets[0] if len(datasets) == 1 else _concat(datasets)
         collate = VideoTextCollator(tokenizer, media=media, max_length=cfg.model.text.max_length)
         sources[media] = MediaSource(dataset, batch_sizes[media], collate)
-        weights[media] = sum(c.weight for c in cfg.data.corpora if c.kind == "pretrain" and c.media_type == media) / len(
-            datasets)
+        weights[media] = sum(c.weight for c in cfg.data.corpora if c.kind == "pretrain" and c.media_type == media
+                             and not c.shards) / len(datasets)
     return MixedBatchStream(sources, seed=seed, weights=weights, rank=rank, world_size=world_size,
                             num_workers=cfg.data.num_workers)
 
@@ -164,8 +187,14 @@ class StreamTask:
         return {name: self._to_device(stream.first_batch(name)) for name in sorted(stream.sources)}
 
     def _to_device(self, batch: dict) -> dict:
+        """Tensors to the device (non-blocking: the loader pins memory on CUDA); uint8 video becomes float in
+        [0, 1] there, after the copy."""
         device = self.ctx.device
-        return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+        out = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+        video = out.get("video")
+        if torch.is_tensor(video) and video.dtype == torch.uint8:
+            out["video"] = to_float(video)
+        return out
 
     def train_batches(self, epoch: int, start_step: int) -> Iterable[dict]:
         stream = self._stream()
