@@ -227,3 +227,36 @@ def test_too_few_shards_for_the_ranks_is_one_clear_error(corpus):
     _, out = corpus
     with pytest.raises(UserError, match="8 shards cannot feed 9 ranks"):
         _stream(out).num_batches(1, 9)
+
+
+def test_shard_streams_mix_with_file_corpora_by_weight(corpus, tmp_path):
+    root, out = corpus
+    image_out = tmp_path / "images"
+    shards.write_shards(root / "annotations" / "train_image.json", root, image_out, 4, media_type="image")
+
+    def collate(media):
+        def fn(samples):
+            return {**_collate(samples), "media": media}
+        return fn
+
+    def build(rank, with_streams=True):
+        files = VideoTextDataset(root / "annotations" / "train_video.json", root, num_frames=2, img_size=16)
+        sources = {"video": MediaSource(files, 4, collate("video"))}
+        if with_streams:
+            sources["video:s"] = MediaSource(_stream(out), 4, collate("video"))
+            sources["image:i"] = MediaSource(ShardStream(str(image_out / "index.json"), img_size=16, seed=2), 8,
+                                             collate("image"))
+        return MixedBatchStream(sources, weights={"video:s": 0.5} if with_streams else None, rank=rank,
+                                world_size=2, num_workers=1)
+
+    ranks = [build(0), build(1)]
+    assert ranks[0].counts == {"video": 4, "video:s": 2, "image:i": 2}  # 32 images / (8 x 2 ranks) = 2 steps
+    assert ranks[0].schedule() == ranks[1].schedule() and len(ranks[0]) == 8
+    batches = [list(r) for r in ranks]
+    for rank in batches:
+        assert [b["media"] for b in rank] == [n.split(":")[0] for n in ranks[0].schedule(0)]
+        assert all(b["video"].shape[1] == (1 if b["media"] == "image" else 2) for b in rank)
+    # the file corpus's own batches are those of a stream without shards: its sampler seed did not move
+    alone = [b["index"].tolist() for b in build(0, with_streams=False)]
+    mixed_files = [b["index"].tolist() for b, n in zip(batches[0], ranks[0].schedule(0)) if n == "video"]
+    assert mixed_files == alone

@@ -458,7 +458,7 @@ class ShardStream:
             pending, last_good = 0, decoded
 
     def stream_batches(self, epoch: int, skip: int, batch_size: int, collate_fn: Callable[[list], Any], *,
-                       rank: int = 0, world_size: int = 1, num_workers: int = 0, pin_memory: bool = False,
+                       rank: int = 0, world_size: int = 1, num_workers: int = 0, pin_memory: bool | None = None,
                        prefetch_factor: int | None = None) -> Iterator[Any]:
         """Collated batches of this rank for ``epoch`` after the first ``skip``, forever (the caller takes
         ``num_batches`` per epoch). Batch j comes from logical worker ``j % W``: the DataLoader serves its workers
@@ -467,11 +467,19 @@ class ShardStream:
         workers = self.workers_for(num_workers, world_size)
         dataset = _WorkerBatches(self, epoch, skip, batch_size, collate_fn, rank, world_size, workers)
         kwargs: dict[str, Any] = {}
-        if num_workers > 0 and prefetch_factor is not None:
-            kwargs["prefetch_factor"] = prefetch_factor
+        if num_workers > 0:
+            # one intra-op thread per decoding worker, as for the file corpora (stmvl.data.mixing)
+            kwargs["worker_init_fn"] = _one_thread
+            if prefetch_factor is not None:
+                kwargs["prefetch_factor"] = prefetch_factor
+        pin = torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
         loader = DataLoader(dataset, batch_size=None, num_workers=workers if num_workers > 0 else 0,
-                            pin_memory=pin_memory, **kwargs)
+                            pin_memory=pin, **kwargs)
         return iter(loader)
+
+
+def _one_thread(worker_id: int) -> None:
+    torch.set_num_threads(1)
 
 
 class _WorkerBatches(IterableDataset):
