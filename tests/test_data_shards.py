@@ -1,6 +1,7 @@
 """Webdataset shards: written from the synthetic corpus, read back streaming, split over ranks and workers."""
 
 import json
+import shutil
 import tarfile
 
 import pytest
@@ -68,3 +69,23 @@ def test_writing_fails_on_missing_media(tmp_path):
     annotation.write_text(json.dumps([{"video": "nope.mp4", "caption": "x"}]))
     with pytest.raises(FileNotFoundError, match="record 0: media file .*nope.mp4"):
         shards.write_shards(annotation, tmp_path, tmp_path / "out", 2)
+
+
+def test_check_data_and_index_accept_shards(sharded, tmp_path, capsys):
+    from stmvl.data import check
+
+    root, out = sharded
+    assert check.cli_main([str(out)]) == 0  # a shard folder: no --media-root
+    assert "checked 7 shard samples" in capsys.readouterr().out
+    written = json.loads((out / "index.json").read_text())
+    assert shards.cli_main(["index", str(out / "shard-{000000..000002}.tar"), "--out", str(tmp_path / "i.json")]) == 0
+    counted = json.loads((tmp_path / "i.json").read_text())
+    assert [s["samples"] for s in counted["shards"]] == [s["samples"] for s in written["shards"]] == [3, 3, 1]
+    assert counted["records"] == written["records"] == 7
+    broken = tmp_path / "broken"
+    shutil.copytree(out, broken)
+    data = (broken / "shard-000001.tar").read_bytes()
+    (broken / "shard-000001.tar").write_bytes(data[: len(data) // 2])
+    assert check.cli_main([str(broken / "index.json"), "--report", str(tmp_path / "r.json")]) == 1
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["counts"]["undecodable"] >= 1 and report["index_mismatch"][0]["url"].endswith("shard-000001.tar")
