@@ -346,7 +346,7 @@ def _load_decoders(decoders: nn.ModuleList, sd: Mapping[str, torch.Tensor]) -> s
     if count != len(decoders):
         return f"the checkpoint has {count} decoders, the model {len(decoders)} (teacher.return_layers)"
     if isinstance(decoders[0], LinearDecoder):
-        wanted = {k: target[k] for k in target}
+        wanted = dict(target)
         named = heads
     else:  # STDecoder: only its prediction head (Linear + LayerNorm, UMT's Linear_Decoder) has a counterpart
         named = {f"{k.split('.', 1)[0]}.head.{k.split('.', 1)[1]}": v for k, v in heads.items()}
@@ -354,8 +354,11 @@ def _load_decoders(decoders: nn.ModuleList, sd: Mapping[str, torch.Tensor]) -> s
     problems = [k for k in named if k not in wanted or wanted[k].shape != named[k].shape]
     if problems or len(named) != len(wanted):
         return f"decoder heads do not fit: {_shorten(problems)}"
-    result = decoders.load_state_dict(named, strict=False)  # the ST decoders' other parts stay as initialised
-    assert not result.unexpected_keys
+    linear = isinstance(decoders[0], LinearDecoder)
+    # ST decoders: every prediction head was checked above; their other parts have no UMT counterpart and keep
+    # their initialisation (reported by the caller's log line)
+    result = decoders.load_state_dict(named, strict=linear)
+    assert not result.unexpected_keys and not set(result.missing_keys) & set(named)
     return f"loaded the prediction heads of {len(decoders)} decoders"
 
 
