@@ -382,7 +382,9 @@ class ShardStream:
             if self.shuffle_buffer > 1:
                 seed = int(np.random.default_rng([self.seed, epoch, pass_index, rank, worker, 0x5B0F]).integers(2**62))
                 rng = random.Random(seed)
-                raw = webdataset.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(iter(raw))
+                # start yielding at a quarter full: a full buffer before the first batch would delay every epoch
+                raw = webdataset.shuffle(self.shuffle_buffer, initial=max(1, self.shuffle_buffer // 4),
+                                         rng=rng)(iter(raw))
             count = 0
             for sample in raw:
                 count += 1
