@@ -121,7 +121,8 @@ def main() -> int:
                      "workers_for_400": math.ceil(TARGET / best)})
     result = {
         "date": datetime.date.today().isoformat(),
-        "machine": f"{platform.machine()} {os.cpu_count()} CPUs, {platform.python_version()}, torch {torch.__version__}",
+        "machine": f"{platform.machine()} {os.cpu_count()} CPUs, Python {platform.python_version()}, "
+                   f"torch {torch.__version__}",
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "load_average_at_end": os.getloadavg(),
         "command": "python " + " ".join([sys.argv[0]] + sys.argv[1:]),

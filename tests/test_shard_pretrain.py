@@ -41,7 +41,15 @@ runtime: {{seed: 3, log_every: 1, ckpt_every_steps: 0, tensorboard: false, progr
 """
 
 
-def _run(root: Path, corpus: str, out: Path) -> list[dict]:
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _run(root: Path, corpus: str, out: Path) -> tuple[list[dict], int]:
     recipe = out.with_suffix(".yaml")
     recipe.write_text(TINY.format(corpus=corpus).replace("{{", "{").replace("}}", "}"), encoding="utf-8")
     cfg = load_run_config(str(recipe), [f"runtime.out_dir={out}"])
@@ -52,21 +60,20 @@ def _run(root: Path, corpus: str, out: Path) -> list[dict]:
 
 
 def test_pretraining_from_shards_follows_the_file_run(tmp_path):
-    torch.set_num_threads(1)
     root = tmp_path / "corpus"
     generate_corpus(root, seed=0, train=32, test=4, probe=2, size=32, frames=4, workers=1)
     annotation = root / "annotations" / "train_video.json"
     shards.write_shards(annotation, root, root / "shards", 8)
-    files, file_steps = _run(root, f'{{name: v, media_type: video, annotation: "{annotation}", media_root: "{root}"}}',
-                             tmp_path / "files")
-    streamed, shard_steps = _run(root, f'{{name: v, media_type: video, shards: "{root}/shards/shard-{{{{000000..000003}}}}.tar"}}',
-                                 tmp_path / "shards")
+    file_corpus = f'{{name: v, media_type: video, annotation: "{annotation}", media_root: "{root}"}}'
+    shard_corpus = f'{{name: v, media_type: video, shards: "{root}/shards/shard-{{{{000000..000003}}}}.tar"}}'
+    files, file_steps = _run(root, file_corpus, tmp_path / "files")
+    streamed, shard_steps = _run(root, shard_corpus, tmp_path / "shards")
     assert file_steps == shard_steps == 4
     names = ("loss", "loss_video_vtc", "loss_video_mlm", "loss_video_mvm")
-
     assert len(files) == len(streamed) == 4
     for name in names:
-        assert [r[name] for r in streamed] == pytest.approx([r[name] for r in files], rel=0.05)  # measured: within 3% at every step
+        # other samples in another order, so not equal; measured: within 3% at every step
+        assert [r[name] for r in streamed] == pytest.approx([r[name] for r in files], rel=0.05)
 
 
 class _Killed(RuntimeError):
@@ -76,7 +83,6 @@ class _Killed(RuntimeError):
 def test_resume_from_shards_reproduces_the_uninterrupted_losses(tmp_path):
     """Killed after step 3 of 4 (its checkpoint written), resumed: step 4 is the same batch from the same loader
     worker (2 workers, so the resumed stream must start with worker 1), giving exactly the same losses."""
-    torch.set_num_threads(1)
     root = tmp_path / "corpus"
     generate_corpus(root, seed=0, train=32, test=4, probe=2, size=32, frames=4, workers=1)
     shards.write_shards(root / "annotations" / "train_video.json", root, root / "shards", 4)

@@ -243,7 +243,8 @@ def write_index(spec: str, out: str | Path, media_type: str = "video", records: 
         name = str(local.resolve().relative_to(base)) if not ("://" in url or url.startswith("pipe:")) and \
             local.resolve().is_relative_to(base) else url
         shards.append({"url": name, "samples": good, "broken": bad})
-    data = {"format": INDEX_FORMAT, "media_type": media_type, "records": records if records is not None else highest + 1,
+    data = {"format": INDEX_FORMAT, "media_type": media_type,
+            "records": records if records is not None else highest + 1,
             "samples": sum(s["samples"] for s in shards), "shards": shards}
     out.parent.mkdir(parents=True, exist_ok=True)
     _atomic_json(out, data)

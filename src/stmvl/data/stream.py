@@ -331,6 +331,9 @@ class ShardStream:
         self.quarantine, self.max_bad_fraction = quarantine, max_bad_fraction
         self.video_kwargs = dict(video_kwargs or {})
         self.shuffle_buffer, self.max_member_bytes = int(shuffle_buffer), int(max_member_bytes)
+        if self.index.predecode and sampling == "fps":
+            raise UserError(f"corpus {self.corpus!r}: data.sampling is 'fps' but the shards of {self.index.source} "
+                            f"hold pre-decoded frames, not videos; use 'rand' or write the shards without --predecode")
 
     def __len__(self) -> int:
         """Samples per epoch over all ranks (from the index)."""
