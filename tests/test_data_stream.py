@@ -260,3 +260,18 @@ def test_shard_streams_mix_with_file_corpora_by_weight(corpus, tmp_path):
     alone = [b["index"].tolist() for b in build(0, with_streams=False)]
     mixed_files = [b["index"].tolist() for b, n in zip(batches[0], ranks[0].schedule(0)) if n == "video"]
     assert mixed_files == alone
+
+
+def test_pipe_urls_stream_through_webdataset_gopen(corpus):
+    _, out = corpus
+    index = ShardIndex.load(f"pipe:cat {out}/shard-{{000000..000007}}.tar", str(out / "index.json"))
+    assert index.urls[0] == f"pipe:cat {out}/shard-000000.tar" and index.samples == 32
+    with pytest.raises(UserError, match="pipe: pattern has no folder"):
+        ShardIndex.load(f"pipe:cat {out}/shard-{{000000..000007}}.tar")
+    steps, batches = _epoch_of(ShardStream(index, num_frames=2, img_size=16, sampling="middle", train=False))
+    assert steps == 8 and sorted(i for b in batches for i in b) == list(range(32))
+
+
+def _epoch_of(stream):
+    mixed = MixedBatchStream({"video:p": MediaSource(stream, 4, _collate)}, num_workers=2)
+    return len(mixed), [b["index"].tolist() for b in mixed]

@@ -110,3 +110,34 @@ def test_resume_from_shards_reproduces_the_uninterrupted_losses(tmp_path):
     assert len(run(tmp_path / "cut", kill_after=3)) == 3
     resumed = [[r[n] for n in names] for r in run(tmp_path / "cut", ["runtime.resume=true"])]
     assert len(full) == 4 and resumed[-1] == full[-1]
+
+
+@pytest.mark.ddp
+def test_two_rank_gloo_pretraining_from_shards_with_image_files(tmp_path):
+    """torchrun, 2 gloo ranks: video shards split over the ranks, mixed with an image file corpus; both ranks run the
+    same media type at every step (DDP would hang or fail otherwise) and the run completes."""
+    import os
+    import subprocess
+    import sys
+
+    root = tmp_path / "corpus"
+    generate_corpus(root, seed=0, train=32, test=4, probe=2, size=32, frames=4, workers=1)
+    shards.write_shards(root / "annotations" / "train_video.json", root, root / "shards", 4)
+    corpus = (f'{{name: v, media_type: video, shards: "{root}/shards"}}\n    - {{name: i, media_type: image, '
+              f'weight: 0.5, annotation: "{root}/annotations/train_image.json", media_root: "{root}"}}')
+    recipe = tmp_path / "ddp.yaml"
+    recipe.write_text(TINY.format(corpus=corpus).replace("{{", "{").replace("}}", "}"), encoding="utf-8")
+    worker = Path(__file__).parent / "pretrain_worker.py"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src"), "HF_HUB_OFFLINE": "1",
+           "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "run"
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(worker), str(recipe), f"runtime.out_dir={out}", "data.video_batch_size=4",
+                           "data.image_batch_size=4", "data.num_workers=2", "optim.max_steps=6"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+               if r.get("split") == "train"]
+    assert len(records) == 6
+    kinds = {k.split("_")[1] for r in records for k in r if k.startswith("loss_")}
+    assert kinds == {"video", "image"}
