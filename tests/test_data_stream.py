@@ -198,11 +198,14 @@ def test_hostile_shards_are_quarantined_sample_by_sample(corpus, tmp_path):
     padded = -(-len(clip) // 512) * 512
     (bad / "truncated.tar").write_bytes(data[: 4 * 512 + padded + 300])  # cut inside the 2nd sample's media
     (bad / "whole.tar").unlink()
-    urls = [str(p) for p in good] + [str(bad / n) for n in ("garbage.tar", "mixed.tar", "truncated.tar")]
-    index = ShardIndex(urls, [4, 4, 1, 6, 2], records=32)
+    # the garbage shard first: a broken sample before any good one takes the next good one
+    urls = [str(bad / "garbage.tar")] + [str(p) for p in good] + [str(bad / n) for n in ("mixed.tar", "truncated.tar")]
+    index = ShardIndex(urls, [1, 4, 4, 6, 2], records=32)
     quarantine = Quarantine(tmp_path / "run")
     stream = ShardStream(index, num_frames=2, img_size=16, train=False, sampling="middle", quarantine=quarantine,
-                         max_bad_fraction=0.6, max_member_bytes=len(clip) * 10, shuffle_buffer=0, corpus="hostile")
+                         max_bad_fraction=0.6, max_member_bytes=len(clip) * 10, shuffle_buffer=0, corpus="hostile",
+                         seed=12)
+    assert urls[stream.shard_order(0, 0)[0]].endswith("garbage.tar")  # seed 12 reads the garbage shard first
     got = list(itertools.islice(stream.worker_samples(0, 0, 1, 0, 1), 17))
     def name(path):  # "SHARD.tar:KEY" -> "shard.tar:KEY" without the folder
         shard, _, key = path.partition(".tar:")
@@ -218,7 +221,20 @@ def test_hostile_shards_are_quarantined_sample_by_sample(corpus, tmp_path):
     assert len(listed) == 6
     # iteration continued: every good sample came through, each broken place filled by the previous good sample
     assert {8, 11, 12} | set(range(8)) == {s["index"] for s in got}
-    assert len(got) == 17
+    # each broken place holds the last good sample (the next good one when none came before)
+    raw = {"garbage.tar": [None], "shard-000000.tar": [0, 1, 2, 3], "shard-000001.tar": [4, 5, 6, 7],
+           "mixed.tar": [8, None, None, None, None, 11], "truncated.tar": [12, None]}
+    flat = [i for k in stream.shard_order(0, 0) for i in raw[Path(urls[k]).name]]
+    expected, last, pending = [], None, 0
+    for i in flat:
+        if i is None and last is None:
+            pending += 1
+        elif i is None:
+            expected.append(last)
+        else:
+            expected += [i] * (pending + 1)
+            pending, last = 0, i
+    assert [s["index"] for s in got] == expected and expected[:2] == [expected[1]] * 2
     report = check_shards(urls, index=index, max_member_bytes=len(clip) * 10)
     assert report["counts"]["ok"] == 11 and len(report["bad"]) == 6
 
