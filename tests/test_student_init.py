@@ -123,13 +123,20 @@ def test_stmvl_folder_initialises_and_saved_configs_drop_the_init(stage1, tmp_pa
     assert torch.equal(first.decoders[1].norm.weight, second.decoders[1].norm.weight)
 
 
-def test_recipes_point_the_student_at_umt_stage1():
+def test_recipes_point_the_student_at_umt_stage1_and_stm_at_actionclip():
     from stmvl.config import load_config
 
     for name, file in (("pretrain/stm_b16_5m", "b16_ptk710_f8_res224.pth"), ("pretrain/umt_b16_5m", "b16_ptk710_f8_res224.pth"),
                        ("pretrain/stm_l16_25m", "l16_ptk710_f8_res224.pth")):
         cfg = load_config(name, ["paths.models=/weights"])
         assert cfg.model.vision.init == f"/weights/umt/{file}", name
+    teachers = {name: load_config(f"pretrain/{name}", ["paths.models=/w"]).model.teacher
+                for name in ("stm_b16_5m", "stm_b16_17m", "umt_b16_5m", "stm_l16_25m")}
+    assert {n: (t.weights, t.temporal_fusion) for n, t in teachers.items()} == {
+        "stm_b16_5m": ("/w/actionclip/actionclip_vit-b-16-8f.pt", True),
+        "stm_b16_17m": ("/w/actionclip/actionclip_vit-b-16-8f.pt", True),
+        "umt_b16_5m": ("/w/clip/ViT-B-16.pt", False),
+        "stm_l16_25m": ("/w/clip/ViT-L-14.pt", False)}
 
 
 def test_umt_stage2_checkpoint_gives_its_vision_part(tmp_path):

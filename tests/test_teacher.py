@@ -191,5 +191,7 @@ def test_actionclip_checkpoint_loads_as_teacher_with_its_temporal_fusion(tmp_pat
     got = teacher(video).targets
     torch.testing.assert_close(got, expected, atol=5e-5, rtol=1e-4)
     assert not torch.allclose(got, plain, atol=1e-3)
+    image = video[:, :1]  # images are not fused (STM's fusion_model runs on video batches only)
+    torch.testing.assert_close(teacher(image).targets, tower(image).targets)
     with pytest.raises(Exception, match="temporal_fusion: true"):
         load_clip_vision(tmp_path / "actionclip_vit-b-16-8f.pt", temporal_fusion=False)

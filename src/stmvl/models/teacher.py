@@ -198,7 +198,8 @@ class CLIPTeacher(nn.Module):
                 hidden.append(x[:, 1:])
         targets = self.project(torch.stack(hidden))  # [K, B*T, N, C]
         targets = targets.view(K, B, T, N, -1)
-        if self.temporal is not None:
+        if self.temporal is not None and T > 1:
+            # images (T = 1) are not fused: STM runs its fusion_model only on video batches
             targets = self._fuse_over_time(targets)
         return TeacherOutput(targets.reshape(K, B, T * N, -1), attn, tokens.view(B, T, N, -1))
 
