@@ -163,7 +163,7 @@ def test_write_is_atomic_and_resumable(corpus, tmp_path, monkeypatch):
     paths = shards.write_shards(annotation, root, out, 4)
     assert len(paths) == 8 and (out / "shard-000000.tar").stat().st_mtime_ns == first  # finished shards kept
     assert ShardIndex.from_file(str(out / "index.json")).samples == 32
-    with pytest.raises(UserError, match="shard_size differ"):
+    with pytest.raises(UserError, match="differ: shard_size"):
         shards.write_shards(annotation, root, out, 5)
 
 
@@ -243,6 +243,8 @@ def test_too_few_shards_for_the_ranks_is_one_clear_error(corpus):
     _, out = corpus
     with pytest.raises(UserError, match="8 shards cannot feed 9 ranks"):
         _stream(out).num_batches(1, 9)
+    with pytest.raises(UserError, match="'/nowhere/shards': no such file or folder"):
+        ShardIndex.load("/nowhere/shards")
 
 
 def test_shard_streams_mix_with_file_corpora_by_weight(corpus, tmp_path):

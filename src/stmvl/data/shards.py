@@ -171,7 +171,7 @@ def write_shards(annotation: str | Path, media_root: str | Path, out: str | Path
         changed = [k for k in ("media_type", "shard_size", "prefix", "records", "predecode")
                    if previous.get(k) != settings[k]]
         if changed:
-            raise UserError(f"{index_path}: written with other settings ({', '.join(changed)} differ); write to "
+            raise UserError(f"{index_path}: written with other settings (differ: {', '.join(changed)}); write to "
                             f"another --out or delete the folder")
         done = {e["url"]: e for e in previous.get("shards", [])}
     jobs = []

@@ -118,6 +118,9 @@ class ShardIndex:
             return cls.from_file(spec)
         if not _is_url(spec) and Path(spec).is_dir():
             return cls.from_file(str(Path(spec) / INDEX_FILE))
+        if not _is_url(spec) and "{" not in spec and "::" not in spec and not Path(spec).exists():
+            raise UserError(f"shards {spec!r}: no such file or folder (expected an index.json, a folder holding "
+                            f"one, or a shard pattern such as /data/webvid/shard-{{000000..002499}}.tar)")
         import webdataset
 
         urls = webdataset.shardlists.expand_urls(spec)
