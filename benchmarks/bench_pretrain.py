@@ -1,5 +1,8 @@
 """Pretraining step throughput (clips/s) and peak memory of the STM model on this machine.
 
+Also FLOPs per step (torch's FlopCounterMode on the warm-up step) and MFU against an fp32/bf16 2048^3 matmul peak
+measured in the same process; `auto` is the precision the engine would pick on this CPU.
+
 Sizes: tiny (tests), demo (the embedded demo: 64 px, 4 frames, MiniLM text) and B/16 (the paper: 224 px, 4 frames,
 CLIP-B/16-shaped teacher, BERT-base-shaped text, random weights). Each (size, precision) runs in its own process so
 that its peak resident memory is its own. Writes benchmarks/results/pretrain.json and prints a table.
@@ -65,7 +68,11 @@ def run_one(size: str, precision: str, steps: int, threads: int) -> dict:
              "attention_mask": tokens["attention_mask"][:b], "foil_input_ids": tokens["input_ids"][b:],
              "foil_attention_mask": tokens["attention_mask"][b:], "sample_id": torch.arange(b), "media": "video"}
     optimizer = torch.optim.AdamW([p for _, p in model.pretrain_parameters()], lr=1e-4)
-    use_bf16 = precision == "bf16"
+    from stmvl.train.flops import count_flops, matmul_peak
+    from stmvl.train.precision import resolve
+
+    chosen = resolve(precision, torch.device("cpu"))  # "auto" -> what the engine would pick on this CPU
+    use_bf16 = chosen.name == "bf16"
 
     def step(i: int) -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
@@ -74,22 +81,25 @@ def run_one(size: str, precision: str, steps: int, threads: int) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    step(0)
+    flops = count_flops(lambda: step(0))  # the warm-up step, counted
     started = time.perf_counter()
     for i in range(steps):
         step(i + 1)
     seconds = (time.perf_counter() - started) / steps
+    peak = matmul_peak(chosen.name, "cpu", None, 2048)  # the reference machine's peak: fp32 2048^3
     params = sum(p.numel() for _, p in model.pretrain_parameters())
-    return {"size": size, "precision": precision, "batch": batch_size, "frames": 4, "img_size": px,
-            "trainable_params_m": round(params / 1e6, 2), "seconds_per_step": round(seconds, 3),
-            "clips_per_s": round(batch_size / seconds, 2),
+    return {"size": size, "precision": precision, "resolved": chosen.name, "reason": chosen.reason,
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "batch": batch_size, "frames": 4,
+            "img_size": px, "trainable_params_m": round(params / 1e6, 2), "seconds_per_step": round(seconds, 3),
+            "clips_per_s": round(batch_size / seconds, 2), "gflop_per_step": round(flops / 1e9, 1),
+            "matmul_peak_gflops": round(peak / 1e9, 1), "mfu": round(flops / seconds / peak, 3),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="tiny,demo,b16")
-    parser.add_argument("--precisions", default="fp32,bf16")
+    parser.add_argument("--precisions", default="auto,fp32,bf16")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--child", nargs=2, metavar=("SIZE", "PRECISION"), help=argparse.SUPPRESS)
@@ -108,13 +118,19 @@ def main() -> int:
                 return out.returncode
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
             r = rows[-1]
-            print(f"{r['size']:>5} {r['precision']:>5} batch {r['batch']:>3}  {r['seconds_per_step']:7.3f} s/step  "
-                  f"{r['clips_per_s']:7.2f} clips/s  peak {r['peak_rss_mb']:8.1f} MB", flush=True)
+            print(f"{r['size']:>5} {r['precision']:>5}->{r['resolved']:<5} batch {r['batch']:>3}  "
+                  f"{r['seconds_per_step']:7.3f} s/step  {r['clips_per_s']:7.2f} clips/s  "
+                  f"{r['gflop_per_step']:8.1f} GFLOP/step  MFU {r['mfu']:.3f}  peak {r['peak_rss_mb']:8.1f} MB",
+                  flush=True)
     for r in rows:  # ratio against fp32 of the same size, measured in the same run
-        base = next(b for b in rows if b["size"] == r["size"] and b["precision"] == "fp32")
-        r["speedup_vs_fp32"] = round(base["seconds_per_step"] / r["seconds_per_step"], 2)
+        base = next((b for b in rows if b["size"] == r["size"] and b["precision"] == "fp32"), None)
+        if base is not None:
+            r["speedup_vs_fp32"] = round(base["seconds_per_step"] / r["seconds_per_step"], 2)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    import torch
+
     meta = {"date": date.today().isoformat(), "machine": f"{platform.machine()} {os.cpu_count()} CPUs",
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "python": platform.python_version(), "command": "python benchmarks/bench_pretrain.py " + " ".join(
                 sys.argv[1:]), "threads": args.threads, "steps": args.steps}
     RESULTS.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2), encoding="utf-8")

@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from stmvl.models.masking import STRATEGIES, make_mask, num_masked, sample_generators
+from stmvl.models.masking import STRATEGIES, make_mask, num_masked
 
 B, T, N = 3, 4, 49
 
@@ -104,8 +104,27 @@ def test_straight_through_mask_gives_gradients_to_scores_and_lam():
     assert temporal.grad.abs().sum() > 0 and lam.grad.abs() > 0
 
 
-def test_generators_are_per_sample():
-    g1, g2 = sample_generators(0, 0, [1, 1])
-    assert torch.equal(torch.rand(5, generator=g1), torch.rand(5, generator=g2))
-    g3, = sample_generators(0, 0, [2])
-    assert not torch.equal(torch.rand(5, generator=g3), torch.rand(5, generator=sample_generators(0, 0, [1])[0]))
+def test_noise_is_a_function_of_seed_step_and_sample_id_only():
+    from stmvl.models.randomness import hash_uniform
+
+    both = hash_uniform(0, 3, torch.tensor([1, 1, 2]), (4, 5))
+    assert torch.equal(both[0], both[1]) and not torch.equal(both[0], both[2])
+    alone = hash_uniform(0, 3, torch.tensor([2]), (4, 5))
+    assert torch.equal(alone[0], both[2])  # batch composition does not matter
+    assert not torch.equal(hash_uniform(0, 4, torch.tensor([2]), (4, 5)), alone)  # the step does
+    assert not torch.equal(hash_uniform(1, 3, torch.tensor([2]), (4, 5)), alone)  # so does the seed
+    u = hash_uniform(7, 0, torch.arange(256), (64,))
+    assert 0.0 < u.min() and u.max() < 1.0 and abs(u.mean().item() - 0.5) < 0.01
+    # integer arithmetic: equal to SplitMix64 computed with Python's unbounded ints, on any device or CPU kind
+    from stmvl.models.randomness import stream_key
+
+    def mix(z: int) -> int:
+        z &= 2**64 - 1
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & (2**64 - 1)
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & (2**64 - 1)
+        return z ^ (z >> 31)
+
+    golden = 0x9E3779B97F4A7C15
+    key = mix(5 * golden + stream_key(9, 2, 1))
+    expected = [((mix(key + i * golden) >> 41) + 0.5) / 2**23 for i in range(1, 4)]
+    assert hash_uniform(9, 2, torch.tensor([5]), (3,), stream=1)[0].tolist() == pytest.approx(expected, abs=0)

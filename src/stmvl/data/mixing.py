@@ -128,7 +128,9 @@ class MixedBatchStream:
             raise ValueError(f"weights given for unknown media {sorted(unknown)}; sources are {sorted(sources)}")
         self.sources = dict(sources)
         self.seed, self.rank, self.world_size = seed, rank, world_size
-        self.num_workers, self.pin_memory, self.prefetch_factor = num_workers, pin_memory, prefetch_factor
+        self.num_workers, self.prefetch_factor = num_workers, prefetch_factor
+        # pinned host memory makes the non-blocking copies to a GPU asynchronous; useless without one
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         # streamed sources (shards, stmvl.data.stream) size their epoch themselves; the file sources keep their
         # seeds (seed + position among the file sources) whatever streams are added next to them
         files = sorted((name, src) for name, src in self.sources.items() if not is_stream(src.dataset))
@@ -174,9 +176,8 @@ class MixedBatchStream:
             kwargs["prefetch_factor"] = self.prefetch_factor
         if self.num_workers > 0:
             kwargs["worker_init_fn"] = one_thread_per_worker
-        pin = torch.cuda.is_available() if self.pin_memory is None else self.pin_memory
         loader = DataLoader(source.dataset, batch_sampler=sampler, collate_fn=source.collate_fn,
-                            num_workers=self.num_workers, pin_memory=pin, **kwargs)
+                            num_workers=self.num_workers, pin_memory=self.pin_memory, **kwargs)
         return iter(loader)
 
     def _media_batches(self, name: str, skip: int) -> Iterator[Any]:

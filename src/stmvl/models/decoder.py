@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from stmvl.models.config import PredictorConfig
 from stmvl.models.layers import sincos_table
+from stmvl.models.masking import gather_tokens, kept_index
 from stmvl.models.predictor import TemporalPointPredictor, pairs_to_frames
 
 
@@ -25,9 +26,9 @@ def scatter_to_grid(visible: Tensor, keep: Tensor) -> Tensor:
         [B, T*N, D].
     """
     b, total = keep.shape
-    grid = visible.new_zeros(b, total, visible.shape[-1])
-    grid[keep] = visible.reshape(-1, visible.shape[-1])
-    return grid
+    n, d = visible.shape[1], visible.shape[-1]
+    index = kept_index(keep, n).unsqueeze(-1).expand(b, n, d)
+    return visible.new_zeros(b, total, d).scatter(1, index, visible)
 
 
 class PredictionHead(nn.Module):
@@ -62,9 +63,9 @@ class LinearDecoder(PredictionHead):
         total = n if keep is None else keep.shape[1]
         pos = sincos_table((total,), d, x.device, x.dtype).expand(b, -1, -1)
         if keep is not None:
-            if keep.shape[0] != b or int(keep[0].sum()) != n:
-                raise ValueError(f"keep {list(keep.shape)} does not select the {n} tokens of each of {b} samples")
-            pos = pos[keep].view(b, n, d)
+            if keep.shape[0] != b:
+                raise ValueError(f"keep {list(keep.shape)} does not cover the {b} samples of x")
+            pos = gather_tokens(pos, kept_index(keep, n))
         return super().forward(x + pos)
 
 

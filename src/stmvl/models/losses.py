@@ -142,38 +142,42 @@ def vtc_loss(
 
 
 def sample_hard_negatives(
-    sim: Tensor, sample_ids: Tensor, generator: torch.Generator | None = None, temp: Tensor | float = 1.0
+    sim: Tensor, sample_ids: Tensor, generator: torch.Generator | None = None, temp: Tensor | float = 1.0,
+    gumbel: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Draw one hard negative per row and per column of a local similarity matrix.
 
     Each negative is drawn with probability softmax(sim / temp) with every positive (same sample id) set to 0.
     UMT and STM divide the cosine by the contrastive temperature (about 0.07) here, which is what makes the
     negatives hard: at temp 1 the cosines in [-1, 1] give weights within a factor e^2 of each other, so the draw
-    is close to uniform.
+    is close to uniform. The draw is a Gumbel-max over sim / temp (the same distribution as torch.multinomial of
+    the softmax), so it runs on the device without reading anything back.
 
     Args:
         sim: [B, B] text-to-video cosine similarity (row = text, column = video).
         sample_ids: [B].
         temp: temperature dividing the similarity (a tensor is used detached).
+        gumbel: [2, B, B] standard Gumbel noise (text rows, then video rows), e.g. from
+            stmvl.models.randomness.hash_gumbel; without it the noise is drawn from `generator` (CPU).
 
     Returns:
         (video index per text [B], text index per video [B]); -1 where a row has no negative at all (every sample
         of the batch shares its id).
     """
+    b = sim.shape[0]
     positive = sample_ids.view(-1, 1) == sample_ids.view(1, -1)
+    if gumbel is None:
+        u = torch.rand((2, b, b), generator=generator, dtype=torch.float64).clamp(1e-12, 1.0 - 1e-12)
+        gumbel = (-torch.log(-torch.log(u))).float().to(sim.device)
 
-    def draw(scores: Tensor) -> Tensor:
-        weights = torch.softmax(scores.float(), dim=1).masked_fill(positive, 0.0)
-        has_negative = weights.sum(1) > 0
-        picks = torch.full((scores.shape[0],), -1, dtype=torch.long, device=scores.device)
-        if has_negative.any():
-            drawn = torch.multinomial(weights[has_negative].cpu(), 1, generator=generator).view(-1)
-            picks[has_negative] = drawn.to(scores.device)
-        return picks
+    def draw(scores: Tensor, noise: Tensor) -> Tensor:
+        logits = scores.float().masked_fill(positive, float("-inf"))
+        picks = (logits + noise).argmax(dim=1)
+        return torch.where(positive.all(dim=1), torch.full_like(picks, -1), picks)
 
     temp = temp.detach() if isinstance(temp, Tensor) else temp
     sim = sim.detach() / temp
-    return draw(sim), draw(sim.t())
+    return draw(sim, gumbel[0]), draw(sim.t(), gumbel[1])
 
 
 def vtm_loss(
@@ -190,6 +194,7 @@ def vtm_loss(
     foil_states: Tensor | None = None,
     foil_mask: Tensor | None = None,
     temp: Tensor | float = 1.0,
+    gumbel: Tensor | None = None,
 ) -> Tensor:
     """Video-text matching: positives, one hard negative video per text and one hard negative text per video.
 
@@ -202,16 +207,17 @@ def vtm_loss(
             negatives; 1 = softmax of the raw cosine).
         reversed_tokens: optional [B, n, D] tokens of the time-reversed clips (extra negative for their caption).
         foil_states, foil_mask: optional [B, L, H] / [B, L] foil captions (extra negative for their video).
+        gumbel: optional [2, B, B] noise of the negative draw (see sample_hard_negatives).
 
     Returns:
-        scalar 2-way cross entropy over all pairs (3B without the options).
+        scalar 2-way cross entropy over all pairs (3B without the options). A row without any negative (its
+        sample id fills the batch) keeps a placeholder pair whose label is ignored: fixed shapes, nothing read back.
     """
-    neg_video, neg_text = sample_hard_negatives(sim, sample_ids, generator, temp)
-    texts_with_neg_video = (neg_video >= 0).nonzero().view(-1)
-    videos_with_neg_text = (neg_text >= 0).nonzero().view(-1)
-    pair_text = [text_states, text_states[texts_with_neg_video], text_states[neg_text[videos_with_neg_text]]]
-    pair_mask = [text_mask, text_mask[texts_with_neg_video], text_mask[neg_text[videos_with_neg_text]]]
-    pair_video = [video_tokens, video_tokens[neg_video[texts_with_neg_video]], video_tokens[videos_with_neg_text]]
+    neg_video, neg_text = sample_hard_negatives(sim, sample_ids, generator, temp, gumbel)
+    video_of_text, text_of_video = neg_video.clamp_min(0), neg_text.clamp_min(0)
+    pair_text = [text_states, text_states, text_states[text_of_video]]
+    pair_mask = [text_mask, text_mask, text_mask[text_of_video]]
+    pair_video = [video_tokens, video_tokens[video_of_text], video_tokens]
     if reversed_tokens is not None:
         pair_text.append(text_states)
         pair_mask.append(text_mask)
@@ -223,8 +229,10 @@ def vtm_loss(
     b = video_tokens.shape[0]
     labels = torch.zeros(sum(x.shape[0] for x in pair_video), dtype=torch.long, device=video_tokens.device)
     labels[:b] = 1
+    labels[b:2 * b] = torch.where(neg_video >= 0, labels[b:2 * b], IGNORE_INDEX)
+    labels[2 * b:3 * b] = torch.where(neg_text >= 0, labels[2 * b:3 * b], IGNORE_INDEX)
     fused = fuse(torch.cat(pair_text), torch.cat(pair_mask), torch.cat(pair_video))
-    return F.cross_entropy(itm_head(fused[:, 0]), labels)
+    return F.cross_entropy(itm_head(fused[:, 0]), labels, ignore_index=IGNORE_INDEX)
 
 
 # ----------------------------------------------------------------------------------------------------------- MLM
@@ -239,38 +247,46 @@ def mlm_mask(
     special_ids: set[int] | list[int],
     prob: float = 0.5,
     generator: torch.Generator | None = None,
+    uniforms: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """BERT masking: each non-special, non-pad token is chosen with `prob`; chosen tokens become [MASK] (80%),
-    a random token (10%) or stay unchanged (10%).
+    a random token (10%) or stay unchanged (10%). Runs on the ids' device.
 
     Args:
         input_ids, attention_mask: [B, L].
+        uniforms: [B, 3, L] uniforms in (0, 1) (choose, kind, random token), e.g. from
+            stmvl.models.randomness.hash_uniform; without them they are drawn from `generator` (CPU).
 
     Returns:
         (masked input ids [B, L], labels [B, L] = original id at chosen positions, IGNORE_INDEX elsewhere).
     """
-    cpu_ids = input_ids.cpu()
-    u_choose, u_kind = torch.rand((2, *cpu_ids.shape), generator=generator)
-    random_tokens = torch.randint(0, vocab_size, cpu_ids.shape, generator=generator)
-    special = torch.isin(cpu_ids, torch.tensor(sorted(special_ids), dtype=cpu_ids.dtype))
-    eligible = (attention_mask.cpu() > 0) & ~special
+    b, length = input_ids.shape
+    if uniforms is None:
+        uniforms = torch.rand((b, 3, length), generator=generator).to(input_ids.device)
+    u_choose, u_kind, u_token = uniforms.unbind(1)
+    random_tokens = (u_token * vocab_size).long().clamp_max(vocab_size - 1)
+    special = torch.zeros_like(input_ids, dtype=torch.bool)
+    for token in sorted(special_ids):  # comparisons with Python ints: no host-to-device copy
+        special |= input_ids == token
+    eligible = (attention_mask > 0) & ~special
     chosen = eligible & (u_choose < prob)
     to_mask = chosen & (u_kind < 0.8)
     to_random = chosen & (u_kind >= 0.8) & (u_kind < 0.9)
-    masked = torch.where(to_mask, torch.full_like(cpu_ids, mask_token_id), cpu_ids)
+    masked = torch.where(to_mask, torch.full_like(input_ids, mask_token_id), input_ids)
     masked = torch.where(to_random, random_tokens, masked)
-    labels = torch.where(chosen, cpu_ids, torch.full_like(cpu_ids, IGNORE_INDEX))
-    return masked.to(input_ids.device), labels.to(input_ids.device)
+    labels = torch.where(chosen, input_ids, torch.full_like(input_ids, IGNORE_INDEX))
+    return masked, labels
 
 
 def mlm_loss(logits: Tensor, labels: Tensor) -> Tensor:
     """Cross entropy over masked positions. logits [B, L, V], labels [B, L] (IGNORE_INDEX = not masked).
 
-    When no token is masked the loss is 0 but still connected to the graph (so DDP sees every parameter used).
+    When no token is masked the loss is 0 but still connected to the graph; the mean is a sum over a clamped count,
+    so no value is read back to decide that.
     """
-    if not (labels != IGNORE_INDEX).any():
-        return logits.sum() * 0.0
-    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX)
+    total = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX,
+                            reduction="sum")
+    return total / (labels != IGNORE_INDEX).sum().clamp_min(1)
 
 
 # ------------------------------------------------------------------------------------------------------ MVM / UTA
@@ -287,11 +303,15 @@ def mvm_loss(prediction: Tensor, target: Tensor) -> Tensor:
     return (2 - 2 * (p * t).sum(-1)).mean()
 
 
-def select_tokens(x: Tensor, keep: Tensor) -> Tensor:
-    """[..., B, T*N, C] -> [..., B, n, C]: the kept tokens (keep: bool [B, T*N], the same count per sample)."""
-    b, total = keep.shape
-    n = int(keep[0].sum())
-    return x[..., keep, :].reshape(*x.shape[:-3], b, n, x.shape[-1])
+def select_tokens(x: Tensor, keep: Tensor, count: int | None = None) -> Tensor:
+    """[..., B, T*N, C] -> [..., B, n, C]: the kept tokens (keep: bool [B, T*N], the same count n per sample).
+
+    count: n when the caller knows it (then nothing is read back from the device); else read from keep.
+    """
+    from stmvl.models.masking import gather_tokens, kept_index
+
+    n = int(keep[0].sum()) if count is None else count
+    return gather_tokens(x, kept_index(keep, n))
 
 
 def uta_loss(prediction: Tensor, target: Tensor, keep: Tensor) -> Tensor:
@@ -302,4 +322,4 @@ def uta_loss(prediction: Tensor, target: Tensor, keep: Tensor) -> Tensor:
         target: [K, B, T*N, C] teacher targets of the whole clip.
         keep: bool [B, T*N], True = visible.
     """
-    return mvm_loss(prediction, select_tokens(target, keep))
+    return mvm_loss(prediction, select_tokens(target, keep, prediction.shape[-2]))

@@ -18,39 +18,23 @@ uses s itself as the Gumbel logits (`logits: reference`, reproduced as written).
 s = lam * softmax(s_tp) + (1 - lam) * s_sp / sum(s_sp), i.e. Gumbel logits = log s: the standard Gumbel-top-k
 sampler of "k tokens without replacement, in proportion to s", which is what the method intends.
 
-Randomness: every sample draws from its own torch.Generator seeded from (seed, step, sample id), so a sample's mask
-does not depend on the batch it is in, on the number of DataLoader workers, or on the rank.
+Randomness: the noise of every sample is a counter-based hash of (seed, step, sample id) computed on the device
+(stmvl.models.randomness), so a sample's mask does not depend on the batch it is in, on the number of DataLoader
+workers, on the rank or on the device, and drawing it never waits for the host.
 """
 
 from __future__ import annotations
 
-import hashlib
-import struct
 from typing import Sequence
 
 import torch
 from torch import Tensor
 
+from stmvl.models.randomness import MASK, hash_gumbel, hash_uniform
+
 STRATEGIES = ("random", "tube", "attention", "attention_inverse", "stm")
 LOGIT_MODES = ("log", "reference")
 _EPS = 1e-12
-
-
-def mask_seed(seed: int, step: int, sample_id: int) -> int:
-    """A 63-bit seed from (seed, step, sample id); a cryptographic hash so that nearby ids are uncorrelated."""
-    digest = hashlib.blake2b(struct.pack("<qqq", int(seed), int(step), int(sample_id)), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
-
-
-def mask_generator(seed: int, step: int, sample_id: int) -> torch.Generator:
-    """CPU generator for one sample's mask randomness."""
-    return torch.Generator().manual_seed(mask_seed(seed, step, sample_id))
-
-
-def sample_generators(seed: int, step: int, sample_ids: Sequence[int] | Tensor) -> list[torch.Generator]:
-    """One generator per sample of a batch (sample_ids: [B] global sample ids)."""
-    ids = sample_ids.tolist() if isinstance(sample_ids, Tensor) else list(sample_ids)
-    return [mask_generator(seed, step, i) for i in ids]
 
 
 def num_masked(n: int, ratio: float) -> int:
@@ -58,17 +42,6 @@ def num_masked(n: int, ratio: float) -> int:
     if not 0.0 <= ratio < 1.0:
         raise ValueError(f"mask ratio must be in [0, 1), got {ratio}")
     return int(n * ratio)
-
-
-def per_sample_uniform(generators: list[torch.Generator], shape: tuple[int, ...], device) -> Tensor:
-    """[B, *shape] uniforms in (0, 1), sample b drawn from generators[b] on the CPU (device-independent)."""
-    u = torch.stack([torch.rand(shape, generator=g, dtype=torch.float64) for g in generators])
-    return u.clamp(1e-12, 1.0 - 1e-12).to(device=device, dtype=torch.float32)
-
-
-def per_sample_gumbel(generators: list[torch.Generator], shape: tuple[int, ...], device) -> Tensor:
-    """[B, *shape] standard Gumbel noise."""
-    return -torch.log(-torch.log(per_sample_uniform(generators, shape, device)))
 
 
 def top_k_mask(scores: Tensor, k: int) -> Tensor:
@@ -85,10 +58,10 @@ def normalise_scores(scores: Tensor) -> Tensor:
     return scores / scores.sum(-1, keepdim=True).clamp_min(_EPS)
 
 
-def proportional_keys(scores: Tensor, generators: list[torch.Generator], device) -> Tensor:
+def proportional_keys(scores: Tensor, gumbel: Tensor) -> Tensor:
     """Gumbel-perturbed log scores [B, T, N]: their top k are k tokens drawn without replacement in proportion to
     the scores (the Gumbel-top-k trick, equivalent to torch.multinomial without replacement)."""
-    return torch.log(normalise_scores(scores) + _EPS) + per_sample_gumbel(generators, tuple(scores.shape[1:]), device)
+    return torch.log(normalise_scores(scores) + _EPS) + gumbel
 
 
 def stm_logits(spatial: Tensor, temporal: Tensor | None, lam: Tensor | float, mode: str) -> Tensor:
@@ -140,7 +113,6 @@ def make_mask(
     spatial: Tensor | None = None,
     temporal: Tensor | None = None,
     lam: Tensor | float | None = None,
-    generators: list[torch.Generator] | None = None,
     seed: int = 0,
     step: int = 0,
     sample_ids: Sequence[int] | Tensor | None = None,
@@ -157,7 +129,8 @@ def make_mask(
         spatial: [B*T, N] or [B, T, N] teacher class attention (attention, attention_inverse, stm).
         temporal: [B, T, N] temporal maps from the predictor (stm on clips with T >= 2; None for images).
         lam: mixing weight of the temporal scores (stm).
-        generators: per-sample generators; default built from (seed, step, sample_ids or 0..B-1).
+        seed, step, sample_ids: the noise of sample b is a function of (seed, step, sample_ids[b]) only (a
+            counter-based hash computed on the device, stmvl.models.randomness); sample_ids default 0..B-1.
         logits: "log" or "reference" (stm only, see the module docstring).
         tau: Gumbel-softmax temperature of the straight-through relaxation (stm only).
         return_st: also return a float [B, T*N] copy of the mask that carries the straight-through gradient
@@ -166,13 +139,18 @@ def make_mask(
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown mask strategy {strategy!r}; choose from {STRATEGIES}")
     k = num_masked(N, ratio)
-    if generators is None:
-        ids = sample_ids if sample_ids is not None else range(B)
-        generators = sample_generators(seed, step, ids)
-    if len(generators) != B:
-        raise ValueError(f"need one generator per sample: {len(generators)} for B={B}")
     if device is None:
         device = spatial.device if spatial is not None else torch.device("cpu")
+    ids = torch.arange(B) if sample_ids is None else torch.as_tensor(sample_ids)
+    ids = ids.to(device)
+    if ids.numel() != B:
+        raise ValueError(f"need one sample id per sample: {ids.numel()} for B={B}")
+
+    def uniform(shape: tuple[int, ...]) -> Tensor:
+        return hash_uniform(seed, step, ids, shape, MASK)
+
+    def gumbel(shape: tuple[int, ...]) -> Tensor:
+        return hash_gumbel(seed, step, ids, shape, MASK)
     if strategy in ("attention", "attention_inverse", "stm"):
         if spatial is None:
             raise ValueError(f"mask strategy {strategy!r} needs the teacher's spatial attention scores")
@@ -180,22 +158,39 @@ def make_mask(
 
     st = None
     if strategy == "random":
-        mask = top_k_mask(per_sample_uniform(generators, (T, N), device), k)
+        mask = top_k_mask(uniform((T, N)), k)
     elif strategy == "tube":
-        mask = top_k_mask(per_sample_uniform(generators, (1, N), device), k).expand(B, T, N)
+        mask = top_k_mask(uniform((1, N)), k).expand(B, T, N)
     elif strategy == "attention":
         # Tokens drawn in proportion to s_sp stay visible: draw N - k of them, mask the rest.
-        mask = ~top_k_mask(proportional_keys(spatial, generators, device), N - k)
+        mask = ~top_k_mask(proportional_keys(spatial, gumbel((T, N))), N - k)
     elif strategy == "attention_inverse":
-        mask = top_k_mask(proportional_keys(spatial, generators, device), k)
+        mask = top_k_mask(proportional_keys(spatial, gumbel((T, N))), k)
     else:
         if temporal is not None and lam is None:
             raise ValueError("the stm strategy needs lam when temporal scores are given")
         scores = stm_logits(spatial, None if temporal is None else temporal.float(), lam, logits)
-        mask, st = gumbel_top_k_straight_through(scores, k, tau, per_sample_gumbel(generators, (T, N), device))
+        mask, st = gumbel_top_k_straight_through(scores, k, tau, gumbel((T, N)))
 
     mask = mask.reshape(B, T * N)
     if not return_st:
         return mask
     st = mask.float() if st is None else st.reshape(B, T * N)
     return mask, st
+
+
+def kept_index(keep: Tensor, count: int) -> Tensor:
+    """Positions of the True entries of ``keep [B, n_all]``, in increasing order: long ``[B, count]``.
+
+    ``count`` (the same for every sample) comes from the caller, who knows it from the mask ratio, so that no value
+    is read back from the device; a stable sort puts the True positions first in their original order.
+    """
+    return torch.argsort((~keep).to(torch.uint8), dim=1, stable=True)[:, :count]
+
+
+def gather_tokens(x: Tensor, index: Tensor) -> Tensor:
+    """``x [..., B, n_all, C]`` at ``index [B, n]`` -> ``[..., B, n, C]`` (differentiable)."""
+    lead = x.shape[:-3]
+    b, n = index.shape
+    idx = index.view(*(1,) * len(lead), b, n, 1).expand(*lead, b, n, x.shape[-1])
+    return torch.gather(x, -2, idx)

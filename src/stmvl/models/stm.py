@@ -38,7 +38,8 @@ from stmvl.models.losses import (
     vtc_loss,
     vtm_loss,
 )
-from stmvl.models.masking import make_mask, mask_seed
+from stmvl.models.masking import make_mask, num_masked
+from stmvl.models.randomness import MLM, VTM_NEGATIVES, hash_gumbel, hash_uniform
 from stmvl.models.predictor import HEATMAP_FORMS, LAST_FRAME_POINTS, TemporalPointPredictor
 from stmvl.models.teacher import CLIPTeacher, TeacherOutput
 from stmvl.models.text import BertEncoder
@@ -363,6 +364,9 @@ class STMModel(nn.Module):
         teacher_out = merge_tubelets(self.teacher(video), self.vision.tubelet) if self.teacher is not None else None
         mask, mask_st = self.make_batch_mask(teacher_out, b, frames, n, gh, gw, sample_ids, step, halve, video.device)
         keep = ~mask
+        # token counts known from the ratio, so the passes gather their tokens without reading the mask back
+        n_masked = frames * num_masked(n, self.media_ratio(frames))
+        counts = {"visible": frames * n - n_masked, "masked": n_masked}
         pass_weights = self.encoder_mask_weights(mask_st)
 
         text_states = self.text(ids, mask_ids)
@@ -370,11 +374,11 @@ class STMModel(nn.Module):
         visible_tokens = None
         if weights["mvm"] > 0:
             losses["mvm"], visible_tokens = self.masked_video_loss(
-                video, keep, mask_st, teacher_out, frames, gh, gw, text_states, mask_ids, halve
+                video, keep, mask_st, teacher_out, frames, gh, gw, text_states, mask_ids, halve, counts["visible"]
             )
 
         reuse_pass1 = self.cfg.pass2_tokens == "visible" and visible_tokens is not None
-        tokens2 = visible_tokens if reuse_pass1 else self.contrastive_tokens(video, keep, pass_weights)
+        tokens2 = visible_tokens if reuse_pass1 else self.contrastive_tokens(video, keep, pass_weights, counts)
         needs_reversed = self.cfg.loss.temporal_negatives and frames > 1
         reversed_tokens = None
         if needs_reversed:
@@ -382,7 +386,7 @@ class STMModel(nn.Module):
                 self.reverse_frames(w, frames) for w in pass_weights
             )
             reversed_tokens = self.contrastive_tokens(
-                video.flip(1), self.reverse_frames(keep, frames), reversed_weights
+                video.flip(1), self.reverse_frames(keep, frames), reversed_weights, counts
             )
         foil = self.foil_states(batch)
 
@@ -406,7 +410,7 @@ class STMModel(nn.Module):
                 mask_ids,
                 sim,
                 sample_ids,
-                generator=self.batch_generator(1, step, sample_ids),
+                gumbel=hash_gumbel(self.cfg.mask.seed, step, sample_ids, (2, b), VTM_NEGATIVES).transpose(0, 1),
                 reversed_tokens=reversed_tokens,
                 foil_states=None if foil is None else foil[0],
                 foil_mask=None if foil is None else foil[1],
@@ -421,12 +425,17 @@ class STMModel(nn.Module):
             out["mask_lambda"] = self.lam.detach().clone()
         return out
 
+    def media_ratio(self, frames: int) -> float:
+        """The mask ratio of a clip (T' > 1) or an image (T' = 1)."""
+        return self.cfg.mask.video_ratio if frames > 1 else self.cfg.mask.image_ratio
+
     def make_batch_mask(
         self, teacher_out, b, frames, n, gh, gw, sample_ids, step, halve, device
     ) -> tuple[Tensor, Tensor]:
         """Mask (bool [B, T'*N]) and its straight-through float copy for this batch's media type."""
         cfg = self.cfg.mask
-        strategy, ratio = (cfg.video_strategy, cfg.video_ratio) if frames > 1 else (cfg.image_strategy, cfg.image_ratio)
+        strategy = cfg.video_strategy if frames > 1 else cfg.image_strategy
+        ratio = self.media_ratio(frames)
         spatial = temporal = None
         if teacher_out is not None:
             if teacher_out.attn.shape[-1] != n:
@@ -442,7 +451,7 @@ class STMModel(nn.Module):
         )  # fmt: skip
 
     def masked_video_loss(
-        self, video, keep, mask_st, teacher_out, frames, gh, gw, text_states, text_mask, halve
+        self, video, keep, mask_st, teacher_out, frames, gh, gw, text_states, text_mask, halve, n_visible=None
     ) -> tuple[Tensor, Tensor]:
         """Pass 1 on the visible tokens -> decoders -> MVM (all tokens, ST decoder) or UTA (visible tokens).
 
@@ -451,7 +460,8 @@ class STMModel(nn.Module):
         k = len(self.decoders)
         weights = self.encoder_mask_weights(mask_st)
         visible_weight = None if weights is None else weights[0]
-        out = self.vision(video, keep=keep, return_layers=k, keep_weight=visible_weight)  # layers [K, B, n_vis, D]
+        out = self.vision(video, keep=keep, return_layers=k, keep_weight=visible_weight,
+                          keep_count=n_visible)  # layers [K, B, n_vis, D]
         targets = teacher_out.targets
         if self.cfg.decoder == "linear":
             prediction = torch.stack([dec(out.layers[i], keep) for i, dec in enumerate(self.decoders)])
@@ -463,11 +473,13 @@ class STMModel(nn.Module):
             [dec(out.layers[i], keep, frames, gh, gw, text_cls, mask_st, halve) for i, dec in enumerate(self.decoders)]
         )
         if self.cfg.mvm_tokens == "visible":
-            return mvm_loss(select_tokens(prediction, keep), select_tokens(targets, keep)), out.tokens
+            n_vis = out.tokens.shape[1]
+            return mvm_loss(select_tokens(prediction, keep, n_vis), select_tokens(targets, keep, n_vis)), out.tokens
         return mvm_loss(prediction, targets), out.tokens
 
     def contrastive_tokens(
-        self, video: Tensor, keep: Tensor, weights: tuple[Tensor, Tensor] | None = None
+        self, video: Tensor, keep: Tensor, weights: tuple[Tensor, Tensor] | None = None,
+        counts: dict[str, int] | None = None,
     ) -> Tensor:
         """Pass 2: student tokens [B, n2, D] of cfg.pass2_tokens (masked / visible / all).
 
@@ -479,7 +491,8 @@ class STMModel(nn.Module):
         weight = None
         if weights is not None and choice != "all":
             weight = weights[0] if choice == "visible" else weights[1]
-        return self.vision(video, keep=run, keep_weight=weight).tokens
+        count = None if counts is None or choice == "all" else counts[choice]
+        return self.vision(video, keep=run, keep_weight=weight, keep_count=count).tokens
 
     def encoder_mask_weights(self, mask_st: Tensor) -> tuple[Tensor, Tensor] | None:
         """(1 - mask, mask) as float [B, T'*N] weights of the student's input tokens in pass 1 and pass 2.
@@ -505,23 +518,20 @@ class STMModel(nn.Module):
             return None
         return self.text(batch["foil_input_ids"], batch["foil_attention_mask"]), batch["foil_attention_mask"]
 
-    def batch_generator(self, stream: int, step: int, sample_ids: Tensor) -> torch.Generator:
-        """A generator for batch-level draws (VTM negatives), reproducible from (seed, step, first sample id)."""
-        return torch.Generator().manual_seed(mask_seed(self.cfg.mask.seed + 1000 * stream, step, int(sample_ids[0])))
-
     def masked_language_loss(self, ids, mask_ids, video_tokens, step, sample_ids) -> Tensor:
         """MLM: BERT masking of the caption, text layers, fusion layers over the video tokens, CE on masked tokens."""
         tok = self.tokenizer
         masked_ids, labels = mlm_mask(
             ids, mask_ids, vocab_size=self.text.cfg.vocab_size, mask_token_id=tok.mask_token_id,
             special_ids=tok.special_ids, prob=self.cfg.loss.mlm_prob,
-            generator=self.batch_generator(2, step, sample_ids),
+            uniforms=hash_uniform(self.cfg.mask.seed, step, sample_ids, (3, ids.shape[1]), MLM),
         )  # fmt: skip
         fused = self.text.fuse(self.text(masked_ids, mask_ids), mask_ids, video_tokens)
         # the vocabulary projection is the costliest matmul of the step: run it on the masked positions only
-        # (the loss ignores every other position anyway)
-        selected = labels != IGNORE_INDEX
-        return mlm_loss(self.text.mlm_logits(fused[selected]).unsqueeze(0), labels[selected].unsqueeze(0))
+        # (the loss ignores every other position anyway). The boolean selection reads the count back from the
+        # device: the one synchronisation a GPU step keeps, far cheaper than projecting every position.
+        positions = (labels != IGNORE_INDEX).nonzero(as_tuple=True)
+        return mlm_loss(self.text.mlm_logits(fused[positions]).unsqueeze(0), labels[positions].unsqueeze(0))
 
     # -------------------------------------------------------------------------------------------- inference
 

@@ -14,6 +14,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from stmvl.models.config import VisionConfig
+from stmvl.models.masking import gather_tokens, kept_index
 from stmvl.models.layers import (
     Attention,
     DropPath,
@@ -142,10 +143,16 @@ class VideoViT(nn.Module):
         return x + pos
 
     @staticmethod
-    def select_kept(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        """Tokens where ``keep [B, n_all]`` is True, in order: ``[B, n_all, D] -> [B, n, D]``."""
+    def select_kept(x: torch.Tensor, keep: torch.Tensor, count: int | None = None) -> torch.Tensor:
+        """Tokens where ``keep [B, n_all]`` is True, in order: ``[B, n_all, D] -> [B, n, D]``.
+
+        ``count``: the number of True entries per sample when the caller knows it (the masks of a training step);
+        the gather then reads nothing back from the device. Without it the counts are read and checked.
+        """
         if keep.dtype != torch.bool or keep.shape != x.shape[:2]:
             raise ValueError(f"keep must be bool [B, T*N] = {list(x.shape[:2])}, got {keep.dtype} {list(keep.shape)}")
+        if count is not None:
+            return gather_tokens(x, kept_index(keep, count))
         counts = keep.sum(dim=1)
         if not bool((counts == counts[0]).all()):
             raise ValueError(f"keep must select the same number of tokens in every sample, got counts {counts.tolist()}")
@@ -175,12 +182,13 @@ class VideoViT(nn.Module):
         keep: torch.Tensor | None = None,
         return_layers: int = 0,
         keep_weight: torch.Tensor | None = None,
+        keep_count: int | None = None,
     ) -> ViTOutput:
         """Encode ``video [B, T, 3, H, W]``; ``keep`` bool ``[B, T'*N]`` runs only the True tokens.
 
         ``keep_weight`` (float ``[B, T'*N]``, 1 where ``keep`` is True) multiplies the tokens after the patch and
         position embedding and before the kept ones are gathered, where the reference STM code applies its
-        straight-through mask.
+        straight-through mask. ``keep_count``: True entries per sample of ``keep``, when known (see select_kept).
 
         Returns ``ViTOutput(tokens [B, n, D], layers [K, B, n, D] | None)`` with K = ``return_layers``.
         """
@@ -190,7 +198,7 @@ class VideoViT(nn.Module):
         if keep_weight is not None:
             x = self.weight_tokens(x, keep, keep_weight)
         if keep is not None:
-            x = self.select_kept(x, keep)
+            x = self.select_kept(x, keep, keep_count)
         first_returned = len(self.blocks) - return_layers
         collected = []
         for i, block in enumerate(self.blocks):

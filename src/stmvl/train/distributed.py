@@ -24,6 +24,7 @@ __all__ = [
     "barrier",
     "all_reduce_mean",
     "all_reduce_max",
+    "any_rank",
     "all_gather_object",
     "broadcast_object",
     "resolve_device",
@@ -135,6 +136,15 @@ def all_reduce_max(value: float, device: torch.device | None = None) -> float:
     t = torch.tensor([float(value)], dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return float(t.item())
+
+
+def any_rank(flag: torch.Tensor) -> bool:
+    """Whether a boolean 0-d tensor is True on any rank (one small all-reduce, then one read-back)."""
+    if not is_distributed():
+        return bool(flag)
+    t = flag.detach().to(torch.float32).reshape(1)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
 
 
 def all_gather_object(obj: Any) -> list[Any]:

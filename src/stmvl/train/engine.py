@@ -196,7 +196,8 @@ class Trainer:
     """Runs `task` under `cfg` (optim / runtime / eval sections). `fit()` trains to the end and returns a summary.
 
     `callbacks` are called on every rank after each optimizer step (after logging and checkpointing) as
-    `callback(trainer, global_step, step_metrics)`.
+    `callback(trainer, global_step, step_metrics)`; device values in step_metrics (losses, grad_norm) are 0-d tensors,
+    so that a callback that does not read them costs no synchronisation.
     """
 
     def __init__(self, cfg: RunConfig, task: Task, run_dir: str | Path | None = None,
@@ -529,16 +530,19 @@ class Trainer:
             return torch.nn.utils.clip_grad_norm_(params, clip)
         return torch.nn.utils.get_total_norm([p.grad for p in params])
 
-    def _optimizer_step(self, batches: list[Any]) -> dict[str, float]:
+    def _optimizer_step(self, batches: list[Any]) -> dict[str, Any]:
+        """Forward, backward and the optimizer update of one step. Returns its metrics: the losses and the gradient
+        norm as 0-d tensors on the device (read at logging time, so a step waits for the device only once: for the
+        skip decision), the learning rate and `skipped` as floats."""
         self.optimizer.zero_grad(set_to_none=True)
         means = self._forward_backward(batches)
         if self.scaler.is_enabled():
             self.scaler.unscale_(self.optimizer)
         grad_norm = self._grad_norm()
-        loss_ok = bool(torch.isfinite(means["loss"]))
-        # fp16 overflows are the scaler's business (it skips and lowers the scale); only a bad loss counts there
-        grads_ok = self.scaler.is_enabled() or bool(torch.isfinite(grad_norm))
-        bad = D.all_reduce_max(0.0 if (loss_ok and grads_ok) else 1.0, self.device) > 0
+        ok = torch.isfinite(means["loss"])
+        if not self.scaler.is_enabled():  # fp16 overflows are the scaler's business (it skips, lowers the scale)
+            ok = ok & torch.isfinite(grad_norm.to(ok.device))
+        bad = D.any_rank(~ok)  # the one read-back of a step: every rank must agree on skipping
         lr = self.optimizer.param_groups[0]["lr"]
         if bad:
             self._count_nonfinite(float(means["loss"]), float(grad_norm))
@@ -551,8 +555,8 @@ class Trainer:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.schedule.step()
-        metrics = {k: float(v) for k, v in means.items()}
-        metrics.update(lr=lr, grad_norm=float(grad_norm), skipped=float(bad))
+        metrics: dict[str, Any] = {k: v.detach() for k, v in means.items()}
+        metrics.update(lr=lr, grad_norm=grad_norm.detach(), skipped=float(bad))
         return metrics
 
     @staticmethod
@@ -599,8 +603,10 @@ class Trainer:
                 f"{self.global_step + 1}, loss {loss}, grad norm {grad_norm}), more than "
                 f"optim.max_nonfinite_steps={limit}: lower optim.lr, set optim.clip_grad, or check the data")
 
-    def _log(self, window: dict[str, list[float]], progress: Progress) -> None:
-        # `skipped` is a count over the window (identical on all ranks), everything else a mean
+    def _log(self, window: dict[str, list[Any]], progress: Progress) -> None:
+        # `skipped` is a count over the window (identical on all ranks), everything else a mean; device values are
+        # read here, once per logging window
+        window = {k: [float(x) for x in v] for k, v in window.items()}
         means = {k: sum(v) if k == "skipped" else sum(v) / len(v) for k, v in window.items()}
         means = D.all_reduce_mean(means, self.device)
         if self.dist.is_main:
