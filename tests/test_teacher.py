@@ -71,6 +71,18 @@ def test_position_embedding_interpolation(teacher):
     assert out.targets.shape == (2, 1, 2 * 30, 24) and out.attn.shape == (2, 30)
 
 
+def test_teacher_resizes_frames_to_the_students_grid_as_umt(teacher):
+    """A 224 px student with patch 16 has a 14x14 grid; a patch-14 teacher must see 196 px (UMT's clip_img_size)."""
+    import torch.nn.functional as F
+
+    video = torch.rand(1, 2, 3, 40, 40)
+    out = teacher(video, grid=(4, 4))  # this teacher's patch is 8: 4x4 tokens means 32 px frames
+    resized = F.interpolate(video.reshape(2, 3, 40, 40), size=(32, 32), mode="bicubic", align_corners=False)
+    expected = teacher(resized.reshape(1, 2, 3, 32, 32))
+    assert out.attn.shape == (2, 16) and torch.equal(out.targets, expected.targets)
+    assert torch.equal(teacher(video, grid=(5, 5)).targets, teacher(video).targets)  # already that size
+
+
 def test_input_norm_and_temporal_fusion():
     torch.manual_seed(0)
     clip = CLIPTeacher(TeacherConfig(**CFG, input_norm="clip"))

@@ -361,7 +361,9 @@ class STMModel(nn.Module):
             progress >= self.cfg.predictor.jitter_halve_at
         )
 
-        teacher_out = merge_tubelets(self.teacher(video), self.vision.tubelet) if self.teacher is not None else None
+        teacher_out = None
+        if self.teacher is not None:
+            teacher_out = merge_tubelets(self.teacher(video, grid=(gh, gw)), self.vision.tubelet)
         mask, mask_st = self.make_batch_mask(teacher_out, b, frames, n, gh, gw, sample_ids, step, halve, video.device)
         keep = ~mask
         # token counts known from the ratio, so the passes gather their tokens without reading the mask back

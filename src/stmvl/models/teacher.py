@@ -173,15 +173,25 @@ class CLIPTeacher(nn.Module):
         return self.project(x[:, 0])
 
     @torch.no_grad()
-    def forward(self, video: torch.Tensor) -> TeacherOutput:
-        """``video [B, T, 3, H, W]`` float in [0, 1] -> ``TeacherOutput`` (targets, attn, tokens)."""
+    def forward(self, video: torch.Tensor, grid: tuple[int, int] | None = None) -> TeacherOutput:
+        """``video [B, T, 3, H, W]`` float in [0, 1] -> ``TeacherOutput`` (targets, attn, tokens).
+
+        ``grid``: the token grid ``(gh, gw)`` wanted (the student's); the frames are resized (bicubic) to
+        ``grid x patch_size`` when they are not that size already. None: the frames' own grid.
+        """
         if video.dim() != 5 or video.shape[2] != 3:
             raise ValueError(f"teacher input must be [B, T, 3, H, W], got shape {tuple(video.shape)}")
         B, T, _, H, W = video.shape
         p = self.cfg.patch_size
+        frames = video.reshape(B * T, 3, H, W)
+        if grid is not None and (grid[0] * p, grid[1] * p) != (H, W):
+            # as UMT (bicubic to clip_img_size): the teacher sees the clip at the size that gives the student's token
+            # grid, e.g. 196 px for CLIP-L/14 beside a 224 px ViT-L/16 student
+            H, W = grid[0] * p, grid[1] * p
+            frames = F.interpolate(frames, size=(H, W), mode="bicubic", align_corners=False)
         if H % p or W % p:
             raise ValueError(f"teacher: frame size {H}x{W} is not divisible by the patch size {p}")
-        frames = (video.reshape(B * T, 3, H, W) - self.mean.to(video.dtype)) / self.std.to(video.dtype)
+        frames = (frames - self.mean.to(video.dtype)) / self.std.to(video.dtype)
         tokens, gh, gw = self.patch_tokens(frames)
         N = gh * gw
         cls = self.class_embedding.to(tokens.dtype).expand(B * T, 1, -1)
