@@ -57,7 +57,6 @@ def _clip_block_rules(src: str, dst: str) -> list[_Rule]:
     ]
 
 
-
 _OPENAI_CLIP = _Renamer([
     _Rule("conv1", "conv1"),
     _Rule("class_embedding", "class_embedding"),
@@ -159,7 +158,6 @@ def hf_clip_to_stmvl(sd: Mapping[str, torch.Tensor]) -> tuple[StateDict, dict[st
             raise WeightLoadError(f"vision_model.encoder.layers.{layer}.self_attn: q/k/v {leaf} incomplete ({sorted(parts)})")
         mapped[f"blocks.{layer}.attn.qkv.{leaf}"] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
     return mapped, ignored, unplaced
-
 
 
 # --------------------------------------------------------------------------------------------------- CLIP loader
