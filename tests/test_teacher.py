@@ -168,17 +168,15 @@ class _VisualPrompt(torch.nn.Module):
         return x + original
 
 
-def test_actionclip_checkpoint_loads_as_teacher_with_its_temporal_fusion(tmp_path):
-    """STM's teacher: ActionCLIP's visual tower, then visual_prompt over T at each position of each returned layer
-    (stm.py: rearrange 'k b (t n) d -> (k b n) t d', fusion_model, back)."""
-    from stmvl.models.weights import load_clip_vision
+def _write_actionclip(path):
+    """An ActionCLIP checkpoint as ActionCLIP saves it (STM's actionclip.py reads these two entries): a small CLIP
+    image tower (embed 512) in OpenAI names plus text-tower keys, and a DataParallel-saved visual_prompt."""
+    from stmvl.models.weights import stmvl_to_openai_clip
 
     torch.manual_seed(0)
     cfg = TeacherConfig(img_size=32, patch_size=8, width=128, layers=2, heads=2, embed_dim=512, return_layers=2,
                         input_norm="none")
     tower = CLIPTeacher(cfg)  # its forward is checked against explicit CLIP above; its weights in OpenAI names:
-    from stmvl.models.weights import stmvl_to_openai_clip
-
     visual, unplaced = stmvl_to_openai_clip(tower.state_dict())
     assert unplaced == []
     fusion = _VisualPrompt().eval()
@@ -186,9 +184,16 @@ def test_actionclip_checkpoint_loads_as_teacher_with_its_temporal_fusion(tmp_pat
             "token_embedding.weight": torch.randn(100, 512), "ln_final.weight": torch.ones(512),
             "transformer.resblocks.0.ln_1.weight": torch.ones(512), "logit_scale": torch.tensor(4.6)}
     torch.save({"epoch": 3, "model_state_dict": {**visual, **text},
-                "fusion_model_state_dict": {"module." + k: v for k, v in fusion.state_dict().items()}},
-               tmp_path / "actionclip_vit-b-16-8f.pt")
+                "fusion_model_state_dict": {"module." + k: v for k, v in fusion.state_dict().items()}}, path)
+    return tower, fusion
 
+
+def test_actionclip_checkpoint_loads_as_teacher_with_its_temporal_fusion(tmp_path):
+    """STM's teacher: ActionCLIP's visual tower, then visual_prompt over T at each position of each returned layer
+    (stm.py: rearrange 'k b (t n) d -> (k b n) t d', fusion_model, back)."""
+    from stmvl.models.weights import load_clip_vision
+
+    tower, fusion = _write_actionclip(tmp_path / "actionclip_vit-b-16-8f.pt")
     teacher = load_clip_vision(tmp_path / "actionclip_vit-b-16-8f.pt", temporal_fusion=True, return_layers=2,
                                input_norm="none")
     c = teacher.cfg
@@ -207,3 +212,27 @@ def test_actionclip_checkpoint_loads_as_teacher_with_its_temporal_fusion(tmp_pat
     torch.testing.assert_close(teacher(image).targets, tower(image).targets)
     with pytest.raises(Exception, match="temporal_fusion: true"):
         load_clip_vision(tmp_path / "actionclip_vit-b-16-8f.pt", temporal_fusion=False)
+
+
+def test_a_model_built_on_the_actionclip_teacher_saves_and_loads(tmp_path):
+    """The recipe names only the file and temporal_fusion: true; the saved folder records the teacher as built
+    (6 fusion layers, 77-row table, eps 1e-12), so stmvl.load_model rebuilds it and loads every tensor."""
+    from stmvl.api import load_model
+    from stmvl.models.config import ModelConfig, TextConfig, VisionConfig
+    from stmvl.models.stm import STMModel, apply_preset
+    from stmvl.models.weights import save_model
+
+    _write_actionclip(tmp_path / "actionclip.pt")
+    cfg = apply_preset(ModelConfig(
+        vision=VisionConfig(size="custom", img_size=32, patch_size=8, width=64, depth=2, heads=1, drop_path=0.0),
+        teacher=TeacherConfig(weights=str(tmp_path / "actionclip.pt"), img_size=32, patch_size=8, width=128, layers=2,
+                              heads=2, embed_dim=512, return_layers=2, temporal_fusion=True),
+        text=TextConfig(hidden=64, layers=2, heads=1, intermediate=96, fusion_start=1, max_length=16, dropout=0.0),
+        embed_dim=32), "umt")
+    model = STMModel(cfg)
+    assert model.teacher.cfg.temporal_fusion_layers == 6 and cfg.teacher.temporal_fusion_layers == 1
+    save_model(model, cfg, tmp_path / "model")
+    loaded = load_model(tmp_path / "model")
+    assert loaded.teacher_loaded and loaded.load_report.missing == {}
+    video = torch.rand(1, 3, 3, 32, 32)
+    torch.testing.assert_close(loaded.teacher(video).targets, model.teacher(video).targets)

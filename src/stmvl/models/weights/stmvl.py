@@ -43,6 +43,7 @@ def save_model(module: nn.Module, cfg, directory: str | Path, extra: Mapping | N
     directory.mkdir(parents=True, exist_ok=True)
     save_state_dict(module.state_dict(), directory / "model.safetensors")
     cfg, initialised_from = _without_student_init(cfg)
+    cfg = _with_built_teacher(module, cfg)
     if initialised_from:
         extra = {"initialised_from": initialised_from, **(dict(extra) if extra else {})}
     meta = {"stmvl_config_type": type(cfg).__name__, "config": dataclasses.asdict(cfg),
@@ -60,6 +61,16 @@ def _without_student_init(cfg):
     if isinstance(cfg, VisionConfig) and cfg.init:
         return dataclasses.replace(cfg, init=None), cfg.init
     return cfg, None
+
+
+def _with_built_teacher(module: nn.Module, cfg):
+    """The config with the teacher as built: a teacher loaded from weights takes its sizes from the file (an
+    ActionCLIP fusion's depth and frame table, MLP width, ...), which the recipe's teacher section need not spell
+    out; the folder must describe the tensors it holds."""
+    teacher = getattr(module, "teacher", None)
+    if isinstance(cfg, ModelConfig) and teacher is not None and isinstance(getattr(teacher, "cfg", None), TeacherConfig):
+        return dataclasses.replace(cfg, teacher=teacher.cfg)
+    return cfg
 
 
 def _is_stmvl_dir(directory: Path) -> bool:
