@@ -8,7 +8,7 @@ DEMO_OUT ?= runs/demo
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install test test-fast demo bench clean
+.PHONY: install test test-slow test-all test-fast demo demo-full bench clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -21,14 +21,26 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 install: $(VENV)/.installed
 
+# The default suite: every unit, parity, DDP (2 gloo ranks) and end-to-end check except those marked slow.
 test: install
-	$(PY) -m pytest -q -x --durations=15
+	$(PY) -m pytest -q -m "not slow" --durations=10
+
+# The heavier end-to-end checks (a real pretraining run feeding finetuning and VideoQA, exact resume after a kill,
+# the tiny STM overfit); CI runs them after `make test`.
+test-slow: install
+	$(PY) -m pytest -q -m slow --durations=10
+
+test-all: install
+	$(PY) -m pytest -q --durations=15
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow and not ddp"
 
 demo: install
 	$(VENV)/bin/stmvl demo --out $(DEMO_OUT)
+
+demo-full: install
+	$(VENV)/bin/stmvl demo --full --out $(DEMO_OUT)-full
 
 bench: install
 	$(PY) benchmarks/bench_decode.py && $(PY) benchmarks/bench_pretrain.py
