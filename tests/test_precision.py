@@ -55,5 +55,6 @@ def test_the_run_config_records_what_auto_chose(tmp_path, monkeypatch):
 def test_demo_stage_overrides_reach_the_teacher():
     from stmvl.demo import teacher_overrides
 
-    given = ["optim.precision=fp32", "optim.max_steps=5", "runtime.threads=1", "model.loss.vtm=0"]
-    assert teacher_overrides(given) == ["optim.precision=fp32", "runtime.threads=1"]
+    given = ["optim.precision=fp32", "optim.max_steps=5", "runtime.threads=1", "model.loss.vtm=0",
+             "teacher:optim.max_steps=7"]
+    assert teacher_overrides(given) == ["optim.precision=fp32", "runtime.threads=1", "optim.max_steps=7"]

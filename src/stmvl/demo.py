@@ -2,14 +2,20 @@
 
 synthetic temporal corpus -> tiny CLIP teacher (locked-text on frames) -> STM pretraining (demo size, frame-difference
 stem, temporal + foil negatives) -> zero-shot retrieval, temporal probe and a shuffled-frames control -> report.md
-with the numbers, loss curves, recall plots and a picture of the masks. `--compare` also pretrains the `umt` preset and
-`random` masking with the same budget, stem and seed and adds a side-by-side table.
+with the numbers, loss curves, recall plots, a picture of the masks and the compute of every stage (seconds and
+FLOPs counted by torch's FlopCounterMode).
+
+Two tiers: the quick one (recipe `demo`, `make demo`) and `--full` (recipe `demo_full`, `make demo-full`).
+`--compare` also pretrains the `umt` preset and `random` masking with the same budget and stem, over `--seeds`
+seeds (default 3), and reports mean and spread of each number.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -24,6 +30,7 @@ COMPARE_VARIANTS: dict[str, list[str]] = {
             "model.mvm_tokens=visible"],
     "random": ["model.mask.video_strategy=random", "model.mask.image_strategy=random"],
 }
+TIERS = {"quick": "demo", "full": "demo_full"}
 COMPARE_KEYS = ("synth_test.itm.t2v_r1", "synth_test.itc.t2v_r1", "synth_test.itc.v2t_r1", "synth_probe.itc_acc",
                 "synth_probe.itm_acc", "synth_probe_shuffled.itc_acc")
 
@@ -33,9 +40,19 @@ COMPARE_KEYS = ("synth_test.itm.t2v_r1", "synth_test.itc.t2v_r1", "synth_test.it
 SHARED_PREFIXES = ("optim.precision=", "runtime.threads=", "runtime.device=", "paths.", "data.synthetic.")
 
 
+TEACHER_ONLY = "teacher:"  # e.g. teacher:optim.max_steps=50 reaches the teacher stage only
+
+
 def teacher_overrides(overrides: list[str]) -> list[str]:
-    """The demo overrides that reach the teacher stage (see SHARED_PREFIXES)."""
-    return [o for o in overrides if o.startswith(SHARED_PREFIXES)]
+    """The demo overrides that reach the teacher stage: the shared ones (SHARED_PREFIXES) and those written
+    `teacher:KEY=VALUE` (without the prefix)."""
+    return [o[len(TEACHER_ONLY):] if o.startswith(TEACHER_ONLY) else o
+            for o in overrides if o.startswith(SHARED_PREFIXES) or o.startswith(TEACHER_ONLY)]
+
+
+def pretrain_overrides(overrides: list[str]) -> list[str]:
+    """The demo overrides of the pretraining stage (all but the teacher-only ones)."""
+    return [o for o in overrides if not o.startswith(TEACHER_ONLY)]
 
 
 def _paths(out: Path) -> list[str]:
@@ -46,26 +63,26 @@ def _log(message: str) -> None:
     print(f"[demo] {message}", flush=True)
 
 
-def run_teacher(out: Path, overrides: list[str]) -> float:
-    """Train the tiny teacher unless <out>/teacher exists; returns seconds spent."""
+def run_teacher(out: Path, overrides: list[str]) -> dict[str, float]:
+    """Train the tiny teacher unless <out>/teacher exists; returns {"seconds", "flops"} spent."""
     from stmvl.tasks.pretrain import load_run_config
     from stmvl.train.commands import train_teacher
 
     if (out / "teacher" / "model.safetensors").exists():
-        _log(f"teacher found at {out / 'teacher'}: reusing it")
-        return 0.0
+        _log(f"teacher found at {out / 'teacher'}: reusing it (its compute is not counted again)")
+        return {"seconds": 0.0, "flops": 0}
     started = time.perf_counter()
     cfg = load_run_config("teacher/demo", _paths(out) + overrides)
-    train_teacher(cfg)
-    return time.perf_counter() - started
+    result = train_teacher(cfg)
+    return {"seconds": time.perf_counter() - started, "flops": sum(result["flops"].values())}
 
 
-def run_pretrain(out: Path, name: str, overrides: list[str]) -> dict[str, Any]:
+def run_pretrain(out: Path, name: str, overrides: list[str], recipe: str = "demo") -> dict[str, Any]:
     """Pretrain one variant into <out>/<name>; returns the engine result with nested eval results and timing."""
     from stmvl.tasks.pretrain import load_run_config
     from stmvl.train.commands import pretrain
 
-    cfg = load_run_config("demo", _paths(out) + [f"runtime.out_dir={out / name}"] + overrides)
+    cfg = load_run_config(recipe, _paths(out) + [f"runtime.out_dir={out / name}"] + overrides)
     started = time.perf_counter()
     result = pretrain(cfg)
     result["seconds"] = time.perf_counter() - started
@@ -108,8 +125,41 @@ def mask_figure(model_dir: Path, cfg, out_png: Path) -> Path | None:
     return draw_masks(picture.frames, picture.masks, picture.grid, out_png, heatmap=picture.heatmap, cell_px=96)
 
 
-def write_demo_report(out: Path, runs: dict[str, dict], timings: dict[str, float]) -> Path:
-    from stmvl.report import Section, comparison_table, plot_loss_curves, plot_recalls, write_report
+def compute_section(stages: dict[str, dict[str, float]], precision: str) -> "Section":
+    """Seconds and FLOPs (counted by FlopCounterMode: matmuls, convolutions, attention) of every stage, with this
+    machine's CPU capability and measured matmul peak, so the budget can be compared across machines."""
+    from stmvl.report import Section
+    from stmvl.train.flops import matmul_peak
+
+    peak = matmul_peak("fp32", "cpu", None, 2048) / 1e9
+    rows = {name: {"seconds": round(v["seconds"], 1), "TFLOP": round(v["flops"] / 1e12, 2)} for name, v in stages.items()}
+    total_flops = sum(v["flops"] for v in stages.values())
+    rows["total"] = {"seconds": round(sum(v["seconds"] for v in stages.values()), 1),
+                     "TFLOP": round(total_flops / 1e12, 2)}
+    text = (f"Machine: {os.cpu_count()} CPUs, torch CPU capability {torch.backends.cpu.get_cpu_capability()}, "
+            f"{torch.get_num_threads()} threads, fp32 2048^3 matmul peak {peak:.0f} GFLOP/s measured now; training "
+            f"precision {precision} (optim.precision auto picks bf16 only where the CPU computes it natively). "
+            "FLOPs are counted once per step kind and per evaluation; the corpus stage renders and encodes with "
+            "numpy and PyAV and is timed only.")
+    return Section("Compute", rows, {"flop_counter": "torch.utils.flop_counter.FlopCounterMode"}, text=text)
+
+
+def learning_curve(run_dir: Path, out_png: Path, clips_per_step: int) -> Path | None:
+    """R@1 and probe accuracy against clips seen, from the run's evaluations (None with fewer than two)."""
+    from stmvl.report import plot_learning_curve
+
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    evals = [r for r in records if r.get("split") == "eval"]
+    if len(evals) < 2:
+        return None
+    return plot_learning_curve(evals, out_png, clips_per_step=clips_per_step,
+                               keys=("synth_test/itc/t2v_r1", "synth_probe/itc_acc"))
+
+
+def write_demo_report(out: Path, runs: dict[str, dict], stages: dict[str, dict[str, float]],
+                      compare: dict[str, list[dict]] | None = None) -> Path:
+    from stmvl.report import (Section, plot_loss_curves, plot_recalls, plot_seed_comparison, seed_statistics,
+                              seed_table, write_report)
 
     main = runs["stm"]
     results = _as_percent(main["results"])
@@ -118,9 +168,11 @@ def write_demo_report(out: Path, runs: dict[str, dict], timings: dict[str, float
     losses = plot_loss_curves(Path(main["run_dir"]) / "metrics.jsonl", images_dir / "losses.png")
     sections = []
     retrieval = results.get("synth_test", {})
-    intro = (f"Pretraining: {main['global_step']} steps ({main['seconds'] / 60:.1f} min). Ground truth of a text: every "
-             "test clip whose generating attributes match it. Chance on the probe is 50%: a caption and its foil "
-             "describe the same frames in opposite orders.")
+    cfg = main["cfg"]
+    clips = main["global_step"] * cfg.data.video_batch_size
+    intro = (f"Pretraining: {main['global_step']} steps ({main['seconds'] / 60:.1f} min, about {clips} video clips "
+             "seen). Ground truth of a text: every test clip whose generating attributes match it. Chance on the "
+             "probe is 50%: a caption and its foil describe the same frames in opposite orders.")
     if retrieval:
         recalls = plot_recalls({k: v for k, v in retrieval.items() if k in ("itc", "itm")}, images_dir / "recall.png",
                                title="zero-shot retrieval")
@@ -131,41 +183,65 @@ def write_demo_report(out: Path, runs: dict[str, dict], timings: dict[str, float
                         ("synth_probe_shuffled", "Control: the same probe with the frames shuffled (should be ~50%)")):
         if name in results:
             sections.append(Section.from_result(title, results[name]))
-    masks = mask_figure(Path(main["model_dir"]), main["cfg"], images_dir / "masks.png")
-    sections.append(Section("Training", {"seconds": timings}, images=[losses] + ([masks] if masks else []),
-                            text="Loss curves per media type, and the masks of every strategy on a probe clip "
-                                 "(shaded = masked; top row: the STM temporal heatmap)."))
-    if len(runs) > 1:
-        table = comparison_table({name: _as_percent(run["results"]) for name, run in runs.items()}, COMPARE_KEYS)
-        sections.append(Section("Masking strategies compared (same budget, stem and seed)", text=table))
+    masks = mask_figure(Path(main["model_dir"]), cfg, images_dir / "masks.png")
+    curve = learning_curve(Path(main["run_dir"]), images_dir / "learning_curve.png", cfg.data.video_batch_size)
+    sections.append(Section("Training", {}, images=[losses] + ([curve] if curve else []) + ([masks] if masks else []),
+                            text="Loss curves per media type"
+                                 + (", the learning curve (R@1 and probe accuracy against clips seen)" if curve else "")
+                                 + " and the masks of every strategy on a probe clip (shaded = masked; top row: the "
+                                   "STM temporal heatmap). Demo-only choices (image size, patch size, model widths, "
+                                   "loss weights, schedule) are the recipe's: " + str(cfg.description or "demo") + "."))
+    sections.append(compute_section(stages, main.get("precision", "?")))
+    if compare:
+        keys = list(COMPARE_KEYS)
+        stats = seed_statistics({name: [_as_percent(r["results"]) for r in per_seed]
+                                 for name, per_seed in compare.items()}, keys)
+        plot = plot_seed_comparison(stats, keys, images_dir / "compare.png")
+        seeds = max(len(v) for v in compare.values())
+        sections.append(Section(f"Masking strategies compared: same budget and stem, {seeds} seed(s)",
+                                text=seed_table(stats, keys), images=[plot]))
     md, _ = write_report(out, *sections, title="stmvl demo report")
     return md
 
 
-def run_demo(out: Path, compare: bool = False, overrides: list[str] | None = None) -> dict[str, Any]:
+def run_demo(out: Path, compare: bool = False, overrides: list[str] | None = None, full: bool = False,
+             seeds: int = 3) -> dict[str, Any]:
+    """The demo end to end; returns {report, stages (seconds, flops), results per variant}."""
     from stmvl.tasks.data import ensure_synthetic_corpus
     from stmvl.tasks.pretrain import load_run_config
 
-    overrides = list(overrides or [])
+    recipe = TIERS["full" if full else "quick"]
+    shared = teacher_overrides(list(overrides or []))
+    overrides = pretrain_overrides(list(overrides or []))
     out.mkdir(parents=True, exist_ok=True)
-    timings: dict[str, float] = {}
+    stages: dict[str, dict[str, float]] = {}
     started = time.perf_counter()
-    ensure_synthetic_corpus(load_run_config("demo", _paths(out) + overrides), log=_log)
-    timings["corpus"] = time.perf_counter() - started
-    shared = teacher_overrides(overrides)
-    if len(shared) < len(overrides):
-        _log("overrides for the pretraining stage only: " + " ".join(o for o in overrides if o not in shared))
-    timings["teacher"] = run_teacher(out, shared)
-    runs = {}
+    ensure_synthetic_corpus(load_run_config(recipe, _paths(out) + overrides), log=_log)
+    stages["corpus"] = {"seconds": time.perf_counter() - started, "flops": 0}
+    only_pretrain = [o for o in overrides if not o.startswith(SHARED_PREFIXES)]
+    if only_pretrain:
+        _log("overrides for the pretraining stage only: " + " ".join(only_pretrain))
+    stages["teacher"] = run_teacher(out, shared)
+    runs: dict[str, dict] = {}
+    per_seed: dict[str, list[dict]] = {}
     for name in (COMPARE_VARIANTS if compare else ["stm"]):
-        _log(f"pretraining variant {name!r}")
-        runs[name] = run_pretrain(out, name if compare else "pretrain", COMPARE_VARIANTS[name] + overrides)
-        timings[f"pretrain_{name}"] = runs[name]["seconds"]
-    timings["total"] = time.perf_counter() - started
-    report = write_demo_report(out, runs, timings)
-    summary = {"report": str(report), "timings": timings,
+        for seed in range(seeds if compare else 1):
+            tag = name if not compare else f"{name}_seed{seed}"
+            _log(f"pretraining {tag!r} ({recipe})")
+            seed_overrides = [f"runtime.seed={seed}", f"model.mask.seed={seed}"] if compare else []
+            run = run_pretrain(out, tag if compare else "pretrain", COMPARE_VARIANTS[name] + seed_overrides + overrides,
+                               recipe)
+            stages[f"pretrain {tag}"] = {"seconds": run["seconds"], "flops": sum(run["flops"].values())}
+            per_seed.setdefault(name, []).append(run)
+            runs.setdefault(name, run)
+    report = write_demo_report(out, runs, stages, per_seed if compare else None)
+    total = {"seconds": sum(v["seconds"] for v in stages.values()), "flops": sum(v["flops"] for v in stages.values())}
+    summary = {"report": str(report), "tier": "full" if full else "quick", "stages": stages, "total": total,
                "results": {name: {k: _lookup(_as_percent(r["results"]), k) for k in COMPARE_KEYS}
                            for name, r in runs.items()}}
+    if compare:
+        summary["seeds"] = {name: [{k: _lookup(_as_percent(r["results"]), k) for k in COMPARE_KEYS} for r in rs]
+                            for name, rs in per_seed.items()}
     (out / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     return summary
 
@@ -173,13 +249,20 @@ def run_demo(out: Path, compare: bool = False, overrides: list[str] | None = Non
 def cli_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="stmvl demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="runs/demo", help="output folder (corpus, teacher, runs, report)")
+    parser.add_argument("--full", action="store_true", help="the full tier (recipe demo_full): longer, better")
     parser.add_argument("--compare", action="store_true", help="also pretrain umt and random masking, same budget")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds per variant with --compare (default 3)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides of the demo recipe, e.g. optim.max_steps=50")
     args = parser.parse_args(argv)
+    if args.seeds < 1:
+        print("stmvl demo: error: --seeds must be at least 1", file=sys.stderr)
+        return 2
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    summary = run_demo(Path(args.out), compare=args.compare, overrides=args.overrides)
+    summary = run_demo(Path(args.out), compare=args.compare, overrides=args.overrides, full=args.full,
+                       seeds=args.seeds)
     _log(f"report: {summary['report']}")
     for name, numbers in summary["results"].items():
         _log(f"{name}: " + ", ".join(f"{k}={v:.1f}" for k, v in numbers.items() if v is not None))
-    _log("timings (s): " + ", ".join(f"{k}={v:.0f}" for k, v in summary["timings"].items()))
+    _log("stages (s / TFLOP): " + ", ".join(f"{k}={v['seconds']:.0f}/{v['flops'] / 1e12:.2f}"
+                                           for k, v in summary["stages"].items()))
     return 0

@@ -151,6 +151,79 @@ def comparison_table(runs: Mapping[str, Mapping[str, Any]], keys: Sequence[str])
     return markdown_table(rows, list(keys))
 
 
+def plot_learning_curve(evals: Sequence[Mapping[str, Any]], out_png: str | Path, *, clips_per_step: int,
+                        keys: Sequence[str], size_px: tuple[int, int] = (640, 280)) -> Path:
+    """Evaluation numbers against clips seen (step x clips per step), one line per key (fractions become %).
+
+    Args:
+        evals: metrics.jsonl records of split "eval" (each with "step" and the flattened result keys).
+    """
+    fig = _figure(*size_px)
+    ax = fig.add_subplot(1, 1, 1)
+    for key in keys:
+        points = [(r["step"] * clips_per_step, float(r[key])) for r in evals if key in r]
+        if points:
+            scale = 100.0 if all(v <= 1.0 for _, v in points) and "acc" in key else 1.0
+            ax.plot([p for p, _ in points], [v * scale for _, v in points], marker="o", label=key)
+    ax.set_xlabel("video clips seen")
+    ax.set_ylabel("%")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.subplots_adjust(bottom=0.18)
+    return _save(fig, out_png)
+
+
+def seed_statistics(runs: Mapping[str, Sequence[Mapping[str, Any]]], keys: Sequence[str]
+                    ) -> dict[str, dict[str, tuple[float, float, int]]]:
+    """Mean, sample standard deviation and count over seeds: variant -> key -> (mean, std, n).
+
+    Args:
+        runs: variant name -> one nested result per seed (as for `comparison_table`); missing values are skipped.
+    """
+    out: dict[str, dict[str, tuple[float, float, int]]] = {}
+    for name, per_seed in runs.items():
+        out[name] = {}
+        for key in keys:
+            values = [float(v) for v in (_lookup(r, key) for r in per_seed) if isinstance(v, (int, float))]
+            if not values:
+                continue
+            mean = sum(values) / len(values)
+            var = sum((v - mean) ** 2 for v in values) / (len(values) - 1) if len(values) > 1 else 0.0
+            out[name][key] = (mean, math.sqrt(var), len(values))
+    return out
+
+
+def seed_table(stats: Mapping[str, Mapping[str, tuple[float, float, int]]], keys: Sequence[str]) -> str:
+    """Markdown table of `seed_statistics`: "mean +/- std (n)" per variant and key."""
+    def cell(row: Mapping[str, tuple[float, float, int]], key: str) -> str:
+        if key not in row:
+            return "-"
+        mean, std, n = row[key]
+        return f"{mean:.1f} +/- {std:.1f} ({n})"
+
+    rows = {name: {key: cell(row, key) for key in keys} for name, row in stats.items()}
+    return markdown_table(rows, list(keys))
+
+
+def plot_seed_comparison(stats: Mapping[str, Mapping[str, tuple[float, float, int]]], keys: Sequence[str],
+                         out_png: str | Path, *, size_px: tuple[int, int] = (720, 320)) -> Path:
+    """Bars of the mean per variant (one group per key) with the standard deviation over seeds as error bars."""
+    fig = _figure(*size_px)
+    ax = fig.add_subplot(1, 1, 1)
+    names = list(stats)
+    width = 0.8 / max(1, len(names))
+    for i, name in enumerate(names):
+        means = [stats[name].get(k, (float("nan"), 0.0, 0))[0] for k in keys]
+        stds = [stats[name].get(k, (0.0, 0.0, 0))[1] for k in keys]
+        ax.bar(np.arange(len(keys)) + i * width, means, width, yerr=stds, capsize=3, label=name)
+    ax.set_xticks(np.arange(len(keys)) + width * (len(names) - 1) / 2)
+    ax.set_xticklabels([k.replace("synth_", "") for k in keys], fontsize=7)
+    ax.set_ylabel("% (mean +/- std over seeds)")
+    ax.legend(fontsize=8)
+    fig.subplots_adjust(bottom=0.2)
+    return _save(fig, out_png)
+
+
 def _lookup(results: Mapping[str, Any], dotted: str) -> Any:
     node: Any = results
     for part in dotted.split("."):

@@ -54,8 +54,8 @@ def run_training(cfg: RunConfig, task) -> dict[str, Any]:
     return result
 
 
-def train_teacher(cfg: RunConfig) -> Path:
-    """Train the demo teacher and export it to model.teacher.weights (or <run>/teacher). Returns the folder."""
+def train_teacher(cfg: RunConfig) -> dict[str, Any]:
+    """Train the demo teacher and export it to <paths.models>/teacher. Returns the engine's result (+ teacher_dir)."""
     from stmvl.tasks.teacher import TeacherTask, export_teacher
 
     result = run_training(cfg, TeacherTask(cfg))
@@ -63,7 +63,8 @@ def train_teacher(cfg: RunConfig) -> Path:
     if result["trainer"].dist.is_main:
         export_teacher(result["trainer"].model, out)
         print(f"[stmvl] teacher written to {out}")
-    return out
+    result["teacher_dir"] = str(out)
+    return result
 
 
 def pretrain(cfg: RunConfig) -> dict[str, Any]:
@@ -74,6 +75,7 @@ def pretrain(cfg: RunConfig) -> dict[str, Any]:
     result = run_training(cfg, task)
     result["results"] = task.last_results
     trainer = result["trainer"]
+    result["precision"] = trainer.precision
     model_dir = Path(result["run_dir"]) / "model"
     if trainer.dist.is_main:
         export_model(trainer.model, cfg, model_dir)

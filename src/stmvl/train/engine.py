@@ -213,6 +213,8 @@ class Trainer:
         self.global_step = 0
         self.nonfinite_steps = 0
         self.step_flops: dict[tuple, int] = {}  # FLOPs of one optimizer step per step kind (see _step_kind)
+        # work done by this rank in this process (runtime.count_flops): training steps and evaluations
+        self.flops: dict[str, int] = {"train": 0, "eval": 0}
         self.best: dict[str, Any] = {}
         self.last_eval: dict[str, Any] = {}
         self.last_checkpoint: Path | None = None
@@ -621,7 +623,12 @@ class Trainer:
             return {}
         self.model.eval()
         with torch.no_grad():
-            results = _flatten(evaluate(self.model, epoch) or {})
+            if self.cfg.runtime.count_flops:
+                box: dict[str, Any] = {}
+                self.flops["eval"] += count_flops(lambda: box.update(results=evaluate(self.model, epoch)))
+                results = _flatten(box["results"] or {})
+            else:
+                results = _flatten(evaluate(self.model, epoch) or {})
         self._set_train_mode()
         self.last_eval = results
         if self.dist.is_main:
@@ -681,7 +688,7 @@ class Trainer:
                 self.writer.close()
         return {"global_step": self.global_step, "run_dir": str(self.run_dir),
                 "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
-                "eval": self.last_eval, "best": dict(self.best)}
+                "eval": self.last_eval, "best": dict(self.best), "flops": dict(self.flops)}
 
     def _train_loop(self) -> None:
         rt, accum = self.cfg.runtime, self.cfg.optim.grad_accum
@@ -698,10 +705,13 @@ class Trainer:
                 micro = self._micro_batches(batches, n_micro)
                 computed = time.perf_counter()
                 metrics, counted = self._counted_step(micro)
+                self.flops["train"] += self.step_flops.get(self._step_kind(micro), 0)
                 # data wait vs compute time: tells whether the loader keeps up (target: wait < 10% of the step)
                 metrics.update(data_wait_s=computed - waited, step_s=time.perf_counter() - waited)
                 if counted is None:  # the step that ran under the FLOP counter is slower: keep it out of the rates
                     metrics.update(self._rates(micro, metrics["step_s"]))
+                else:
+                    metrics["flops_counted"] = float(counted)
                 self.global_step += 1
                 step_in_epoch += 1
                 end_of_epoch = step_in_epoch >= self.steps_per_epoch

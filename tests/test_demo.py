@@ -1,0 +1,50 @@
+"""The demo end to end at a scaled-down size: every stage runs, the report states each stage's time and FLOPs, and
+the counted FLOPs of a pretraining step equal an independent count of the same step."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+SMALL = ["data.synthetic.num_train=48", "data.synthetic.num_images=48", "data.synthetic.num_test=16",
+         "data.synthetic.num_probe=16", "data.synthetic.frames=4", "teacher:optim.max_steps=2",
+         "teacher:data.image_batch_size=8", "optim.max_steps=3", "optim.warmup_steps=1", "data.video_batch_size=8",
+         "data.image_batch_size=8", "data.corpora.1.weight=0.01", "data.num_workers=0", "eval.num_workers=0",
+         "eval.k_test=4", "eval.batch_size=8", "model.vision.depth=2", "runtime.log_every=1", "runtime.threads=1",
+         "optim.precision=fp32"]
+
+
+@pytest.mark.slow
+def test_scaled_down_demo_reports_the_compute_of_every_stage(tmp_path):
+    from stmvl.demo import run_demo
+    from stmvl.models.stm import STMModel
+    from stmvl.tasks.pretrain import load_run_config
+    from stmvl.data.transforms import to_float
+    from stmvl.tasks.data import pretrain_stream, tokenizer_for
+    from stmvl.train.flops import count_flops
+
+    summary = run_demo(tmp_path / "demo", overrides=SMALL)
+    stages = summary["stages"]
+    assert list(stages) == ["corpus", "teacher", "pretrain stm"]
+    assert stages["teacher"]["flops"] > 0 and stages["pretrain stm"]["flops"] > stages["teacher"]["flops"] / 100
+    assert summary["total"]["flops"] == sum(v["flops"] for v in stages.values())
+    report = json.loads((tmp_path / "demo" / "report.json").read_text())
+    compute = next(s for s in report["sections"] if s["title"] == "Compute")
+    assert compute["numbers"]["total"]["TFLOP"] == pytest.approx(summary["total"]["flops"] / 1e12, abs=0.01)
+    for key in ("synth_test.itc.t2v_r1", "synth_probe.itc_acc", "synth_probe_shuffled.itc_acc"):
+        assert summary["results"]["stm"][key] is not None
+
+    # the engine's count of the first video step equals a count of the same step made here, on the same batch
+    run = tmp_path / "demo" / "pretrain"
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    counted = [r for r in records if r.get("split") == "train" and "flops_counted" in r and "loss_video_vtc" in r]
+    assert len(counted) == 1, "the first video step is counted once"
+    cfg = load_run_config(str(run / "config.yaml"))
+    batch = pretrain_stream(cfg, tmp_path / "again", tokenizer_for(cfg.model.text), 0, 1).first_batch("video")
+    batch["video"] = to_float(batch["video"])
+    torch.manual_seed(0)
+    model = STMModel(cfg.model).train()
+    here = count_flops(lambda: model(batch, step=counted[0]["step"] - 1)["loss"].backward())
+    assert counted[0]["flops_counted"] == here
