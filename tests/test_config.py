@@ -98,7 +98,7 @@ def test_wrong_types_and_choices_name_key_and_allowed_values():
         ("model.mask.logits=x", "model.mask.logits.*log, reference"),
         ("model.decoder=mlp", "model.decoder.*st, linear"),
         ("model.mvm_tokens=x", "model.mvm_tokens.*all, visible"),
-        ("model.mask.video_ratio=1.5", r"model.mask.video_ratio: 1.5 is outside the allowed range \[0.0, 1.0\]"),
+        ("model.mask.video_ratio=1.5", r"model.mask.video_ratio: 1.5 is outside the allowed range \[0.0, 1.0\)"),
         ("data.corpora=[{name: a, annotation: x, media_type: audio}]", "data.corpora.0.media_type: 'audio'"),
         ("task=pretrian", "task: 'pretrian' is not allowed.*did you mean 'pretrain'"),
         ("optim.max_steps=1e3", None),
@@ -159,3 +159,32 @@ def test_from_dict_reports_nested_paths():
     with pytest.raises(ConfigError, match="data.corpora.1: expected a mapping for CorpusConfig, got str 'x'"):
         from_dict(RunConfig, {"data": {"corpora": [{"name": "a", "annotation": "b"}, "x"]}})
     assert from_dict(CorpusConfig, {"name": "n", "weight": "0.5"}).weight == 0.5
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.lr=.nan", "optim.lr: nan is not a finite number"),
+    ("optim.weight_decay=.inf", "optim.weight_decay: inf is not a finite number"),
+    ("model.mask.video_ratio=.nan", "model.mask.video_ratio: nan is not a finite number"),
+    ("model.mask.video_ratio=1.0", r"model.mask.video_ratio: 1.0 is outside the allowed range \[0.0, 1.0\)"),
+    ("optim.eps=0", r"optim.eps: 0.0 is outside the allowed range \(0.0, 1.0\]"),
+])
+def test_non_finite_and_out_of_range_numbers_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_malformed_yaml_and_alias_bombs_are_one_line_errors(tmp_path):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("optim:\n  lr: [1, 2\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"broken.yaml: line \d+, column \d+: malformed YAML"):
+        load_config(str(broken))
+    bomb = tmp_path / "bomb.yaml"
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [{', '.join(f'*a{i - 1}' for _ in range(10))}]" for i in range(1, 8)]
+    bomb.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"bomb.yaml: line 2: YAML aliases \(\*a0\) are not supported"):
+        load_config(str(bomb))
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes("description: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match="latin.yaml: not UTF-8 text"):
+        load_config(str(latin))

@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import math
 import os
 import re
 import types
@@ -86,8 +87,9 @@ def _choices(*values: str) -> dict[str, Any]:
     return {"choices": tuple(values)}
 
 
-def _range(lo: float | None, hi: float | None) -> dict[str, Any]:
-    return {"range": (lo, hi)}
+def _range(lo: float | None, hi: float | None, *, open_lo: bool = False, open_hi: bool = False) -> dict[str, Any]:
+    """Allowed numeric range; bounds are inclusive unless open (e.g. a mask ratio must stay below 1)."""
+    return {"range": (lo, hi), "open": (open_lo, open_hi)}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -152,7 +154,7 @@ class OptimConfig:
     lr: float = field(default=1e-4, metadata=_range(0.0, None))
     weight_decay: float = field(default=0.02, metadata=_range(0.0, None))
     betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
+    eps: float = field(default=1e-8, metadata=_range(0.0, 1.0, open_lo=True))
     epochs: int | None = field(default=10, metadata=_range(1, None))
     max_steps: int | None = field(default=None, metadata=_range(1, None))  # optimizer steps; wins over epochs
     warmup_epochs: float = field(default=1.0, metadata=_range(0.0, None))
@@ -273,8 +275,8 @@ _EXTERNAL_METADATA: dict[type, dict[str, dict[str, Any]]] = {
         "video_strategy": _choices("random", "tube", "attention", "attention_inverse", "stm"),
         "image_strategy": _choices("random", "attention", "attention_inverse"),
         "logits": _choices("log", "reference"),
-        "video_ratio": _range(0.0, 1.0),
-        "image_ratio": _range(0.0, 1.0),
+        "video_ratio": _range(0.0, 1.0, open_hi=True),  # at least one token per frame must stay visible
+        "image_ratio": _range(0.0, 1.0, open_hi=True),
         "tau": _range(0.0, None),
     },
     PredictorConfig: {"jitter_halve_at": _range(0.0, 1.0)},
@@ -409,13 +411,13 @@ def _convert_scalar(tp: Any, value: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, bool):
             raise _type_error(key, tp, value)
-        if isinstance(value, (int, float)):
-            return float(value)
         # YAML 1.1 reads `2e-5` (no dot) as a string; accept plain numeric strings for float fields.
-        number = _as_number(value)
-        if number is not None:
-            return number
-        raise _type_error(key, tp, value)
+        number = float(value) if isinstance(value, (int, float)) else _as_number(value)
+        if number is None:
+            raise _type_error(key, tp, value)
+        if not math.isfinite(number):  # NaN compares False with every bound: it would pass any range check
+            raise ConfigError(f"{key}: {value!r} is not a finite number")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
@@ -443,10 +445,13 @@ def _check_metadata(meta: Mapping[str, Any], value: Any, key: str) -> None:
     bounds = meta.get("range")
     if bounds is not None and isinstance(value, (int, float)) and not isinstance(value, bool):
         lo, hi = bounds
-        if (lo is not None and value < lo) or (hi is not None and value > hi):
-            lo_s = "-inf" if lo is None else lo
-            hi_s = "inf" if hi is None else hi
-            raise ConfigError(f"{key}: {value!r} is outside the allowed range [{lo_s}, {hi_s}]")
+        open_lo, open_hi = meta.get("open", (False, False))
+        below = lo is not None and (value <= lo if open_lo else value < lo)
+        above = hi is not None and (value >= hi if open_hi else value > hi)
+        if below or above:
+            lo_s = f"{'(' if open_lo else '['}{'-inf' if lo is None else lo}"
+            hi_s = f"{'inf' if hi is None else hi}{')' if open_hi else ']'}"
+            raise ConfigError(f"{key}: {value!r} is outside the allowed range {lo_s}, {hi_s}")
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:
@@ -496,14 +501,39 @@ def _find_recipe(ref: str, relative_to: Path | None) -> Path:
     )
 
 
+class _NoAliasLoader(yaml.SafeLoader):
+    """SafeLoader that refuses anchors and aliases: recipes have no use for them, and nested aliases can make a tiny
+    file expand into an enormous tree (a "billion laughs") before any key is checked."""
+
+    def compose_node(self, parent, index):  # noqa: D102 - PyYAML hook
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise ConfigError(f"{self.name}: line {event.start_mark.line + 1}: YAML aliases (*{event.anchor}) are not "
+                              "supported in recipes; write the value out or use `extends:` / ${...} references")
+        return super().compose_node(parent, index)
+
+
+def _read_yaml(path: Path) -> Any:
+    """A recipe file as Python data; a malformed file is a ConfigError naming the file, line and problem."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return yaml.load(fh, Loader=_NoAliasLoader) or {}
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{path}: {where}malformed YAML ({problem})") from None
+
+
 def load_recipe_dict(recipe: str, _relative_to: Path | None = None, _stack: tuple[Path, ...] = ()) -> dict:
     """The raw merged mapping of a recipe after resolving `extends:` (no defaults, overrides or interpolation)."""
     path = _find_recipe(recipe, _relative_to)
     if path in _stack:
         chain = " -> ".join(str(p) for p in (*_stack, path))
         raise ConfigError(f"recipe `extends:` cycle: {chain}")
-    with open(path, encoding="utf-8") as fh:
-        raw = yaml.safe_load(fh) or {}
+    raw = _read_yaml(path)
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a recipe must be a YAML mapping, got {type(raw).__name__}")
     parents = raw.pop("extends", None) or []
