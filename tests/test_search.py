@@ -196,3 +196,14 @@ def test_search_cli_table_and_json(trained, capsys):
     assert "skipped" in captured.err and "corrupt.mp4" in captured.err
     assert search_main(["--checkpoint", str(videos), "--videos", str(videos), "x"]) == 2
     assert "no model.safetensors" in capsys.readouterr().err
+
+
+def test_a_corrupt_model_file_is_a_one_line_error(trained, tmp_path, capsys):
+    model_dir, videos, _, _ = trained
+    broken = tmp_path / "broken"
+    shutil.copytree(model_dir, broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 3])  # a torn download
+    assert search_main(["--checkpoint", str(broken), "--videos", str(videos), "a red circle"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "model.safetensors: not a readable safetensors file" in err[0], err

@@ -10,3 +10,7 @@ class UserError(ValueError):
 
 class MissingPathsError(UserError):
     """Paths that a recipe names do not exist; the message lists every one of them."""
+
+
+class CorruptWeightsError(UserError):
+    """A weights file that cannot be read (truncated, overwritten, another format); the message names the file."""

@@ -20,11 +20,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
+
+from stmvl.errors import CorruptWeightsError
 from safetensors.torch import save_file
 
 __all__ = [
     "MODEL_FILE",
+    "CorruptWeightsError",
     "STATE_FILE",
     "save_checkpoint",
     "latest_checkpoint",
@@ -89,10 +92,14 @@ def save_weights(
 def load_weights(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     """Read a safetensors file written by `save_weights`, restoring tied tensors as shared."""
     out: dict[str, torch.Tensor] = {}
-    with safe_open(str(path), framework="pt", device=str(device)) as fh:
-        for key in fh.keys():
-            out[key] = fh.get_tensor(key)
-        meta = fh.metadata() or {}
+    try:
+        with safe_open(str(path), framework="pt", device=str(device)) as fh:
+            for key in fh.keys():
+                out[key] = fh.get_tensor(key)
+            meta = fh.metadata() or {}
+    except SafetensorError as exc:  # a truncated or foreign file: the user's to fix, not a crash
+        raise CorruptWeightsError(f"{path}: not a readable safetensors file ({exc}); re-export or re-download "
+                                  "it") from None
     for alias, owner in json.loads(meta.get(_ALIASES_KEY, "{}")).items():
         out[alias] = out[owner]
     return out

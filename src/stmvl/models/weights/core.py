@@ -80,9 +80,16 @@ def read_state_dict(path: str | Path) -> StateDict:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(str(path))
+        from stmvl.errors import CorruptWeightsError
+
+        try:
+            return load_file(str(path))
+        except SafetensorError as exc:  # truncated or not safetensors at all: the user's file to replace
+            raise CorruptWeightsError(f"{path}: not a readable safetensors file ({exc}); re-export or re-download "
+                                      "it") from None
     return _unwrap(read_pickle_object(path), str(path))
 
 
