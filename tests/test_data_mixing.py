@@ -94,3 +94,28 @@ def test_weights_change_the_number_of_steps_per_media():
     assert media.count("video") == 20 and media.count("image") == 5  # 10 batches x 2, 10 x 0.5
     with pytest.raises(ValueError, match="unknown media"):
         _stream(weights={"audio": 1.0})
+
+
+def test_persistent_workers_follow_the_epoch_of_the_datasets(tmp_path):
+    """Loader workers live for the whole run; the epoch reaches them through shared memory, so every epoch's random
+    frames and crops equal those of a run without workers."""
+    from stmvl.data.datasets import VideoTextDataset
+    from stmvl.data.synth import generate_corpus
+
+    generate_corpus(tmp_path, seed=0, train=8, test=0, probe=0, size=32, frames=4, workers=1)
+
+    def clips(workers):
+        ds = VideoTextDataset(tmp_path / "annotations" / "train_video.json", tmp_path, num_frames=2, img_size=24,
+                              train=True, sampling="rand")
+        collate = lambda items: {"video": torch.stack([x["video"] for x in items]), "media": "video"}  # noqa: E731
+        stream = MixedBatchStream({"video": MediaSource(ds, 4, collate)}, seed=1, num_workers=workers)
+        epochs = [[b["video"] for b in stream] for _ in range(2)]  # the stream moves to the next epoch by itself
+        if workers:
+            loader = stream._loaders["video"]
+            assert loader.persistent_workers and loader._iterator is not None  # the same workers served both
+        return epochs
+
+    reference, pooled = clips(0), clips(2)
+    assert not torch.equal(reference[0][0], reference[1][0])  # a new epoch draws new frames / crops
+    for ref_epoch, got_epoch in zip(reference, pooled):
+        assert all(torch.equal(a, b) for a, b in zip(ref_epoch, got_epoch))

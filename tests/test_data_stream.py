@@ -293,3 +293,41 @@ def test_pipe_urls_stream_through_webdataset_gopen(corpus):
 def _epoch_of(stream):
     mixed = MixedBatchStream({"video:p": MediaSource(stream, 4, _collate)}, num_workers=2)
     return len(mixed), [b["index"].tolist() for b in mixed]
+
+
+def test_an_evaluation_corpus_given_as_shards_scores_as_its_files(corpus, tmp_path):
+    """Retrieval and probe corpora can be shards: unpacked once under the run folder (paths kept, so `gt` still
+    matches), they give the same datasets and so the same numbers as the annotation files."""
+    from stmvl.config import load_config
+    from stmvl.tasks.data import eval_datasets
+
+    root, _ = corpus
+    for name in ("retrieval_test", "probe"):
+        shards.write_shards(root / "annotations" / f"{name}.json", root, tmp_path / name, 2)
+
+    def corpora(use_shards: bool) -> str:
+        def one(name, kind, ann):
+            where = f"shards: {tmp_path / name}" if use_shards else f"annotation: {root}/annotations/{ann}"
+            return f"{{name: {name}, kind: {kind}, caption_mode: single, {where}, media_root: {root}}}"
+        return f"eval.corpora=[{one('retrieval_test', 'retrieval', 'retrieval_test.json')}, " \
+               f"{one('probe', 'probe', 'probe.json')}]"
+
+    common = [f"runtime.out_dir={tmp_path / 'run'}", "eval.num_frames=2", "data.img_size=32"]
+    files = eval_datasets(load_config(None, [corpora(False), *common]))
+    from_shards = eval_datasets(load_config(None, [corpora(True), *common]))
+    assert (tmp_path / "run" / "eval_shards" / "probe" / "annotation.json").is_file()
+    for name in ("retrieval_test", "probe"):
+        a, b = files[name][1], from_shards[name][1]
+        assert len(a) == len(b) > 0
+        for i in range(len(a)):
+            x, y = a[i], b[i]
+            assert torch.equal(x["video"], y["video"])
+            assert {k: v for k, v in x.items() if k != "video"} == {k: v for k, v in y.items() if k != "video"}
+    # a broken evaluation shard is refused, not silently scored on fewer clips
+    broken = tmp_path / "broken"
+    shutil.copytree(tmp_path / "probe", broken)
+    first = sorted(broken.glob("*.tar"))[0]
+    first.write_bytes(first.read_bytes()[:700])
+    with pytest.raises(UserError, match="an evaluation set must be complete"):
+        eval_datasets(load_config(None, [f"eval.corpora=[{{name: p, kind: probe, shards: {broken}}}]",
+                                         f"runtime.out_dir={tmp_path / 'run2'}"]))

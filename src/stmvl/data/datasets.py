@@ -2,8 +2,8 @@
 
 Every dataset returns uint8 video ``[T, 3, H, W]`` (images: T = 1) plus its text fields. Randomness (frame sampling,
 crop) comes from a per-sample generator seeded by (seed, epoch, index), so a sample is identical whichever worker
-loads it and however many workers there are; call ``set_epoch`` before each epoch (with non-persistent workers the
-DataLoader copies the dataset, epoch included, at the start of every epoch).
+loads it and however many workers there are; call ``set_epoch`` before each epoch. The epoch lives in a shared-memory
+tensor, so persistent DataLoader workers (which keep their copy of the dataset across epochs) see the new value.
 """
 
 from __future__ import annotations
@@ -73,7 +73,8 @@ class MediaDataset(Dataset):
         self.num_frames = 1 if media_type == "image" else int(num_frames)
         self.sampling = sampling
         self.transform: TrainTransform | EvalTransform = build_transform(train, img_size, hflip=hflip)
-        self.seed, self.epoch = int(seed), 0
+        self.seed = int(seed)
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()  # shared with persistent workers
         self.corpus = corpus or Path(self.records.source).stem
         self.min_frames = int(min_frames)
         self.video_kwargs = dict(video_kwargs or {})
@@ -82,9 +83,14 @@ class MediaDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch)
+
     def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose random frame sampling / crops ``__getitem__`` reproduces."""
-        self.epoch = int(epoch)
+        """Select the epoch whose random frame sampling / crops ``__getitem__`` reproduces (in this process and in
+        every DataLoader worker that holds a copy of this dataset)."""
+        self._epoch.fill_(int(epoch))
 
     def media_path(self, record: dict) -> Path:
         return resolve_media_path(self.media_root, record[media_key("image" if self.media_type == "image"

@@ -146,6 +146,7 @@ class MixedBatchStream:
                 raise ValueError(f"weight of media {name!r} must be > 0, got {w}")
         self.counts = {name: max(1, round(self.weights[name] * per_pass[name])) for name in self.sources}
         self.epoch, self.step = 0, 0
+        self._loaders: dict[str, DataLoader] = {}
 
     def __len__(self) -> int:
         return sum(self.counts.values())
@@ -171,14 +172,23 @@ class MixedBatchStream:
         sampler.set_epoch(sampler_epoch, start_batch)
         if hasattr(source.dataset, "set_epoch"):
             source.dataset.set_epoch(sampler_epoch)
-        kwargs: dict[str, Any] = {}
-        if self.num_workers > 0 and self.prefetch_factor is not None:
-            kwargs["prefetch_factor"] = self.prefetch_factor
-        if self.num_workers > 0:
-            kwargs["worker_init_fn"] = one_thread_per_worker
-        loader = DataLoader(source.dataset, batch_sampler=sampler, collate_fn=source.collate_fn,
-                            num_workers=self.num_workers, pin_memory=self.pin_memory, **kwargs)
-        return iter(loader)
+        return iter(self._loader(name))
+
+    def _loader(self, name: str) -> DataLoader:
+        """One DataLoader per media type for the whole run. Its workers persist across passes and epochs (no
+        re-spawn, no re-import per epoch); the sampler runs in this process and the datasets keep their epoch in
+        shared memory, so each pass still gets its own order and random crops."""
+        if name not in self._loaders:
+            source = self.sources[name]
+            kwargs: dict[str, Any] = {}
+            if self.num_workers > 0:
+                kwargs.update(persistent_workers=True, worker_init_fn=one_thread_per_worker)
+                if self.prefetch_factor is not None:
+                    kwargs["prefetch_factor"] = self.prefetch_factor
+            self._loaders[name] = DataLoader(source.dataset, batch_sampler=self.samplers[name],
+                                             collate_fn=source.collate_fn, num_workers=self.num_workers,
+                                             pin_memory=self.pin_memory, **kwargs)
+        return self._loaders[name]
 
     def _media_batches(self, name: str, skip: int) -> Iterator[Any]:
         """All batches of ``name`` for this epoch after skipping ``skip`` of them (possibly several passes)."""

@@ -33,9 +33,11 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import os
 import posixpath
 import random
 import re
+import shutil
 import tarfile
 import zlib
 from pathlib import Path, PurePosixPath
@@ -509,3 +511,62 @@ class _WorkerBatches(IterableDataset):
         while True:
             batch = list(itertools.islice(samples, self.batch_size))
             yield self.collate_fn(batch)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Evaluation corpora from shards
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def materialise_shards(spec: str, out_dir: str | Path, index: str | None = None,
+                       media_type: str = "video") -> Path:
+    """Unpack an evaluation corpus's shards into ``out_dir`` once: every media file under its original relative
+    path, and ``annotation.json`` with the records in their original order. Returns the annotation path.
+
+    Evaluation needs random access to every clip and the whole caption set (retrieval ranks all clips against all
+    captions), which a stream does not give; evaluation sets are small (MSRVTT-1k: 1000 clips), so a local copy is
+    the simple answer. Media keep their original paths so that records that name other clips (``gt``) still match.
+    A broken sample, a pre-decoded shard set or an unsafe media path is a UserError: an evaluation with clips
+    silently missing would report wrong numbers. Written to a temporary folder and renamed, so a finished copy is
+    always complete and concurrent ranks agree.
+    """
+    out_dir = Path(out_dir)
+    annotation = out_dir / "annotation.json"
+    if annotation.is_file():
+        return annotation
+    shard_index = ShardIndex.load(spec, index)
+    if shard_index.predecode:
+        raise UserError(f"shards {spec!r}: pre-decoded shards cannot be evaluated (their frames are fixed); write "
+                        "plain shards of the evaluation set")
+    key_field = "image" if media_type == "image" else "video"
+    tmp = out_dir.with_name(f".tmp-{out_dir.name}-{os.getpid()}")
+    records: dict[int, dict] = {}
+    try:
+        for url in shard_index.urls:
+            for sample in iter_raw_samples(url):
+                if "__error__" in sample:
+                    raise UserError(f"shards {spec!r}: {sample['__error__']}: an evaluation set must be complete")
+                try:
+                    meta, number = parse_meta(sample, shard_index.records)
+                except MediaError as err:
+                    raise UserError(f"shards {spec!r}: {err}: an evaluation set must be complete") from None
+                member = media_member(sample, media_type, meta)
+                relative = meta.get(key_field)
+                if member is None or not isinstance(relative, str) or _unsafe(relative):
+                    raise UserError(f"shards {spec!r}: sample {sample['__key__']} in {url} has no usable media "
+                                    f"or media path ({relative!r})")
+                target = tmp / relative
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(member[1])
+                records[number] = {k: v for k, v in meta.items() if k not in ("index", "media_type", "media_ext")}
+        tmp.mkdir(parents=True, exist_ok=True)
+        (tmp / "annotation.json").write_text(json.dumps([records[i] for i in sorted(records)]), encoding="utf-8")
+        try:
+            os.replace(tmp, out_dir)
+        except OSError:  # another rank finished first: its copy is the same
+            shutil.rmtree(tmp, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    log.info("evaluation shards %s unpacked to %s (%d samples)", spec, out_dir, len(records))
+    return annotation

@@ -124,6 +124,21 @@ def _concat(datasets: list[VideoTextDataset]):
     return _EpochConcat(datasets)
 
 
+def local_eval_corpus(cfg: RunConfig, c: CorpusConfig) -> CorpusConfig:
+    """An evaluation corpus given as shards, unpacked once under <runtime.out_dir>/eval_shards/<name> (see
+    stmvl.data.stream.materialise_shards); a file corpus unchanged. The corpus's `annotation`, when set, names the
+    shards' index file."""
+    if not c.shards:
+        return c
+    import dataclasses
+
+    from stmvl.data.stream import materialise_shards
+
+    folder = Path(cfg.runtime.out_dir) / "eval_shards" / c.name
+    annotation = materialise_shards(c.shards, folder, c.annotation or None, c.media_type)
+    return dataclasses.replace(c, annotation=str(annotation), media_root=str(folder), shards=None)
+
+
 def eval_datasets(cfg: RunConfig, kinds: tuple[str, ...] = ("retrieval", "probe")) -> dict[str, tuple[CorpusConfig, Any]]:
     """Evaluation corpus name -> (its config, its dataset) for the requested kinds."""
     ev = cfg.eval
@@ -132,6 +147,7 @@ def eval_datasets(cfg: RunConfig, kinds: tuple[str, ...] = ("retrieval", "probe"
     for c in ev.corpora:
         if c.kind not in kinds:
             continue
+        c = local_eval_corpus(cfg, c)
         _require(c.annotation, f"eval corpus {c.name!r} annotation")
         common = dict(num_frames=ev.num_frames, img_size=img_size, sampling=ev.sampling, train=False,
                       corpus=c.name, seed=cfg.runtime.seed)

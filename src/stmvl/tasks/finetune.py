@@ -38,7 +38,7 @@ from stmvl.models.qa import QA_UNUSED_GROUPS, VideoQAModel
 from stmvl.models.stm import STMModel
 from stmvl.train.engine import TrainContext, Trainer, unwrap_model
 
-from .data import StreamTask, _concat, _require, tokenizer_for
+from .data import StreamTask, _concat, _require, local_eval_corpus, tokenizer_for
 from .evaluation import evaluate_corpora, summary_lines
 
 __all__ = [
@@ -285,6 +285,7 @@ def evaluate_downstream(model: nn.Module, cfg: RunConfig, device: torch.device |
     for c in ev.corpora:
         if c.kind not in ("mc", "qa"):
             continue
+        c = local_eval_corpus(cfg, c)
         _require(c.annotation, f"eval corpus {c.name!r} annotation")
         if c.kind == "mc":
             dataset = MCDataset(c.annotation, c.media_root, **_eval_common(cfg, c))

@@ -24,6 +24,9 @@ def named_paths(cfg: RunConfig, needs_teacher: bool = True) -> list[tuple[str, s
     out: list[tuple[str, str]] = []
     for section, corpora in (("data.corpora", cfg.data.corpora), ("eval.corpora", cfg.eval.corpora)):
         for i, c in enumerate(corpora):
+            if c.shards and not ("://" in c.shards or c.shards.startswith("pipe:") or "{" in c.shards
+                                 or "::" in c.shards):
+                out.append((f"{section}.{i}.shards ({c.name})", c.shards))
             if c.annotation:
                 out.append((f"{section}.{i}.annotation ({c.name})", c.annotation))
             if c.media_root and not c.shards:
