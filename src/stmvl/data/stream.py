@@ -77,6 +77,12 @@ def _is_url(spec: str) -> bool:
     return "://" in spec or spec.startswith("pipe:")
 
 
+def is_single_local_path(spec: str) -> bool:
+    """Whether a ``shards`` value names one local file or folder (not a URL, ``pipe:``, brace pattern or ``::``
+    list), so that its existence can be checked up front."""
+    return not _is_url(spec) and "{" not in spec and "::" not in spec
+
+
 def read_json_url(url: str) -> Any:
     """JSON from a local path or anything webdataset.gopen opens."""
     if _is_url(url):
@@ -120,7 +126,7 @@ class ShardIndex:
             return cls.from_file(spec)
         if not _is_url(spec) and Path(spec).is_dir():
             return cls.from_file(str(Path(spec) / INDEX_FILE))
-        if not _is_url(spec) and "{" not in spec and "::" not in spec and not Path(spec).exists():
+        if is_single_local_path(spec) and not Path(spec).exists():
             raise UserError(f"shards {spec!r}: no such file or folder (expected an index.json, a folder holding "
                             f"one, or a shard pattern such as /data/webvid/shard-{{000000..002499}}.tar)")
         import webdataset

@@ -16,6 +16,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
+from stmvl.models.masking import gather_tokens, kept_index
+
 IGNORE_INDEX = -100
 
 
@@ -308,8 +310,6 @@ def select_tokens(x: Tensor, keep: Tensor, count: int | None = None) -> Tensor:
 
     count: n when the caller knows it (then nothing is read back from the device); else read from keep.
     """
-    from stmvl.models.masking import gather_tokens, kept_index
-
     n = int(keep[0].sum()) if count is None else count
     return gather_tokens(x, kept_index(keep, n))
 

@@ -376,7 +376,8 @@ class STMModel(nn.Module):
         visible_tokens = None
         if weights["mvm"] > 0:
             losses["mvm"], visible_tokens = self.masked_video_loss(
-                video, keep, mask_st, teacher_out, frames, gh, gw, text_states, mask_ids, halve, counts["visible"]
+                video, keep, mask_st, teacher_out, frames, gh, gw, text_states, mask_ids, halve, counts["visible"],
+                None if pass_weights is None else pass_weights[0],
             )
 
         reuse_pass1 = self.cfg.pass2_tokens == "visible" and visible_tokens is not None
@@ -453,15 +454,17 @@ class STMModel(nn.Module):
         )  # fmt: skip
 
     def masked_video_loss(
-        self, video, keep, mask_st, teacher_out, frames, gh, gw, text_states, text_mask, halve, n_visible=None
+        self, video, keep, mask_st, teacher_out, frames, gh, gw, text_states, text_mask, halve, n_visible=None,
+        visible_weight=None,
     ) -> tuple[Tensor, Tensor]:
         """Pass 1 on the visible tokens -> decoders -> MVM (all tokens, ST decoder) or UTA (visible tokens).
+
+        n_visible: kept tokens per sample (known from the ratio; see VideoViT.select_kept). visible_weight: the
+        straight-through weight of pass 1's input tokens (`encoder_mask_weights(mask_st)[0]`), or None.
 
         Returns (loss, pass-1 final tokens [B, n_vis, D], reused as the pass-2 tokens when pass2_tokens='visible').
         """
         k = len(self.decoders)
-        weights = self.encoder_mask_weights(mask_st)
-        visible_weight = None if weights is None else weights[0]
         out = self.vision(video, keep=keep, return_layers=k, keep_weight=visible_weight,
                           keep_count=n_visible)  # layers [K, B, n_vis, D]
         targets = teacher_out.targets

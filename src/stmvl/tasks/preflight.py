@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from stmvl.config import RunConfig
-from stmvl.errors import MissingPathsError
+from stmvl.data.stream import is_single_local_path
 
 
 def _under(path: str, root: str | None) -> bool:
@@ -24,8 +24,7 @@ def named_paths(cfg: RunConfig, needs_teacher: bool = True) -> list[tuple[str, s
     out: list[tuple[str, str]] = []
     for section, corpora in (("data.corpora", cfg.data.corpora), ("eval.corpora", cfg.eval.corpora)):
         for i, c in enumerate(corpora):
-            if c.shards and not ("://" in c.shards or c.shards.startswith("pipe:") or "{" in c.shards
-                                 or "::" in c.shards):
+            if c.shards and is_single_local_path(c.shards):
                 out.append((f"{section}.{i}.shards ({c.name})", c.shards))
             if c.annotation:
                 out.append((f"{section}.{i}.annotation ({c.name})", c.annotation))
@@ -59,10 +58,3 @@ def describe_missing(missing: list[tuple[str, str]], prefix: str = "") -> str:
     listed = "; ".join(f"{key}: {path}" for key, path in missing)
     return (f"{prefix}{len(missing)} path(s) named by the recipe do not exist: {listed} (fix them in the recipe or "
             "with overrides, e.g. paths.data=/your/data paths.models=/your/weights)")
-
-
-def check_paths(cfg: RunConfig, needs_teacher: bool = True) -> None:
-    """Raise MissingPathsError listing every missing path with its config key."""
-    missing = missing_paths(cfg, needs_teacher)
-    if missing:
-        raise MissingPathsError(describe_missing(missing))

@@ -23,7 +23,6 @@ __all__ = [
     "is_main_process",
     "barrier",
     "all_reduce_mean",
-    "all_reduce_max",
     "any_rank",
     "all_gather_object",
     "broadcast_object",
@@ -127,15 +126,6 @@ def all_reduce_mean(values: dict[str, float], device: torch.device | None = None
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     t /= dist.get_world_size()
     return dict(zip(keys, t.tolist()))
-
-
-def all_reduce_max(value: float, device: torch.device | None = None) -> float:
-    """The maximum of a scalar over ranks (used to agree on skipping a step)."""
-    if not is_distributed():
-        return float(value)
-    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return float(t.item())
 
 
 def any_rank(flag: torch.Tensor) -> bool:

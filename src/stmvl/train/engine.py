@@ -571,22 +571,24 @@ class Trainer:
                           tuple(video.shape) if isinstance(video, torch.Tensor) else None))
         return tuple(kinds)
 
-    def _counted_step(self, batches: list[Any]) -> tuple[dict[str, float], int | None]:
-        """One optimizer step; the first step of each kind runs under FlopCounterMode (runtime.count_flops)."""
+    def _counted_step(self, batches: list[Any]) -> tuple[dict[str, Any], int, bool]:
+        """One optimizer step: (metrics, its FLOPs (0 when not counted), whether it ran under the counter). The first
+        step of each kind runs under FlopCounterMode (runtime.count_flops); later ones reuse that count."""
+        if not self.cfg.runtime.count_flops:
+            return self._optimizer_step(batches), 0, False
         kind = self._step_kind(batches)
-        if not self.cfg.runtime.count_flops or kind in self.step_flops:
-            return self._optimizer_step(batches), None
-        box: dict[str, dict[str, float]] = {}
+        if kind in self.step_flops:
+            return self._optimizer_step(batches), self.step_flops[kind], False
+        box: dict[str, dict[str, Any]] = {}
         self.step_flops[kind] = count_flops(lambda: box.update(metrics=self._optimizer_step(batches)))
-        return box["metrics"], self.step_flops[kind]
+        return box["metrics"], self.step_flops[kind], True
 
-    def _rates(self, batches: list[Any], seconds: float) -> dict[str, float]:
+    def _rates(self, batches: list[Any], seconds: float, flops: int) -> dict[str, float]:
         """clips/s over all ranks, and MFU (this rank's counted FLOPs over the measured matmul peak)."""
         out: dict[str, float] = {}
         clips = sum(b["video"].shape[0] for b in batches if isinstance(b, dict) and "video" in b)
         if clips:
             out["clips_per_s"] = clips * self.dist.world_size / max(seconds, 1e-12)
-        flops = self.step_flops.get(self._step_kind(batches))
         if flops:
             peak = matmul_peak(self.precision, self.device.type, self.device.index)
             out["tflops_per_s"] = flops / max(seconds, 1e-12) / 1e12
@@ -704,14 +706,14 @@ class Trainer:
                 waited = time.perf_counter()
                 micro = self._micro_batches(batches, n_micro)
                 computed = time.perf_counter()
-                metrics, counted = self._counted_step(micro)
-                self.flops["train"] += self.step_flops.get(self._step_kind(micro), 0)
+                metrics, step_flops, counted = self._counted_step(micro)
+                self.flops["train"] += step_flops
                 # data wait vs compute time: tells whether the loader keeps up (target: wait < 10% of the step)
                 metrics.update(data_wait_s=computed - waited, step_s=time.perf_counter() - waited)
-                if counted is None:  # the step that ran under the FLOP counter is slower: keep it out of the rates
-                    metrics.update(self._rates(micro, metrics["step_s"]))
+                if counted:  # the step that ran under the FLOP counter is slower: keep it out of the rates
+                    metrics["flops_counted"] = float(step_flops)
                 else:
-                    metrics["flops_counted"] = float(counted)
+                    metrics.update(self._rates(micro, metrics["step_s"], step_flops))
                 self.global_step += 1
                 step_in_epoch += 1
                 end_of_epoch = step_in_epoch >= self.steps_per_epoch
