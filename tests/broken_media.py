@@ -22,3 +22,21 @@ def write_broken_media(folder: Path, good_clip: Path, attributes: dict) -> dict[
     (folder / "garbage.mp4").write_bytes(np.random.default_rng(0).bytes(4000))
     synth.write_mp4(folder / "short.mp4", synth.render_clip(attributes, 32, 2))
     return dict(BROKEN)
+
+
+def forged_png(width: int, height: int) -> bytes:
+    """A PNG whose header claims ``width`` x ``height`` pixels (with a valid CRC) but holds one pixel's data: a
+    decompression bomb as far as any reader that trusts the header goes, built in microseconds."""
+    import io
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (1, 1)).save(buffer, format="PNG")
+    data = bytearray(buffer.getvalue())
+    assert data[12:16] == b"IHDR"  # signature (8) + chunk length (4), then the chunk type and its 13 data bytes
+    data[16:24] = struct.pack(">II", width, height)
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    return bytes(data)

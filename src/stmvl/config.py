@@ -144,6 +144,10 @@ class DataConfig:
     num_workers: int = field(default=4, metadata=_range(0, None))
     decoder: str = field(default="pyav", metadata=_choices("pyav", "decord"))
     max_bad_fraction: float = field(default=0.01, metadata=_range(0.0, 1.0))  # stop when more media fail
+    # media over these caps are quarantined (reason too_large) before their pixels are allocated (docs/data.md)
+    max_image_pixels: int = field(default=8192 * 8192, metadata=_range(1, None))  # width x height of an image
+    max_video_pixels: int = field(default=7680 * 4320, metadata=_range(1, None))  # width x height of a frame
+    max_video_seconds: float = field(default=6 * 3600.0, metadata=_range(0.0, None, open_lo=True))
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 

@@ -9,6 +9,11 @@ Record kinds (README.md, Recipes):
 - ``mc``        ``{"video", "caption": [options], "answer": int}``
 - ``probe``     ``{"video", "caption": str, "foil": str}`` (synthetic temporal probe)
 
+Hostile values are rejected at load with the file, record index and field named (AnnotationError, a UserError):
+text that is not UTF-8, JSON nested too deeply to parse, clip bounds that are not finite seconds in
+[0, MAX_CLIP_SECONDS], captions that the caption cleaning (``stmvl.data.text.clean_caption``) empties, and strings
+holding lone surrogates (not Unicode text; they cannot be stored as UTF-8).
+
 Records are kept as one bytes buffer of compact JSON plus an int64 offset array (:class:`PackedRecords`), so a
 DataLoader worker that inherits or unpickles the dataset gets two numpy arrays instead of millions of Python
 dicts (whose reference counts would make copy-on-write fork pages private, duplicating the annotation per worker).
@@ -17,16 +22,27 @@ dicts (whose reference counts would make copy-on-write fork pages private, dupli
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
+from stmvl.errors import UserError
+
+from .text import clean_caption
+
 MEDIA_TYPES = ("video", "image")
+# Clip bounds beyond this many seconds (11.6 days) are no real clip: rejected at load, before any arithmetic on them
+MAX_CLIP_SECONDS = 1e6
+# the fields read as text (tokenized after UMT's caption cleaning), per record kind
+_TEXT_FIELDS = ("caption", "foil", "question")
+# characters UMT's caption cleaning deletes or turns into spaces (stmvl.data.text.clean_caption)
+_REMOVED_BY_CLEANING = ",.'!?\"()*#:;~-/ \t\n\r\f\v"
 
 
-class AnnotationError(ValueError):
+class AnnotationError(UserError):
     """An annotation file or record is malformed; the message names the file, record index and field."""
 
 
@@ -67,10 +83,18 @@ _SCHEMAS: dict[str, dict[str, tuple[Callable[[Any], bool], str]]] = {
               "foil": (_is_str, "a non-empty str")},
 }
 # optional fields that must have the right type when present
+def _is_seconds(value: Any, lowest_open: bool) -> bool:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    # compare before converting: an int of 400 digits is not a float, and NaN fails every comparison
+    in_range = (0 < value if lowest_open else 0 <= value) and value <= MAX_CLIP_SECONDS
+    return in_range and math.isfinite(value)
+
+
 _OPTIONAL: dict[str, tuple[Callable[[Any], bool], str]] = {
     "foil": (_is_str, "a non-empty str"),
-    "start": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0, "a number >= 0 (seconds)"),
-    "end": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0, "a number > 0 (seconds)"),
+    "start": (lambda v: _is_seconds(v, lowest_open=False), f"a finite number of seconds in [0, {MAX_CLIP_SECONDS:g}]"),
+    "end": (lambda v: _is_seconds(v, lowest_open=True), f"a finite number of seconds in (0, {MAX_CLIP_SECONDS:g}]"),
 }
 KINDS = tuple(_SCHEMAS)
 
@@ -80,30 +104,44 @@ def media_key(kind: str) -> str:
     return "image" if kind == "image" else "video"
 
 
+def read_text_file(path: Path, what: str = "annotation file") -> str:
+    """The UTF-8 text of ``path`` (a leading byte-order mark dropped); AnnotationError naming the file, line and byte
+    offset of the first byte that is not UTF-8 (a file saved as latin-1 or cp1252, say)."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise AnnotationError(f"{path}: {what} is not UTF-8 text: byte 0x{data[err.start]:02x} at offset {err.start} "
+                              f"(line {line}); save it as UTF-8") from None
+
+
+def _parse_json(text: str, where: str) -> Any:
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise AnnotationError(f"{where}: JSON nested too deeply to parse") from None
+    except ValueError as err:  # JSONDecodeError, and ints over Python's digit limit
+        raise AnnotationError(f"{where}: invalid JSON ({err})") from None
+
+
 def read_records(path: str | Path) -> list[dict]:
     """Parse a JSON list or a JSONL file into a list of dicts (not yet validated).
 
-    Raises AnnotationError naming the file (and the line for JSONL) when it cannot be parsed.
+    Raises AnnotationError naming the file (and the line for JSONL) when it cannot be read or parsed.
     """
     path = Path(path)
     if not path.is_file():
         raise AnnotationError(f"{path}: annotation file not found")
-    text = path.read_text(encoding="utf-8")
+    text = read_text_file(path)
     stripped = text.lstrip()
     if stripped.startswith("["):
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise AnnotationError(f"{path}: invalid JSON ({err})") from err
+        records = _parse_json(text, str(path))
     else:
         records = []
         for line_no, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise AnnotationError(f"{path}: line {line_no}: invalid JSON ({err})") from err
+            if line.strip():
+                records.append(_parse_json(line, f"{path}: line {line_no}"))
     if not isinstance(records, list):
         raise AnnotationError(f"{path}: expected a JSON list of records or JSONL, got {type(records).__name__}")
     return records
@@ -121,16 +159,63 @@ def validate_record(record: Any, kind: str, path: str | Path, index: int) -> Non
             raise AnnotationError(f"{where}: missing field {field!r} (required for {kind} annotations)")
         if not check(record[field]):
             raise AnnotationError(f"{where}: field {field!r} must be {expected}, got {record[field]!r}")
-    for field, (check, expected) in _OPTIONAL.items():
-        if field in record and not check(record[field]):
-            raise AnnotationError(f"{where}: field {field!r} must be {expected}, got {record[field]!r}")
     if kind == "mc" and not 0 <= record["answer"] < len(record["caption"]):
         raise AnnotationError(
             f"{where}: field 'answer' = {record['answer']} is not an index into the {len(record['caption'])} options"
         )
+    validate_optional_fields(record, where)
+
+
+def validate_optional_fields(record: dict, where: str) -> None:
+    """The checks every record kind shares (also applied to shard metadata): ``foil``, ``start`` and ``end`` when
+    present (finite seconds, start < end), and text fields that keep some text after caption cleaning."""
+    for field, (check, expected) in _OPTIONAL.items():
+        if field in record and not check(record[field]):
+            raise AnnotationError(f"{where}: field {field!r} must be {expected}, got {record[field]!r}")
     if "start" in record and "end" in record and record["end"] <= record["start"]:
         raise AnnotationError(
             f"{where}: field 'end' ({record['end']}) must be greater than 'start' ({record['start']})")
+    _check_texts(record, where)
+
+
+def _check_texts(record: dict, where: str) -> None:
+    """Every caption, foil and question must keep some text after UMT's caption cleaning (the tokenizer applies it):
+    one that is only punctuation or whitespace would train on an empty sentence."""
+    for field in _TEXT_FIELDS:
+        value = record.get(field)
+        texts = value if isinstance(value, list) else [value]
+        for i, text in enumerate(texts):
+            if isinstance(text, str) and not _survives_cleaning(text):
+                label = f"{field!r}[{i}]" if isinstance(value, list) else repr(field)
+                raise AnnotationError(f"{where}: field {label} = {text!r} is empty after caption cleaning "
+                                      f"(punctuation and whitespace only)")
+
+
+def _survives_cleaning(text: str) -> bool:
+    """Whether ``clean_caption(text)`` is non-empty; a fast exact test first (one kept character suffices), the
+    cleaning itself only for the rare text whose first character past the removable ones is whitespace."""
+    rest = text.strip(_REMOVED_BY_CLEANING)
+    if rest and not rest[0].isspace():
+        return True
+    return bool(clean_caption(text))
+
+
+def unencodable_field(value: Any, name: str = "") -> str | None:
+    """The field path of the first string (key or value) in ``value`` that UTF-8 cannot encode, else None."""
+    stack = [(name, value)]
+    while stack:
+        label, item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError as err:
+                return f"{label or 'a key'} (lone surrogate {item[err.start]!r} at character {err.start})"
+        elif isinstance(item, dict):
+            stack += [(f"{label}.{k}" if label else repr(k), v) for k, v in item.items()]
+            stack += [(f"a key of {label or 'the record'}", k) for k in item]
+        elif isinstance(item, list):
+            stack += [(f"{label}[{i}]", v) for i, v in enumerate(item)]
+    return None
 
 
 class PackedRecords:
@@ -142,8 +227,8 @@ class PackedRecords:
     def __init__(self, records: Iterable[dict], source: str = "<memory>"):
         chunks: list[bytes] = []
         offsets = [0]
-        for record in records:
-            blob = json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        for index, record in enumerate(records):
+            blob = _encode_record(record, source, index)
             chunks.append(blob)
             offsets.append(offsets[-1] + len(blob))
         self._buffer = np.frombuffer(b"".join(chunks), dtype=np.uint8)
@@ -170,6 +255,17 @@ class PackedRecords:
         return int(self._buffer.nbytes + self._offsets.nbytes)
 
 
+def _encode_record(record: Any, source: str, index: int) -> bytes:
+    """Compact UTF-8 JSON of one record; AnnotationError naming the record when it cannot be stored."""
+    try:
+        return json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    except UnicodeEncodeError:
+        raise AnnotationError(f"{source}: record {index}: field {unencodable_field(record)} is not valid Unicode "
+                              f"text") from None
+    except RecursionError:
+        raise AnnotationError(f"{source}: record {index}: nested too deeply to store") from None
+
+
 def load_annotations(path: str | Path, kind: str) -> PackedRecords:
     """Read, validate and pack an annotation file of the given kind (see module docstring).
 
@@ -188,10 +284,7 @@ def load_answer_list(path: str | Path) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise AnnotationError(f"{path}: answer list not found")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise AnnotationError(f"{path}: invalid JSON ({err})") from err
+    data = _parse_json(read_text_file(path, "answer list"), str(path))
     if isinstance(data, dict):
         data = [answer for answer, _ in sorted(data.items(), key=lambda item: item[1])]
     if not isinstance(data, list) or not data:

@@ -17,9 +17,9 @@ import torch
 from torch.utils.data import Dataset
 
 from .annotations import PackedRecords, load_annotations, load_answer_list, media_key
-from .quarantine import BrokenMediaGuard, Quarantine
+from .quarantine import BrokenMediaGuard, Quarantine, as_media_error
 from .transforms import EvalTransform, TrainTransform, build_transform, to_float
-from .video import read_media, resolve_media_path
+from .video import MediaLimits, read_media, resolve_media_path
 
 RETRIEVAL_MODES = ("single", "paragraph", "multi")
 
@@ -43,6 +43,8 @@ class MediaDataset(Dataset):
         quarantine: where broken media are listed; ``max_bad_fraction`` bounds the failure rate.
         min_frames: videos with fewer frames are treated as broken (reason ``too_short``).
         video_kwargs: passed to ``read_video`` (``backend``, ``sample_fps``).
+        limits: pixel and duration caps (``MediaLimits.from_config(cfg.data)``; default: MediaLimits()); media over
+            them are broken (reason ``too_large``) before their pixels are allocated.
     """
 
     kind = "video"
@@ -64,6 +66,7 @@ class MediaDataset(Dataset):
         max_bad_fraction: float = 0.1,
         min_frames: int = 1,
         video_kwargs: dict | None = None,
+        limits: MediaLimits | None = None,
     ):
         kind = self.kind if self.kind != "video" else ("image" if media_type == "image" else "video")
         self.records = records if isinstance(records, PackedRecords) else load_annotations(records, kind)
@@ -78,6 +81,7 @@ class MediaDataset(Dataset):
         self.corpus = corpus or Path(self.records.source).stem
         self.min_frames = int(min_frames)
         self.video_kwargs = dict(video_kwargs or {})
+        self.limits = limits or MediaLimits()
         self.guard = BrokenMediaGuard(quarantine, self.corpus, max_bad_fraction=max_bad_fraction, seed=self.seed)
 
     def __len__(self) -> int:
@@ -97,14 +101,25 @@ class MediaDataset(Dataset):
                                                                       else "video")])
 
     def load_clip(self, index: int) -> tuple[torch.Tensor, dict]:
-        """(uint8 [T, 3, H, W] transformed, record) of ``index``; raises MediaError when the media is broken."""
+        """(uint8 [T, 3, H, W] transformed, record) of ``index``.
+
+        Raises MediaError naming the media file for any failure of reading or transforming it (an exception that is
+        not a MediaError becomes reason ``error``, or ``too_large`` for a decompression bomb); MemoryError propagates.
+        """
         record = self.records[index]
+        path = self.media_path(record)
         rng, generator = sample_generators(self.seed, self.epoch, index)
         kwargs = dict(self.video_kwargs)
         if self.media_type == "video":
             kwargs.update(min_frames=self.min_frames, start=record.get("start"), end=record.get("end"))
-        frames = read_media(self.media_path(record), self.media_type, self.num_frames, self.sampling, rng, **kwargs)
-        return self.transform(frames, generator), record
+        try:
+            frames = read_media(path, self.media_type, self.num_frames, self.sampling, rng, limits=self.limits,
+                                **kwargs)
+            return self.transform(frames, generator), record
+        except MemoryError:
+            raise
+        except Exception as err:
+            raise as_media_error(err, str(path)) from err
 
     def load_guarded(self, index: int) -> tuple[torch.Tensor, dict, int]:
         """load_clip with broken-media replacement: (video, record, index actually used)."""

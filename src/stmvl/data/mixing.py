@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from .quarantine import TooManyBadSamples, bad_sample_counts, unwrap_worker_error
+
 
 def one_thread_per_worker(worker_id: int) -> None:
     """DataLoader worker set-up: one intra-op thread per decoding worker (N workers would otherwise each start as
@@ -204,6 +206,12 @@ class MixedBatchStream:
             yield from self._pass_iterator(name, pass_index, start)
             pass_index, start = pass_index + 1, 0
 
+    def bad_sample_counts(self) -> tuple[int, int]:
+        """(loads attempted, loads failed) over every source of this stream in this process, its DataLoader workers
+        included (the broken-media guards' shared counts). The engine adds them up over ranks to bound the fraction
+        of broken samples of the whole run."""
+        return bad_sample_counts(self.sources)
+
     def first_batch(self, name: str) -> Any:
         """The first batch of media ``name`` in the current epoch (for a dry run; the stream position is unchanged)."""
         return next(self._media_batches(name, 0))
@@ -214,7 +222,11 @@ class MixedBatchStream:
         iterators = {name: self._media_batches(name, done.count(name)) for name in self.sources}
         # generators start their DataLoader lazily, so a media absent from the rest of the epoch costs nothing
         for name in schedule[self.step:]:
-            batch = next(iterators[name])
+            try:
+                batch = next(iterators[name])
+            except TooManyBadSamples as err:
+                # re-raised from a worker, its message holds the worker's traceback: keep the one-line message
+                raise unwrap_worker_error(err) from None
             self.step += 1
             yield batch
         self.epoch, self.step = self.epoch + 1, 0

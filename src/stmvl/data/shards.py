@@ -30,13 +30,13 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from stmvl.errors import UserError
 
-from .annotations import read_records
+from .annotations import read_records, validate_optional_fields
 from .datasets import sample_generators
-from .quarantine import BrokenMediaGuard, Quarantine
+from .quarantine import BrokenMediaGuard, Quarantine, as_media_error
 from .stream import (IMAGE_EXTENSIONS, INDEX_FILE, INDEX_FORMAT, VIDEO_EXTENSIONS, ShardIndex, iter_raw_samples,
                      media_member)
 from .transforms import build_transform
-from .video import MediaError, read_media, read_video, resolve_media_path
+from .video import MediaError, MediaLimits, read_media, read_video, resolve_media_path
 
 __all__ = ["IMAGE_EXTENSIONS", "VIDEO_EXTENSIONS", "write_shards", "write_index", "iter_tar_samples",
            "ShardDataset", "cli_main"]
@@ -158,6 +158,7 @@ def write_shards(annotation: str | Path, media_root: str | Path, out: str | Path
     for index, record in enumerate(records):
         if not isinstance(record, dict) or not isinstance(record.get(key_field), str):
             raise UserError(f"{annotation}: record {index}: missing field {key_field!r}")
+        validate_optional_fields(record, f"{annotation}: record {index}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     settings = {"annotation": str(annotation), "media_type": media_type, "shard_size": int(shard_size),
@@ -274,7 +275,7 @@ class ShardDataset(IterableDataset):
                  img_size: int = 224, sampling: str = "rand", train: bool = True, hflip: bool = False, seed: int = 0,
                  rank: int = 0, world_size: int = 1, id_offset: int = 0, quarantine: Quarantine | None = None,
                  max_bad_fraction: float = 0.1, min_frames: int = 1, shuffle_shards: bool = True,
-                 corpus: str = "", video_kwargs: dict | None = None):
+                 corpus: str = "", video_kwargs: dict | None = None, limits: MediaLimits | None = None):
         if isinstance(shards, (str, Path)) and Path(shards).is_dir():
             shards = sorted(Path(shards).glob("*.tar"))
         elif isinstance(shards, (str, Path)):
@@ -289,6 +290,7 @@ class ShardDataset(IterableDataset):
         self.seed, self.epoch, self.rank, self.world_size = seed, 0, rank, world_size
         self.id_offset, self.min_frames, self.shuffle_shards = id_offset, min_frames, shuffle_shards
         self.video_kwargs = dict(video_kwargs or {})
+        self.limits = limits or MediaLimits()
         self.guard = BrokenMediaGuard(quarantine, corpus or Path(self.shards[0]).parent.name,
                                       max_bad_fraction=max_bad_fraction, seed=seed)
 
@@ -321,10 +323,15 @@ class ShardDataset(IterableDataset):
         if self.media_type == "video":
             kwargs.update(min_frames=self.min_frames, start=meta.get("start"), end=meta.get("end"))
         try:
-            frames = read_media(entry[1], self.media_type, self.num_frames, self.sampling, rng, **kwargs)
-        except MediaError as err:
-            raise MediaError(where, err.reason, err.detail) from err
-        out = {"video": self.transform(frames, generator), "caption": meta["caption"],
+            frames = read_media(entry[1], self.media_type, self.num_frames, self.sampling, rng, limits=self.limits,
+                                **kwargs)
+            video = self.transform(frames, generator)
+        except MemoryError:
+            raise
+        except Exception as err:  # any failure of reading or transforming is this sample's
+            err = as_media_error(err, where)
+            raise MediaError(where, err.reason, err.detail) from None
+        out = {"video": video, "caption": meta["caption"],
                "sample_id": self.id_offset + index, "index": index}
         if "foil" in meta:
             out["foil"] = meta["foil"]
@@ -333,11 +340,15 @@ class ShardDataset(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         for shard in self.my_shards():
             for position, sample in enumerate(iter_raw_samples(shard)):
-                self.guard.attempts += 1
+                self.guard.count_attempt()
                 try:
-                    yield self._decode(sample)
-                except MediaError as err:
-                    self.guard.record_failure(err, position)
+                    decoded = self._decode(sample)
+                except MemoryError:
+                    raise
+                except Exception as err:  # recorded with its reason; see stmvl.data.quarantine
+                    self.guard.record_failure(as_media_error(err, f"{shard}:{sample.get('__key__')}"), position)
+                    continue
+                yield decoded
 
 
 def cli_main(argv: list[str] | None = None) -> int:
@@ -360,7 +371,7 @@ def cli_main(argv: list[str] | None = None) -> int:
     index.add_argument("--out", required=True, help="the index file to write (index.json)")
     index.add_argument("--media-type", choices=("video", "image"), default="video")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # progress goes through the `stmvl` loggers, which the command layer (stmvl.commands.rule) sends to stderr
     try:
         if args.action == "write":
             paths = write_shards(args.annotation, args.media_root, args.out, args.shard_size, args.media_type,
@@ -371,7 +382,7 @@ def cli_main(argv: list[str] | None = None) -> int:
         else:
             data = write_index(args.shards, args.out, args.media_type)
             print(f"indexed {len(data['shards'])} shards ({data['samples']} samples) in {args.out}")
-    except (UserError, FileNotFoundError) as err:
-        print(f"stmvl shards: {err}", file=sys.stderr)
+    except (UserError, FileNotFoundError) as err:  # the command rule: one line naming the file, exit 2
+        print(f"stmvl shards: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
     return 0

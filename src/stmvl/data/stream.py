@@ -49,10 +49,11 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from stmvl.errors import UserError
 
+from .annotations import AnnotationError, unencodable_field, validate_optional_fields
 from .datasets import sample_generators
-from .quarantine import BrokenMediaGuard, Quarantine, TooManyBadSamples
+from .quarantine import BrokenMediaGuard, Quarantine, TooManyBadSamples, as_media_error
 from .transforms import build_transform
-from .video import MediaError, read_image, read_media, sample_frame_indices
+from .video import MediaError, MediaLimits, read_image, read_media, sample_frame_indices
 
 log = logging.getLogger(__name__)
 
@@ -301,6 +302,13 @@ def parse_meta(sample: dict[str, Any], records: int | None = None) -> tuple[dict
         raise MediaError(where, "undecodable", f"bad 'index' {index!r}: expected an integer{bound}")
     if not isinstance(meta.get("caption"), str):
         raise MediaError(where, "undecodable", "metadata has no 'caption' string")
+    try:
+        validate_optional_fields(meta, where)
+    except AnnotationError as err:
+        raise MediaError(where, "undecodable", f"bad metadata: {str(err).removeprefix(where + ': ')}") from None
+    surrogate = unencodable_field(meta)
+    if surrogate is not None:
+        raise MediaError(where, "undecodable", f"bad metadata: field {surrogate} is not valid Unicode text")
     return meta, index
 
 
@@ -323,6 +331,9 @@ class ShardStream:
         shuffle_buffer: raw samples in each worker's webdataset shuffle buffer (0: no sample shuffle; shard order
             is shuffled per epoch either way).
         max_member_bytes: larger tar members are quarantined without being read.
+        limits: pixel and duration caps of the decoded media (default MediaLimits()).
+
+    The broken-media guard (and its counts, shared by the DataLoader workers of every epoch) belongs to the stream.
     """
 
     streaming = True
@@ -331,7 +342,8 @@ class ShardStream:
                  img_size: int = 224, sampling: str = "rand", train: bool = True, hflip: bool = False, seed: int = 0,
                  id_offset: int = 0, corpus: str = "", quarantine: Quarantine | None = None,
                  max_bad_fraction: float = 0.1, min_frames: int = 1, video_kwargs: dict | None = None,
-                 shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER, max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES):
+                 shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER, max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES,
+                 limits: MediaLimits | None = None):
         self.index = index if isinstance(index, ShardIndex) else ShardIndex.load(index)
         self.media_type = media_type or self.index.media_type
         self.num_frames = 1 if self.media_type == "image" else int(num_frames)
@@ -341,6 +353,8 @@ class ShardStream:
         self.corpus = corpus or Path(self.index.source).parent.name
         self.quarantine, self.max_bad_fraction = quarantine, max_bad_fraction
         self.video_kwargs = dict(video_kwargs or {})
+        self.limits = limits or MediaLimits()
+        self.guard = BrokenMediaGuard(quarantine, self.corpus, max_bad_fraction=max_bad_fraction, seed=self.seed)
         self.shuffle_buffer, self.max_member_bytes = int(shuffle_buffer), int(max_member_bytes)
         if self.index.predecode and sampling == "fps":
             raise UserError(f"corpus {self.corpus!r}: data.sampling is 'fps' but the shards of {self.index.source} "
@@ -424,7 +438,7 @@ class ShardStream:
                 cache: dict[int, torch.Tensor] = {}
                 for p in picks:
                     if p not in cache:
-                        cache[p] = read_image(frames_jpeg[p])[0]
+                        cache[p] = read_image(frames_jpeg[p], self.limits)[0]
                 frames = torch.stack([cache[p] for p in picks])
             else:
                 entry = media_member(raw, self.media_type, meta)
@@ -434,12 +448,17 @@ class ShardStream:
                 kwargs = dict(self.video_kwargs)
                 if self.media_type == "video":
                     kwargs.update(min_frames=self.min_frames, start=meta.get("start"), end=meta.get("end"))
-                frames = read_media(entry[1], self.media_type, self.num_frames, self.sampling, rng, **kwargs)
-        except MediaError as err:
+                frames = read_media(entry[1], self.media_type, self.num_frames, self.sampling, rng,
+                                    limits=self.limits, **kwargs)
+            video = self.transform(frames, generator)
+        except MemoryError:
+            raise
+        except Exception as err:  # any failure of reading or transforming is this sample's
+            err = as_media_error(err, where)
             if err.path == where:
-                raise
+                raise err from None
             raise MediaError(where, err.reason, err.detail) from None
-        out = {"video": self.transform(frames, generator), "caption": meta["caption"],
+        out = {"video": video, "caption": meta["caption"],
                "sample_id": self.id_offset + index, "index": index}
         if "foil" in meta:
             out["foil"] = meta["foil"]
@@ -449,21 +468,21 @@ class ShardStream:
                        skip: int = 0) -> Iterator[dict[str, Any]]:
         """Decoded samples of one logical worker, forever, after skipping ``skip`` raw samples undecoded.
 
-        A broken sample is quarantined and replaced by the last good one (or, before any good one, by the next),
-        so raw position i always gives output sample i.
+        A broken sample (any exception from decoding it but MemoryError) is quarantined and replaced by the last good
+        one (or, before any good one, by the next), so raw position i always gives output sample i.
         """
-        guard = BrokenMediaGuard(self.quarantine, self.corpus, max_bad_fraction=self.max_bad_fraction,
-                                 seed=self.seed)
         raw = itertools.islice(self.raw_samples(epoch, rank, world_size, worker, num_workers), skip, None)
         last_good: dict[str, Any] | None = None
         pending = 0
         for position, (pass_index, sample) in enumerate(raw, start=skip):
-            guard.attempts += 1
+            self.guard.count_attempt()
             try:
                 decoded = self.decode(sample, epoch * PASS_STRIDE + pass_index)
-            except MediaError as err:
-                guard.record_failure(err, position)
-                log.warning("quarantined %s", err)
+            except MemoryError:
+                raise
+            except Exception as err:
+                where = f"{sample.get('__url__')}:{sample.get('__key__')}"
+                self.guard.record_failure(as_media_error(err, where), position)
                 if last_good is None:
                     pending += 1
                 else:

@@ -1,7 +1,10 @@
 """Video and image reading: frame sampling, PyAV decoding (decord optional), Pillow images.
 
 All readers return uint8 tensors ``[T, 3, H, W]`` (images: T = 1) and raise :class:`MediaError` with a ``reason`` in
-``missing | empty | undecodable | too_short`` so that callers (quarantine, check-data) can classify failures.
+``missing | empty | undecodable | too_short | too_large`` so that callers (quarantine, check-data) can classify
+failures; ``error`` is the reason the broken-media guard gives any other exception raised while reading a sample.
+:class:`MediaLimits` caps the pixels of an image or a video frame and the duration of a video: media over a cap are
+rejected from their header (``too_large``) before their pixels are allocated.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ import importlib.util
 import io
 import math
 import os
+import warnings
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +24,9 @@ import torch
 
 SAMPLING_MODES = ("rand", "middle", "fps")
 BACKENDS = ("pyav", "decord")
-FAILURE_REASONS = ("missing", "empty", "undecodable", "too_short")
+FAILURE_REASONS = ("missing", "empty", "undecodable", "too_short", "too_large", "error")
+# A container that claims more frames per second than this is lying (or hostile): its frame counts are not used.
+MAX_PLAUSIBLE_FPS = 1000.0
 
 # Decode forward instead of seeking when the next wanted frame is at most this many frames ahead: a seek lands on a
 # keyframe and decodes forward anyway, so short gaps are cheaper to decode straight through.
@@ -37,6 +43,35 @@ class MediaError(RuntimeError):
             raise ValueError(f"unknown media failure reason {reason!r}")
         self.path, self.reason, self.detail = str(path), reason, detail
         super().__init__(f"{path}: {reason}" + (f" ({detail})" if detail else ""))
+
+
+@dataclass(frozen=True)
+class MediaLimits:
+    """Caps that turn decompression bombs and absurd containers into ``too_large`` instead of an allocation.
+
+    The defaults (8192 x 8192 images, 8K UHD video frames, 6-hour videos) are far above any corpus of the recipes;
+    ``data.max_image_pixels``, ``data.max_video_pixels`` and ``data.max_video_seconds`` set them per run.
+    """
+
+    max_image_pixels: int = 8192 * 8192
+    max_video_pixels: int = 7680 * 4320
+    max_video_seconds: float = 6 * 3600.0
+
+    @classmethod
+    def from_config(cls, data_cfg) -> "MediaLimits":
+        """The limits of a ``DataConfig`` (any object with the three ``max_*`` attributes; missing ones default)."""
+        defaults = cls()
+        return cls(**{name: getattr(data_cfg, name, getattr(defaults, name))
+                      for name in ("max_image_pixels", "max_video_pixels", "max_video_seconds")})
+
+
+DEFAULT_LIMITS = MediaLimits()
+
+
+def _check_pixels(name: str, width: int, height: int, cap: int, what: str) -> None:
+    if width * height > cap:
+        raise MediaError(name, "too_large", f"{what} is {width}x{height} = {width * height} pixels, over the cap of "
+                                            f"{cap} (data.max_{'image' if what == 'image' else 'video'}_pixels)")
 
 
 def sample_frame_indices(
@@ -128,10 +163,26 @@ def _stream_info(container, stream) -> VideoInfo:
         duration = container.duration / 1_000_000
     else:
         duration = 0.0
+    if not math.isfinite(duration) or duration < 0:
+        duration = 0.0  # absurd metadata: trust the frame count, or the frames that actually decode
     num = int(stream.frames or 0)
     if num <= 0:  # webm and some streams store no frame count: estimate from the duration
         num = int(math.floor(duration * fps + 0.5))
     return VideoInfo(num_frames=num, fps=fps, duration=duration)
+
+
+def _check_stream(name: str, stream, info: VideoInfo, limits: MediaLimits) -> None:
+    """Reject a stream over the caps, or with a frame rate no real video has, from its header alone."""
+    _check_pixels(name, int(stream.width or 0), int(stream.height or 0), limits.max_video_pixels, "a video frame")
+    if not 0 < info.fps <= MAX_PLAUSIBLE_FPS:
+        raise MediaError(name, "undecodable", f"implausible frame rate {info.fps} fps")
+    _check_seconds(name, max(info.duration, info.num_frames / info.fps), limits)
+
+
+def _check_seconds(name: str, seconds: float, limits: MediaLimits) -> None:
+    if seconds > limits.max_video_seconds:
+        raise MediaError(name, "too_large", f"{seconds:.0f} s long, over the cap of {limits.max_video_seconds:g} s "
+                                            f"(data.max_video_seconds)")
 
 
 def _frame_index(frame, stream, fps: float, start_time: float) -> int | None:
@@ -140,18 +191,23 @@ def _frame_index(frame, stream, fps: float, start_time: float) -> int | None:
     return int(round((float(frame.pts * stream.time_base) - start_time) * fps))
 
 
-def _decode_wanted(container, stream, wanted: Sequence[int], fps: float, name: str) -> dict[int, np.ndarray]:
+def _decode_wanted(container, stream, wanted: Sequence[int], fps: float, name: str,
+                   limits: MediaLimits = DEFAULT_LIMITS) -> dict[int, np.ndarray]:
     """Decode the frames at the sorted unique indices ``wanted``: sequentially, seeking only across long gaps.
 
     Returns index -> HWC uint8 array. Indices past the real end of the stream (frame counts estimated from the
-    duration can overshoot) are absent; the caller repeats the last decoded frame for them.
+    duration can overshoot) are absent; the caller repeats the last decoded frame for them. A stream without a time
+    base cannot seek: it is decoded straight through. A frame over the pixel cap (a stream may change its size
+    after the header) is ``too_large`` before it is converted.
     """
     import av
 
-    start_time = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
+    start_time = float(stream.start_time * stream.time_base) if (stream.start_time is not None and
+                                                                 stream.time_base is not None) else 0.0
     out: dict[int, np.ndarray] = {}
     pending = deque(wanted)
-    need_seek = pending[0] > SEEK_GAP_FRAMES
+    can_seek = stream.time_base is not None
+    need_seek = can_seek and pending[0] > SEEK_GAP_FRAMES
     position = -1  # index of the last decoded frame
     try:
         while pending:
@@ -165,11 +221,15 @@ def _decode_wanted(container, stream, wanted: Sequence[int], fps: float, name: s
                 position = position + 1 if index is None else index
                 if position < pending[0]:
                     continue
+                _check_pixels(name, frame.width, frame.height, limits.max_video_pixels, "a video frame")
                 array = frame.to_ndarray(format="rgb24")
                 while pending and pending[0] <= position:
                     out[pending.popleft()] = array
-                if not pending or pending[0] - position > SEEK_GAP_FRAMES:
-                    need_seek, stream_ended = bool(pending), False
+                if not pending:
+                    stream_ended = False
+                    break
+                if can_seek and pending[0] - position > SEEK_GAP_FRAMES:
+                    need_seek, stream_ended = True, False
                     break
             if stream_ended:
                 break
@@ -193,42 +253,57 @@ def read_video(
     end: float | None = None,
     min_frames: int = 1,
     sample_fps: float = 1.0,
+    limits: MediaLimits | None = None,
 ) -> tuple[torch.Tensor, list[int]]:
     """Decode ``num_frames`` sampled frames of a video file (path) or in-memory bytes.
 
     Args:
         start, end: optional trimming in seconds; sampling then covers only [start, end).
         min_frames: fewer frames than this (after trimming) raises MediaError(reason="too_short").
+        limits: pixel and duration caps (default :data:`DEFAULT_LIMITS`); over them: MediaError("too_large").
     Returns:
         (uint8 [T, 3, H, W], the sampled frame indices in the untrimmed video).
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown video backend {backend!r}; expected one of {BACKENDS}")
+    limits = limits or DEFAULT_LIMITS
     name = _check_file(media)
     if backend == "decord":
-        return _read_video_decord(media, name, num_frames, sampling, rng, start, end, min_frames, sample_fps)
+        return _read_video_decord(media, name, num_frames, sampling, rng, start, end, min_frames, sample_fps, limits)
     container = _open_container(media, name)
     try:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         info = _stream_info(container, stream)
-        first, last = _trim_range(info, start, end)
+        _check_stream(name, stream, info, limits)
+        first, last = _trim_range(info, start, end, name)
         available = last - first
         if available < max(min_frames, 1):
             raise MediaError(name, "too_short", f"{available} frames, need at least {max(min_frames, 1)}")
         indices = sample_frame_indices(available, num_frames, sampling, rng, fps=info.fps, sample_fps=sample_fps,
                                        first=first)
-        decoded = _decode_wanted(container, stream, sorted(set(indices)), info.fps, name)
+        decoded = _decode_wanted(container, stream, sorted(set(indices)), info.fps, name, limits)
     finally:
         container.close()
     frames = _assemble(decoded, indices)
     return frames, indices
 
 
-def _trim_range(info: VideoInfo, start: float | None, end: float | None) -> tuple[int, int]:
-    first = int(round(start * info.fps)) if start else 0
-    last = info.num_frames if end is None else min(info.num_frames, int(round(end * info.fps)))
-    return min(first, info.num_frames), last
+def _trim_range(info: VideoInfo, start: float | None, end: float | None, name: str = "<media>") -> tuple[int, int]:
+    """Frame range [first, last) of the clip [start, end) seconds; a bound that is no finite number of seconds is
+    the record's fault (annotations are validated at load; this keeps any other caller from an OverflowError)."""
+    for label, value in (("start", start), ("end", end)):
+        if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+            raise MediaError(name, "error", f"clip {label} {value!r} is not a finite number of seconds >= 0")
+    first = _frame_at(start, info) if start else 0
+    last = info.num_frames if end is None else _frame_at(end, info)
+    return first, last
+
+
+def _frame_at(seconds: float, info: VideoInfo) -> int:
+    """The frame index at ``seconds``, clamped to the frame count before rounding (1e308 s x fps is inf)."""
+    position = seconds * info.fps
+    return info.num_frames if position >= info.num_frames else int(round(position))
 
 
 def _assemble(decoded: dict[int, np.ndarray], indices: Sequence[int]) -> torch.Tensor:
@@ -242,7 +317,7 @@ def _assemble(decoded: dict[int, np.ndarray], indices: Sequence[int]) -> torch.T
     return torch.from_numpy(stacked).permute(0, 3, 1, 2).contiguous()
 
 
-def _read_video_decord(media, name, num_frames, sampling, rng, start, end, min_frames, sample_fps):
+def _read_video_decord(media, name, num_frames, sampling, rng, start, end, min_frames, sample_fps, limits):
     if importlib.util.find_spec("decord") is None:
         raise ImportError("video backend 'decord' was chosen but the decord package is not installed; "
                           "install it (pip install decord) or use backend='pyav'")
@@ -254,8 +329,11 @@ def _read_video_decord(media, name, num_frames, sampling, rng, start, end, min_f
     except Exception as err:  # decord raises its own DECORDError and RuntimeError variants
         raise MediaError(name, "undecodable", f"decord cannot open: {err}") from err
     fps = float(reader.get_avg_fps()) or 25.0
+    if not 0 < fps <= MAX_PLAUSIBLE_FPS:
+        raise MediaError(name, "undecodable", f"implausible frame rate {fps} fps")
     info = VideoInfo(num_frames=len(reader), fps=fps, duration=len(reader) / fps)
-    first, last = _trim_range(info, start, end)
+    _check_seconds(name, info.duration, limits)
+    first, last = _trim_range(info, start, end, name)
     if last - first < max(min_frames, 1):
         raise MediaError(name, "too_short", f"{last - first} frames, need at least {max(min_frames, 1)}")
     indices = sample_frame_indices(last - first, num_frames, sampling, rng, fps=fps, sample_fps=sample_fps,
@@ -264,6 +342,8 @@ def _read_video_decord(media, name, num_frames, sampling, rng, start, end, min_f
         batch = reader.get_batch(indices).asnumpy()
     except Exception as err:
         raise MediaError(name, "undecodable", f"decord decode failed: {err}") from err
+    # decord exposes no frame size before decoding: the cap is checked on the (num_frames) decoded frames
+    _check_pixels(name, int(batch.shape[2]), int(batch.shape[1]), limits.max_video_pixels, "a video frame")
     return torch.from_numpy(batch).permute(0, 3, 1, 2).contiguous(), indices
 
 
@@ -277,15 +357,20 @@ def video_info(media: Media) -> VideoInfo:
         container.close()
 
 
-def count_decodable_frames(media: Media) -> int:
-    """Decode every frame of a video and return how many decoded (used by check-data). Raises MediaError."""
+def count_decodable_frames(media: Media, limits: MediaLimits | None = None) -> int:
+    """Decode every frame of a video and return how many decoded (used by check-data). Raises MediaError, with
+    ``too_large`` for a video over ``limits`` (checked from the header, then frame by frame)."""
     import av
 
+    limits = limits or DEFAULT_LIMITS
     name = _check_file(media)
     container = _open_container(media, name)
     count = 0
     try:
-        for _ in container.decode(container.streams.video[0]):
+        stream = container.streams.video[0]
+        _check_stream(name, stream, _stream_info(container, stream), limits)
+        for frame in container.decode(stream):
+            _check_pixels(name, frame.width, frame.height, limits.max_video_pixels, "a video frame")
             count += 1
     except av.error.FFmpegError as err:
         if count == 0:
@@ -298,16 +383,28 @@ def count_decodable_frames(media: Media) -> int:
     return count
 
 
-def read_image(media: Media) -> torch.Tensor:
-    """Read an image file (path or bytes) with Pillow as uint8 [1, 3, H, W] (RGB)."""
+def read_image(media: Media, limits: MediaLimits | None = None) -> torch.Tensor:
+    """Read an image file (path or bytes) with Pillow as uint8 [1, 3, H, W] (RGB).
+
+    The size in the header is checked against ``limits.max_image_pixels`` before any pixel is decoded: an image
+    over it (or over Pillow's own decompression-bomb limit) is MediaError("too_large").
+    """
     from PIL import Image, UnidentifiedImageError
 
+    limits = limits or DEFAULT_LIMITS
     name = _check_file(media)
     source = io.BytesIO(media) if isinstance(media, (bytes, bytearray)) else os.fspath(media)
     try:
-        with Image.open(source) as image:
-            array = np.asarray(image.convert("RGB"))
-    except (UnidentifiedImageError, OSError, ValueError) as err:
+        with warnings.catch_warnings():
+            # Pillow warns between its limit and twice it; our own cap below decides instead
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(source) as image:
+                _check_pixels(name, image.width, image.height, limits.max_image_pixels, "image")
+                array = np.asarray(image.convert("RGB"))
+    except Image.DecompressionBombError as err:
+        raise MediaError(name, "too_large", f"Pillow refuses it as a decompression bomb: {err}") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as err:
+        # SyntaxError and EOFError: what some Pillow plugins raise for a malformed header or a truncated file
         raise MediaError(name, "undecodable", f"Pillow cannot read: {err}") from err
     return torch.from_numpy(array.copy()).permute(2, 0, 1).unsqueeze(0).contiguous()
 
@@ -318,14 +415,15 @@ def read_media(
     num_frames: int,
     sampling: str = "rand",
     rng: np.random.Generator | None = None,
+    limits: MediaLimits | None = None,
     **video_kwargs,
 ) -> torch.Tensor:
-    """uint8 [T, 3, H, W] from a video (T = num_frames) or an image (T = 1)."""
+    """uint8 [T, 3, H, W] from a video (T = num_frames) or an image (T = 1), within ``limits``."""
     if media_type == "image":
-        return read_image(media)
+        return read_image(media, limits)
     if media_type != "video":
         raise ValueError(f"unknown media type {media_type!r}; expected 'video' or 'image'")
-    frames, _ = read_video(media, num_frames, sampling, rng, **video_kwargs)
+    frames, _ = read_video(media, num_frames, sampling, rng, limits=limits, **video_kwargs)
     return frames
 
 
