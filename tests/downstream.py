@@ -48,7 +48,7 @@ runtime: {{seed: 0, log_every: 10, ckpt_every_steps: 0, tensorboard: false, prog
 def make_pretrained_corpus(root: Path, steps: int = 150) -> Path:
     """Write root/synthetic (the corpus) and root/pretrain (a pretraining run whose model/ finetuning starts from)."""
     from stmvl.tasks.pretrain import load_run_config
-    from stmvl.train.commands import pretrain
+    from stmvl.tasks.runs import pretrain
 
     started = time.perf_counter()
     data = root / "synthetic"

@@ -10,10 +10,10 @@ import torch
 
 import umt_reference as umt
 from stmvl.api import load_model
+from stmvl.commands.convert import convert_main
 from stmvl.models.config import IMAGENET_MEAN, IMAGENET_STD
 from stmvl.models.weights import (
     WeightLoadError,
-    convert_main,
     read_state_dict,
     stmvl_to_umt,
     umt_to_stmvl,
@@ -222,10 +222,13 @@ def test_unknown_key_is_reported_by_name_and_blocks_the_write(stage2, tmp_path, 
     _, sd = stage2
     bad = dict(sd, **{"vision_encoder.encoder.blocks.0.gamma_1": torch.ones(128), "extra_head.weight": torch.ones(2)})
     torch.save(bad, tmp_path / "bad.pth")
-    assert convert_main(["umt", str(tmp_path / "bad.pth"), str(tmp_path / "bad")]) == 1
+    assert convert_main(["umt", str(tmp_path / "bad.pth"), str(tmp_path / "bad")]) == 2
     printed = capsys.readouterr()
     assert "UNPLACED vision_encoder.encoder.blocks.0.gamma_1" in printed.out and "UNPLACED extra_head.weight" in printed.out
-    assert "refusing to write" in printed.err and not (tmp_path / "bad").exists()
+    assert printed.err.splitlines() == [f"stmvl convert: error: {tmp_path / 'bad.pth'}: refusing to write: 2 keys "
+                                        "have no place in stmvl (listed above as UNPLACED); pass --allow-unplaced to "
+                                        "drop them"]
+    assert not (tmp_path / "bad").exists()
     assert convert_main(["umt", str(tmp_path / "bad.pth"), str(tmp_path / "dropped"), "--allow-unplaced",
                          "--img-size", "32"]) == 0
     meta = json.loads((tmp_path / "dropped" / "config.json").read_text())
@@ -258,10 +261,16 @@ def test_shape_that_does_not_fit_is_named(stage2, tmp_path, capsys):
     broken = dict(sd)
     broken["itm_head.weight"] = torch.zeros(3, 64)
     torch.save(broken, tmp_path / "broken.pth")
-    assert convert_main(["umt", str(tmp_path / "broken.pth"), str(tmp_path / "broken"), "--img-size", "32"]) == 1
-    assert "shape mismatch: itm_head.weight (model [2, 64] vs checkpoint [3, 64])" in capsys.readouterr().err
+    assert convert_main(["umt", str(tmp_path / "broken.pth"), str(tmp_path / "broken"), "--img-size", "32"]) == 2
+    printed = capsys.readouterr()
+    assert "shape mismatch: itm_head.weight (model [2, 64] vs checkpoint [3, 64])" in printed.out
+    err = printed.err.splitlines()
+    assert len(err) == 1 and err[0].startswith(f"stmvl convert: error: {tmp_path / 'broken.pth'}: refusing to write: "
+                                               "the checkpoint does not fit the inferred STMModel (1 problems")
+    assert not (tmp_path / "broken").exists()
     assert convert_main(["umt", str(tmp_path / "missing.pth"), str(tmp_path / "x")]) == 2
-    assert "missing.pth" in capsys.readouterr().err
+    assert capsys.readouterr().err.splitlines() == [f"stmvl convert: error: checkpoint not found: "
+                                                    f"{tmp_path / 'missing.pth'}"]
 
 
 def test_teacher_conv_with_a_real_temporal_kernel_is_refused(stage2):
@@ -296,10 +305,13 @@ def test_to_umt_writes_umts_layout_from_an_stmvl_folder(converted, stage2, tmp_p
     back = torch.load(tmp_path / "back.pth", weights_only=True)["model"]
     assert set(back) == set(sd) and all(torch.equal(back[k], sd[k]) for k in sd)
     # stage 1 drops the text tower, heads and teacher: refused unless asked, then bare encoder.* + clip_decoder.*
-    assert convert_main(["to-umt", str(converted), str(tmp_path / "s1.pth"), "--stage", "1"]) == 1
-    assert "refusing to write" in capsys.readouterr().err and not (tmp_path / "s1.pth").exists()
+    assert convert_main(["to-umt", str(converted), str(tmp_path / "s1.pth"), "--stage", "1"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "refusing to write" in err[0] and not (tmp_path / "s1.pth").exists()
     assert convert_main(["to-umt", str(converted), str(tmp_path / "s1.pth"), "--stage", "1", "--allow-unplaced"]) == 0
     stage1 = torch.load(tmp_path / "s1.pth", weights_only=True)
     assert set(stage1) == set(umt.student_shapes(SIZES, "", pool_norm=False))
     assert torch.equal(stage1["encoder.blocks.1.attn.qkv.weight"], sd["vision_encoder.encoder.blocks.1.attn.qkv.weight"])
     assert convert_main(["to-umt", str(tmp_path / "nowhere"), str(tmp_path / "x.pth")]) == 2
+    assert capsys.readouterr().err.splitlines() == [f"stmvl convert: error: {tmp_path / 'nowhere'}: no "
+                                                    "model.safetensors (to-umt needs an stmvl model folder)"]

@@ -17,12 +17,12 @@ from stmvl.models.stm import STMModel, apply_preset
 from stmvl.models.vit import vit_config
 from stmvl.models.weights import WeightLoadError, save_model
 from stmvl.api import load_model
+from stmvl.commands.finetune import finetune_main
 from stmvl.tasks.finetune import (
     PRETRAIN_ONLY_GROUPS,
     RetrievalPairs,
     evaluate_downstream,
     finetune,
-    finetune_main,
     finetune_model_config,
     load_pretrained,
 )
@@ -142,12 +142,14 @@ def test_finetuned_retrieval_beats_zero_shot_and_mc_beats_chance(pretrained_corp
 
 
 def test_cli_requires_checkpoint_and_reports_missing_folder(corpus, capsys):
-    with pytest.raises(SystemExit):
-        finetune_main(["finetune/ret_synthetic"])
-    from stmvl.api import ModelDirError
-
-    with pytest.raises(ModelDirError):
-        finetune_main(["finetune/ret_synthetic", "--checkpoint", str(corpus / "nowhere"), f"paths.data={corpus}"])
+    assert finetune_main(["finetune/ret_synthetic"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["stmvl finetune: error: the following arguments are required: --checkpoint (see `stmvl finetune "
+                   "--help`)"]
+    assert finetune_main(["finetune/ret_synthetic", "--checkpoint", str(corpus / "nowhere"),
+                          f"paths.data={corpus}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"stmvl finetune: error: {corpus / 'nowhere'}: no model.safetensors")
 
 
 def test_evaluate_command_scores_multiple_choice_zero_shot(corpus, capsys):
@@ -155,7 +157,7 @@ def test_evaluate_command_scores_multiple_choice_zero_shot(corpus, capsys):
     the MC evaluator itself, and a corpus kind the model cannot answer is a clear error."""
     from stmvl.data.datasets import MCDataset
     from stmvl.eval.mc import evaluate_mc
-    from stmvl.train.commands import evaluate_main
+    from stmvl.commands.evaluate import evaluate_main
 
     overrides = [f"paths.data={corpus}", f"runtime.out_dir={corpus / 'runs' / 'zs_mc'}", "runtime.device=cpu",
                  "data.img_size=32", "eval.num_frames=4", "eval.num_workers=0", "eval.batch_size=40",

@@ -170,8 +170,8 @@ def test_dry_run_lists_every_missing_path_at_once(recipe, tmp_path, capsys):
                 f"media_root: {root}}}]")
     code = main(["pretrain", str(recipe), "--dry-run", "--out", str(tmp_path / "run"), bad_eval,
                  f"model.teacher.weights={tmp_path}/no_teacher"])
-    err = [line for line in capsys.readouterr().err.splitlines() if not line.startswith("[engine]")]
-    assert code == 2 and len(err) == 1 and err[0].startswith("stmvl: error: "), err
+    err = [line for line in capsys.readouterr().err.splitlines() if ": error: " in line]
+    assert code == 2 and len(err) == 1 and err[0].startswith("stmvl pretrain: error: "), err
     assert "2 path(s) named by the recipe do not exist" in err[0]
     assert "eval.corpora.0.annotation (t)" in err[0] and "no_such_test.json" in err[0]
     assert "model.teacher.weights" in err[0] and "no_teacher" in err[0]
@@ -198,7 +198,7 @@ def test_evaluate_command_reproduces_the_end_of_training_numbers(recipe, tmp_pat
 
     from stmvl.cli import main
     from stmvl.tasks.pretrain import load_run_config
-    from stmvl.train.commands import pretrain
+    from stmvl.tasks.runs import pretrain
 
     root = recipe.parent
     evals = (f"eval.corpora=[{{name: t, kind: retrieval, caption_mode: single, "

@@ -123,7 +123,7 @@ def test_qa_finetuning_beats_the_majority_answer(pretrained_corpus):
                         max_answer_len=cfg.finetune.answer_max_length)
     assert again["acc"] == pytest.approx(acc)
     # and `stmvl evaluate` recognises the QA folder and scores the recipe's QA corpus the same way
-    from stmvl.train.commands import evaluate
+    from stmvl.tasks.runs import evaluate
 
     assert evaluate(cfg, result["model_dir"])["synth_qa"]["acc"] == pytest.approx(acc)
     # every prediction is an entry of the answer list (rank_answers indexes the list it is given)

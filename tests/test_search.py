@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from stmvl.api import load_model, read_clip, search, search_main, video_features
+from stmvl.api import load_model, read_clip, search, video_features
+from stmvl.commands.search import search_main
 from stmvl.data.synth import caption_key, generate_corpus
 from stmvl.data.transforms import EvalTransform, to_float
 from stmvl.data.video import read_video

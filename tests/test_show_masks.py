@@ -9,7 +9,8 @@ from safetensors.torch import load_file, save_file
 from stmvl.api import load_model, read_clip
 from stmvl.models.stm import STMModel
 from stmvl.models.weights import save_model
-from stmvl.report import LABEL_WIDTH_PX, mask_picture, show_masks_main
+from stmvl.commands.show_masks import show_masks_main
+from stmvl.report import LABEL_WIDTH_PX, mask_picture
 
 from test_finetune import tiny_pretrain_config
 

@@ -20,10 +20,10 @@ tokens ``[n, D]`` (fp16, needed by VTM) sit in their own file so that only the r
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import sys
 import time
@@ -35,6 +35,8 @@ import torch
 
 from stmvl.data.transforms import EvalTransform, to_float
 from stmvl.data.video import MediaError, read_video
+from stmvl.errors import UserError
+from stmvl.models.weights.core import WeightLoadError
 
 VIDEO_EXTENSIONS = (".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".mpg", ".mpeg", ".ogv", ".flv", ".wmv", ".3gp")
 DEFAULT_NUM_FRAMES = 4  # the zero-shot protocol of the recipes (README.md, Evaluation protocol)
@@ -42,10 +44,19 @@ DEFAULT_SAMPLING = "middle"
 CACHE_VERSION = 1
 EMBED_BATCH = 8  # clips per forward pass while filling the cache
 TEACHER_GROUP = "teacher"
+INFERENCE_SAMPLINGS = ("middle", "rand", "fps")
+MAX_INFERENCE_FRAMES = 1024
+
+log = logging.getLogger(__name__)
 
 
-class ModelDirError(RuntimeError):
-    """A model folder is missing files or does not describe an STMModel; the message names the file."""
+class ModelDirError(UserError, RuntimeError):
+    """A model folder is missing files or does not describe the model asked for; the message names the file."""
+
+
+# Weight groups a model folder may declare absent ("missing_groups"): the ones inference never uses. Any other
+# group (the vision or text tower, the projections, the matching head) would be left at random weights.
+MISSING_GROUPS_ALLOWED = (TEACHER_GROUP, "decoders")
 
 
 # --------------------------------------------------------------------------------------------------- loading
@@ -63,18 +74,45 @@ def resolve_model_dir(directory: str | os.PathLike) -> Path:
     )
 
 
-def _read_meta(directory: Path) -> dict:
+def read_model_meta(directory: Path, kinds: Sequence[str] = ("ModelConfig",)) -> dict:
+    """The checked top level of ``directory/config.json``: readable UTF-8 JSON, ``stmvl_config_type`` one of
+    ``kinds``, a ``config`` mapping and a ``missing_groups`` that names only MISSING_GROUPS_ALLOWED. The ``config``
+    itself is checked when it is turned into a ModelConfig (stmvl.models.weights.config_from_dict).
+
+    Raises:
+        ModelDirError: naming the file and the entry.
+    """
+    from stmvl.models.weights.core import _read_json
+
     path = directory / "config.json"
     try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise ModelDirError(f"{path}: not valid JSON ({error})") from error
+        meta = _read_json(path)
+    except WeightLoadError as error:
+        raise ModelDirError(str(error)) from None
     kind = meta.get("stmvl_config_type")
-    if kind != "ModelConfig":
-        raise ModelDirError(f"{path}: stmvl_config_type is {kind!r}; load_model needs a full model ('ModelConfig')")
+    if kind not in kinds:
+        need = " or ".join(repr(k) for k in kinds)
+        raise ModelDirError(f"{path}: stmvl_config_type is {kind!r}; this needs a full model ({need})")
     if not isinstance(meta.get("config"), dict):
         raise ModelDirError(f"{path}: no 'config' mapping")
+    _check_missing_groups(meta.get("missing_groups"), path)
     return meta
+
+
+def _read_meta(directory: Path) -> dict:
+    return read_model_meta(directory)
+
+
+def _check_missing_groups(declared, path: Path) -> None:
+    if declared is None:
+        return
+    if not isinstance(declared, dict) or not all(isinstance(v, str) for v in declared.values()):
+        raise ModelDirError(f"{path}: missing_groups must map group names to the reason they are absent, got "
+                            f"{declared!r}")
+    refused = sorted(set(declared) - set(MISSING_GROUPS_ALLOWED))
+    if refused:
+        raise ModelDirError(f"{path}: missing_groups may only name {', '.join(MISSING_GROUPS_ALLOWED)} (groups "
+                            f"inference does not use); {refused} would be left at random weights")
 
 
 def _config_for_loading(cfg):
@@ -101,16 +139,25 @@ class InferenceSettings:
 
 
 def _inference_settings(meta: dict, cfg, where: Path) -> InferenceSettings:
-    raw = meta.get("inference", {}) or {}
+    raw = meta.get("inference") or {}
+    if not isinstance(raw, dict):
+        raise ModelDirError(f"{where}: 'inference' must be a mapping, got {type(raw).__name__}")
     unknown = sorted(set(raw) - {"num_frames", "img_size", "sampling"})
     if unknown:
         raise ModelDirError(f"{where}: unknown 'inference' keys {unknown}")
-    settings = InferenceSettings(int(raw.get("num_frames", DEFAULT_NUM_FRAMES)), int(raw.get("img_size", cfg.vision.img_size)),
-                                 str(raw.get("sampling", DEFAULT_SAMPLING)))
-    if settings.num_frames < 1 or settings.img_size % cfg.vision.patch_size:
-        raise ModelDirError(f"{where}: inference num_frames must be >= 1 and img_size a multiple of the patch size "
-                            f"{cfg.vision.patch_size}; got {settings}")
-    return settings
+    num_frames = raw.get("num_frames", DEFAULT_NUM_FRAMES)
+    img_size = raw.get("img_size", cfg.vision.img_size)
+    sampling = raw.get("sampling", DEFAULT_SAMPLING)
+    for key, value, top in (("num_frames", num_frames, MAX_INFERENCE_FRAMES), ("img_size", img_size, 4096)):
+        if type(value) is not int or not 1 <= value <= top:
+            raise ModelDirError(f"{where}: inference.{key} must be an integer in [1, {top}], got {value!r}")
+    if img_size % cfg.vision.patch_size:
+        raise ModelDirError(f"{where}: inference.img_size ({img_size}) must be a multiple of the patch size "
+                            f"{cfg.vision.patch_size}")
+    if sampling not in INFERENCE_SAMPLINGS:
+        raise ModelDirError(f"{where}: inference.sampling must be one of {', '.join(INFERENCE_SAMPLINGS)}, got "
+                            f"{sampling!r}")
+    return InferenceSettings(num_frames, img_size, sampling)
 
 
 def load_model(directory: str | os.PathLike, device: str | torch.device = "cpu"):
@@ -118,7 +165,13 @@ def load_model(directory: str | os.PathLike, device: str | torch.device = "cpu")
 
     Loading is strict: every saved tensor must fit and every model tensor must be saved, except the ``teacher``
     group (inference does not need it; a model saved without it gets a random teacher, ``model.teacher_loaded`` is
-    False and a note goes to stderr) and the groups the folder's ``missing_groups`` names.
+    False and a note is logged) and the groups the folder's ``missing_groups`` names (only ``teacher`` and
+    ``decoders`` may be named: MISSING_GROUPS_ALLOWED).
+
+    Raises:
+        ModelDirError, ConfigError, WeightLoadError, CorruptWeightsError (all stmvl.errors.UserError): the folder is
+        incomplete, its config.json is invalid (checked before anything is allocated), or its weights are
+        unreadable or do not fit; each message names the file.
 
     Attributes set on the model: ``model_dir`` (Path), ``inference`` (InferenceSettings), ``teacher_loaded`` (bool),
     ``load_report`` (LoadReport).
@@ -128,19 +181,21 @@ def load_model(directory: str | os.PathLike, device: str | torch.device = "cpu")
     from stmvl.models.weights import config_from_dict, load_state_dict_strict, read_state_dict
 
     directory = resolve_model_dir(directory)
-    meta = _read_meta(directory)
+    meta = read_model_meta(directory)
+    # every entry of config.json is checked before the model is built or the weights are read
     cfg = _config_for_loading(config_from_dict(ModelConfig, meta["config"], str(directory / "config.json")))
-    declared = dict(meta.get("missing_groups", {}) or {})
+    inference = _inference_settings(meta, cfg, directory / "config.json")
+    declared = dict(meta.get("missing_groups") or {})
     model = STMModel(cfg)
     state = read_state_dict(directory / "model.safetensors")
     report = load_state_dict_strict(model, state, allow_missing=(TEACHER_GROUP, *declared))
     for group, keys in sorted(report.missing.items()):
         why = declared.get(group, "not needed for inference; randomly initialised")
-        print(f"stmvl: {directory}: {len(keys)} '{group}' tensors not in the checkpoint ({why})", file=sys.stderr)
+        log.info("%s: %d '%s' tensors not in the checkpoint (%s)", directory, len(keys), group, why)
     model.load_report = report
     model.teacher_loaded = model.teacher is not None and TEACHER_GROUP not in report.missing
     model.model_dir = directory
-    model.inference = _inference_settings(meta, cfg, directory / "config.json")
+    model.inference = inference
     return model.to(device).eval()
 
 
@@ -474,7 +529,7 @@ def _rank(model, store: SearchCache, folder: Path, keys: dict, query: str, top: 
     return hits[:top], skipped
 
 
-# --------------------------------------------------------------------------------------------------- CLI
+# --------------------------------------------------------------------------------------------------- output
 
 
 def format_table(results: SearchResults) -> str:
@@ -482,33 +537,3 @@ def format_table(results: SearchResults) -> str:
     lines = [f"{'rank':>4}  {'score':>7}  {'itc':>7}  path"]
     lines += [f"{i:>4}  {h.score:7.4f}  {h.itc:7.4f}  {h.path}" for i, h in enumerate(results, 1)]
     return "\n".join(lines)
-
-
-def search_main(argv: list[str] | None = None) -> int:
-    """``stmvl search --checkpoint DIR --videos FOLDER "query" [--top K] [--json] [--no-rerank]``."""
-    parser = argparse.ArgumentParser(prog="stmvl search", description="search a folder of videos with a text query")
-    parser.add_argument("query", help="text query")
-    parser.add_argument("--checkpoint", required=True, help="model folder (model.safetensors + config.json) or run folder")
-    parser.add_argument("--videos", required=True, help="folder of videos (searched recursively)")
-    parser.add_argument("--top", type=int, default=10, help="number of results")
-    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    parser.add_argument("--no-rerank", action="store_true", help="rank by ITC only (no VTM re-ranking)")
-    parser.add_argument("--no-cache", action="store_true", help="embed every video again and write no cache")
-    parser.add_argument("--device", default="cpu")
-    args = parser.parse_args(argv)
-    from stmvl.models.weights import WeightLoadError
-
-    try:
-        model = load_model(args.checkpoint, args.device)
-        results = search(model, args.videos, args.query, top=args.top, rerank=not args.no_rerank,
-                         cache=not args.no_cache)
-    except (ModelDirError, WeightLoadError, FileNotFoundError, ValueError) as error:
-        print(f"stmvl search: {error}", file=sys.stderr)
-        return 2
-    if args.json:
-        print(json.dumps(dict(results.to_json(args.query), checkpoint=str(model.model_dir)), indent=2))
-    else:
-        print(format_table(results))
-        print(f"({results.embedded} embedded, {results.cached} from cache, {len(results.skipped)} skipped, "
-              f"{results.seconds:.2f}s)", file=sys.stderr)
-    return 0

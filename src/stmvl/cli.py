@@ -1,4 +1,9 @@
-"""`stmvl <command> [args]`: a thin dispatcher; every command parses its own arguments in its own module."""
+"""`stmvl <command> [args]`: a thin dispatcher; every command parses its own arguments in its own module.
+
+Every command runs under one rule (stmvl.commands.rule): a user error prints one line
+``stmvl <command>: error: <message>`` and exits 2; any other exception is a bug in stmvl: its traceback, a line
+saying so and where to report it, exit 1.
+"""
 
 from __future__ import annotations
 
@@ -11,13 +16,13 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "synth": ("stmvl.data.synth", "cli_main", "write the synthetic temporal video-text corpus"),
     "check-data": ("stmvl.data.check", "cli_main", "decode a whole corpus and report missing/corrupt media"),
     "shards": ("stmvl.data.shards", "cli_main", "write webdataset tar shards from an annotation file"),
-    "train-teacher": ("stmvl.train.commands", "train_teacher_main", "train the demo's tiny CLIP image teacher"),
-    "pretrain": ("stmvl.train.commands", "pretrain_main", "pretrain an STM / UMT model from a recipe"),
-    "finetune": ("stmvl.train.commands", "finetune_main", "finetune on retrieval, QA or multiple choice"),
-    "evaluate": ("stmvl.train.commands", "evaluate_main", "zero-shot / finetuned evaluation of a checkpoint"),
-    "convert": ("stmvl.models.weights", "convert_main", "convert UMT checkpoints to stmvl folders and back (to-umt)"),
-    "search": ("stmvl.api", "search_main", "search a folder of videos with a text query"),
-    "show-masks": ("stmvl.report", "show_masks_main", "draw the masks of every strategy on a video"),
+    "train-teacher": ("stmvl.commands.train", "train_teacher_main", "train the demo's tiny CLIP image teacher"),
+    "pretrain": ("stmvl.commands.train", "pretrain_main", "pretrain an STM / UMT model from a recipe"),
+    "finetune": ("stmvl.commands.finetune", "finetune_main", "finetune on retrieval, QA or multiple choice"),
+    "evaluate": ("stmvl.commands.evaluate", "evaluate_main", "zero-shot / finetuned evaluation of a checkpoint"),
+    "convert": ("stmvl.commands.convert", "convert_main", "convert UMT checkpoints to stmvl folders and back (to-umt)"),
+    "search": ("stmvl.commands.search", "search_main", "search a folder of videos with a text query"),
+    "show-masks": ("stmvl.commands.show_masks", "show_masks_main", "draw the masks of every strategy on a video"),
 }
 
 
@@ -35,14 +40,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
-        print(f"stmvl: unknown command {name!r}; commands: {', '.join(COMMANDS)}", file=sys.stderr)
+        print(f"stmvl: error: unknown command {name!r}; commands: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
+    from stmvl.commands.rule import run_command
+
     module, func, _ = COMMANDS[name]
     try:
-        result = getattr(importlib.import_module(module), func)(rest)
+        # the import is inside the rule too: a command module that fails to import is a bug, reported as one
+        return run_command(name, lambda args: getattr(importlib.import_module(module), func)(args), rest)
     finally:
         _release_process_group()
-    return int(result or 0)
 
 
 def _release_process_group() -> None:

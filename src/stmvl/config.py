@@ -36,7 +36,9 @@ from typing import Any
 
 import yaml
 
+from stmvl.errors import UserError
 from stmvl.models.config import (
+    MAX_PARAMETERS,
     LossConfig,
     MaskConfig,
     ModelConfig,
@@ -44,6 +46,7 @@ from stmvl.models.config import (
     TeacherConfig,
     TextConfig,
     VisionConfig,
+    estimated_parameters,
 )
 
 __all__ = [
@@ -67,6 +70,7 @@ __all__ = [
     "recipe_dir",
     "list_recipes",
     "validate",
+    "validate_model",
 ]
 
 TASKS = (
@@ -79,8 +83,8 @@ TASKS = (
 )
 
 
-class ConfigError(ValueError):
-    """A recipe, override or config value is invalid; the message names the offending key."""
+class ConfigError(UserError):
+    """A recipe, override or config value is invalid; the message names the offending key (a ValueError)."""
 
 
 def _choices(*values: str) -> dict[str, Any]:
@@ -247,34 +251,73 @@ class RunConfig:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
 
+# Upper bounds of model sizes: far above every published video-language model (ViT-g is 1408 wide and 40 deep,
+# BERT-large 1024 x 24), low enough that no single size can ask for an absurd allocation.
+_MAX_WIDTH = 8192
+_MAX_LAYERS = 256
+_MAX_HEADS = 256
+_MAX_IMG_SIZE = 4096
+_MAX_PATCH = 1024
+_MAX_FRAMES = 4096
+_MAX_VOCAB = 1_000_000
+_MAX_POSITIONS = 65536
+
 # Choices and ranges of the model dataclasses (owned by stmvl.models.config) are declared here, next to the rest of
 # the validation rules, so that the model files stay plain data.
 _EXTERNAL_METADATA: dict[type, dict[str, dict[str, Any]]] = {
+    # Sizes have upper bounds too: a recipe or a model folder's config.json asking for a width of 10^6 is refused
+    # by name before anything is allocated (MAX_PARAMETERS bounds their product, see validate_model).
     ModelConfig: {
         "preset": _choices("stm", "umt"),
         "pass2_tokens": _choices("masked", "visible", "all"),
         "decoder": _choices("st", "linear"),
         "mvm_tokens": _choices("all", "visible"),
-        "embed_dim": _range(1, None),
+        "embed_dim": _range(1, _MAX_WIDTH),
         "temp_init": _range(0.0, None),
     },
     VisionConfig: {
-        "size": _choices("tiny", "demo", "b16", "l16"),
+        "size": _choices("tiny", "demo", "b16", "l16", "custom"),  # custom: converted with other sizes
         "stem": _choices("rgb", "diff", "tubelet2"),
         "drop_path": _range(0.0, 1.0),
-        "img_size": _range(1, None),
-        "patch_size": _range(1, None),
-        "width": _range(1, None),
-        "depth": _range(1, None),
-        "heads": _range(1, None),
+        "img_size": _range(1, _MAX_IMG_SIZE),
+        "patch_size": _range(1, _MAX_PATCH),
+        "width": _range(1, _MAX_WIDTH),
+        "depth": _range(1, _MAX_LAYERS),
+        "heads": _range(1, _MAX_HEADS),
+        "mlp_ratio": _range(0.0, 16.0, open_lo=True),
+        "norm_eps": _range(0.0, 1.0, open_lo=True),
     },
     TeacherConfig: {
         "input_norm": _choices("clip", "imagenet", "none"),
-        "return_layers": _range(1, None),
-        "layers": _range(1, None),
+        "act": _choices("quick_gelu", "gelu"),
+        "img_size": _range(1, _MAX_IMG_SIZE),
+        "patch_size": _range(1, _MAX_PATCH),
+        "width": _range(1, _MAX_WIDTH),
+        "layers": _range(1, _MAX_LAYERS),
+        "heads": _range(1, _MAX_HEADS),
+        "embed_dim": _range(1, _MAX_WIDTH),
+        "return_layers": _range(1, _MAX_LAYERS),
+        "temporal_fusion_layers": _range(0, _MAX_LAYERS),
+        "max_frames": _range(1, _MAX_FRAMES),
+        "mlp_width": _range(1, 16 * _MAX_WIDTH),
+        "norm_eps": _range(0.0, 1.0, open_lo=True),
+        "temporal_fusion_norm_eps": _range(0.0, 1.0, open_lo=True),
     },
-    TextConfig: {"fusion_start": _range(0, None), "max_length": _range(4, None), "freeze_below": _range(0, None),
-                 "pooling": _choices("cls", "mean")},
+    TextConfig: {
+        "vocab_size": _range(1, _MAX_VOCAB),
+        "hidden": _range(1, _MAX_WIDTH),
+        "layers": _range(1, _MAX_LAYERS),
+        "heads": _range(1, _MAX_HEADS),
+        "intermediate": _range(1, 16 * _MAX_WIDTH),
+        "max_position": _range(1, _MAX_POSITIONS),
+        "type_vocab": _range(1, 1024),
+        "layer_norm_eps": _range(0.0, 1.0, open_lo=True),
+        "fusion_start": _range(0, _MAX_LAYERS),
+        "max_length": _range(4, _MAX_POSITIONS),
+        "dropout": _range(0.0, 1.0, open_hi=True),
+        "freeze_below": _range(0, _MAX_LAYERS),
+        "pooling": _choices("cls", "mean"),
+    },
     MaskConfig: {
         "video_strategy": _choices("random", "tube", "attention", "attention_inverse", "stm"),
         "image_strategy": _choices("random", "attention", "attention_inverse"),
@@ -283,7 +326,12 @@ _EXTERNAL_METADATA: dict[type, dict[str, dict[str, Any]]] = {
         "image_ratio": _range(0.0, 1.0, open_hi=True),
         "tau": _range(0.0, None),
     },
-    PredictorConfig: {"jitter_halve_at": _range(0.0, 1.0)},
+    PredictorConfig: {
+        "dim": _range(1, _MAX_WIDTH),
+        "hidden": _range(1, _MAX_WIDTH),
+        "head_hidden": _range(1, _MAX_WIDTH),
+        "jitter_halve_at": _range(0.0, 1.0),
+    },
     LossConfig: {
         "vtc": _range(0.0, None),
         "vtm": _range(0.0, None),
@@ -687,16 +735,7 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"data.crop_scale: need 0 < min <= max <= 1, got {[lo, hi]}")
     if cfg.data.sampling == "fps" and cfg.data.fps is None:
         raise ConfigError("data.sampling is 'fps' but data.fps is null: set data.fps")
-    t = cfg.model.text
-    if t.fusion_start > t.layers:
-        raise ConfigError(f"model.text.fusion_start ({t.fusion_start}) exceeds model.text.layers ({t.layers})")
-    if t.hidden % t.heads:
-        raise ConfigError(f"model.text.hidden ({t.hidden}) must be divisible by model.text.heads ({t.heads})")
-    v = cfg.model.vision
-    if v.width % v.heads:
-        raise ConfigError(f"model.vision.width ({v.width}) must be divisible by model.vision.heads ({v.heads})")
-    if v.img_size % v.patch_size:
-        raise ConfigError(f"model.vision.img_size ({v.img_size}) must be a multiple of patch_size ({v.patch_size})")
+    validate_model(cfg.model, "model")
     for section, corpora in (("data.corpora", cfg.data.corpora), ("eval.corpora", cfg.eval.corpora)):
         names = [c.name for c in corpora]
         dupes = sorted({n for n in names if names.count(n) > 1})
@@ -707,6 +746,33 @@ def validate(cfg: RunConfig) -> None:
                 raise ConfigError(f"{section}.{i}.name: every corpus needs a name")
             if not c.annotation and not c.shards:
                 raise ConfigError(f"{section}.{i} ({c.name}): set annotation (with media_root) or shards")
+
+
+def validate_model(model: ModelConfig, prefix: str = "model") -> None:
+    """Cross-field rules of a ModelConfig (a recipe's `model:` or a model folder's config.json, whose keys start
+    with `prefix`) and the parameter budget (MAX_PARAMETERS), checked before anything is built."""
+    t, v, teacher = model.text, model.vision, model.teacher
+    if t.fusion_start > t.layers:
+        raise ConfigError(f"{prefix}.text.fusion_start ({t.fusion_start}) exceeds {prefix}.text.layers ({t.layers})")
+    if t.hidden % t.heads:
+        raise ConfigError(f"{prefix}.text.hidden ({t.hidden}) must be divisible by {prefix}.text.heads ({t.heads})")
+    if v.width % v.heads:
+        raise ConfigError(f"{prefix}.vision.width ({v.width}) must be divisible by {prefix}.vision.heads ({v.heads})")
+    if v.img_size % v.patch_size:
+        raise ConfigError(f"{prefix}.vision.img_size ({v.img_size}) must be a multiple of patch_size "
+                          f"({v.patch_size})")
+    if teacher.width % teacher.heads:
+        raise ConfigError(f"{prefix}.teacher.width ({teacher.width}) must be divisible by {prefix}.teacher.heads "
+                          f"({teacher.heads})")
+    if teacher.return_layers > teacher.layers:
+        raise ConfigError(f"{prefix}.teacher.return_layers ({teacher.return_layers}) exceeds {prefix}.teacher.layers "
+                          f"({teacher.layers})")
+    counts = estimated_parameters(model)
+    total = sum(counts.values())
+    if total > MAX_PARAMETERS:
+        towers = ", ".join(f"{name} {count:.2g}" for name, count in counts.items())
+        raise ConfigError(f"{prefix}: the sizes ask for about {total:.2g} parameters ({towers}), more than the "
+                          f"{MAX_PARAMETERS:.0e} stmvl builds; check {prefix}.vision / teacher / text sizes")
 
 
 def save_config(cfg: RunConfig, path: str | os.PathLike, header: str | None = None) -> None:

@@ -66,7 +66,7 @@ def _log(message: str) -> None:
 def run_teacher(out: Path, overrides: list[str]) -> dict[str, float]:
     """Train the tiny teacher unless <out>/teacher exists; returns {"seconds", "flops"} spent."""
     from stmvl.tasks.pretrain import load_run_config
-    from stmvl.train.commands import train_teacher
+    from stmvl.tasks.runs import train_teacher
 
     if (out / "teacher" / "model.safetensors").exists():
         _log(f"teacher found at {out / 'teacher'}: reusing it (its compute is not counted again)")
@@ -80,7 +80,7 @@ def run_teacher(out: Path, overrides: list[str]) -> dict[str, float]:
 def run_pretrain(out: Path, name: str, overrides: list[str], recipe: str = "demo") -> dict[str, Any]:
     """Pretrain one variant into <out>/<name>; returns the engine result with nested eval results and timing."""
     from stmvl.tasks.pretrain import load_run_config
-    from stmvl.train.commands import pretrain
+    from stmvl.tasks.runs import pretrain
 
     cfg = load_run_config(recipe, _paths(out) + [f"runtime.out_dir={out / name}"] + overrides)
     started = time.perf_counter()

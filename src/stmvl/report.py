@@ -444,17 +444,22 @@ def mask_picture(model, frames: torch.Tensor, strategies: Sequence[str] = SHOW_M
         model: an STMModel in eval mode.
         frames: uint8 [T, 3, H, W] at the model's input size.
         ratio: masked fraction per frame (default: the model's ``mask.video_ratio``).
+
+    Raises:
+        stmvl.errors.UserError (a ValueError): an unknown strategy, or none left to draw (the notes say why).
     """
     from stmvl.models.masking import STRATEGIES, make_mask
     from stmvl.models.stm import merge_tubelets
 
+    from stmvl.errors import UserError
+
     unknown = [s for s in strategies if s not in STRATEGIES]
     if unknown:
-        raise ValueError(f"unknown mask strategies {unknown}; choose from {STRATEGIES}")
+        raise UserError(f"unknown mask strategies {unknown}; choose from {', '.join(STRATEGIES)}")
     notes: list[str] = []
     strategies = _strategies_with_scores(model, strategies, notes)
     if not strategies:
-        raise ValueError("no strategy left to draw: " + "; ".join(notes))
+        raise UserError("no strategy left to draw: " + "; ".join(notes))
     video = frames.float().div(255.0).unsqueeze(0).to(model.temp.device)  # [1, T, 3, H, W] in [0, 1]
     token_frames, n, gh, gw = model.grid(video)
     spatial = temporal = None
@@ -487,40 +492,3 @@ def _temporal_map(model, tokens: torch.Tensor, gh: int, gw: int, notes: list[str
         notes.append("stm: a single frame has no temporal map")
         return None
     return model.predictor(tokens, gh, gw).frame_map
-
-
-def show_masks_main(argv: Sequence[str] | None = None) -> int:
-    """``stmvl show-masks --checkpoint DIR --video FILE --out FILE.png [--strategies ...] [--seed S]``."""
-    import argparse
-    import sys
-
-    parser = argparse.ArgumentParser(prog="stmvl show-masks",
-                                     description="draw the masks of every strategy and the temporal heatmap on a video")
-    parser.add_argument("--checkpoint", required=True, help="model folder (model.safetensors + config.json)")
-    parser.add_argument("--video", required=True, help="video file")
-    parser.add_argument("--out", required=True, help="output PNG")
-    parser.add_argument("--strategies", default=",".join(SHOW_MASK_STRATEGIES),
-                        help="comma-separated: random, tube, attention, attention_inverse, stm")
-    parser.add_argument("--seed", type=int, default=0, help="mask seed")
-    parser.add_argument("--ratio", type=float, default=None, help="masked fraction (default: the model's video ratio)")
-    parser.add_argument("--frames", type=int, default=None, help="frames to sample (default: the model's)")
-    parser.add_argument("--cell-px", type=int, default=128, help="pixel size of one frame in the picture")
-    args = parser.parse_args(argv)
-    from stmvl.api import ModelDirError, load_model, read_clip
-    from stmvl.data.video import MediaError
-    from stmvl.models.weights import WeightLoadError
-
-    strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
-    try:
-        model = load_model(args.checkpoint)
-        frames = read_clip(model, args.video, args.frames)
-        picture = mask_picture(model, frames, strategies, seed=args.seed, ratio=args.ratio)
-    except (ModelDirError, WeightLoadError, MediaError, FileNotFoundError, ValueError) as error:
-        print(f"stmvl show-masks: {error}", file=sys.stderr)
-        return 2
-    for note in picture.notes:
-        print(f"stmvl show-masks: {note}", file=sys.stderr)
-    out = draw_masks(picture.frames, picture.masks, picture.grid, args.out, heatmap=picture.heatmap,
-                     cell_px=args.cell_px)
-    print(f"wrote {out} ({', '.join(picture.masks)}{', heatmap' if picture.heatmap is not None else ''})")
-    return 0

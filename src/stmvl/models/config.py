@@ -152,3 +152,28 @@ class ModelConfig:
     pass2_tokens: str = "masked"  # masked (reference) | visible (reuse pass 1) | all
     decoder: str = "st"  # st (spatio-temporal decoder) | linear (UMT)
     mvm_tokens: str = "all"  # all (STM) | visible (UMT's UTA)
+
+
+# A model folder or recipe asking for more than this is refused before anything is allocated (ViT-L/16 student +
+# CLIP-L/14 teacher + BERT-large, the largest packaged recipe, is about 1e9 parameters).
+MAX_PARAMETERS = 4_000_000_000
+
+
+def estimated_parameters(cfg: ModelConfig) -> dict[str, int]:
+    """Parameter counts per tower from the sizes alone (no tensor is built): the dominant matrices of each tower
+    (attention and MLP weights, embedding tables), within a few percent of the built model. Used to refuse sizes
+    that would exhaust memory before a config's model is allocated."""
+    v, t, x = cfg.vision, cfg.teacher, cfg.text
+    stem = 6 * 2 * v.patch_size ** 2 * v.width  # up to 6 input channels (diff stem) and a tubelet of 2
+    vision = v.depth * v.width ** 2 * int(4 + 2 * v.mlp_ratio) + stem
+    teacher_mlp = t.mlp_width or 4 * t.width
+    teacher = t.layers * (4 * t.width ** 2 + 2 * t.width * teacher_mlp) + 3 * t.patch_size ** 2 * t.width
+    if t.temporal_fusion:
+        teacher += t.temporal_fusion_layers * 12 * t.embed_dim ** 2 + t.max_frames * t.embed_dim
+    fusion_layers = max(0, x.layers - x.fusion_start)
+    text = ((x.vocab_size + x.max_position + x.type_vocab) * x.hidden
+            + x.layers * (4 * x.hidden ** 2 + 2 * x.hidden * x.intermediate)
+            + fusion_layers * 2 * x.hidden * (x.hidden + v.width))
+    p = cfg.predictor
+    heads = 2 * cfg.embed_dim * (v.width + x.hidden) + p.dim * (t.width + p.hidden) + p.hidden * p.head_hidden
+    return {"vision": vision, "teacher": teacher, "text": text, "heads": heads}

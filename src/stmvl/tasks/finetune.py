@@ -1,6 +1,7 @@
 """Downstream finetuning tasks for the one engine: retrieval (VTC + VTM), multiple choice, VideoQA.
 
-`stmvl finetune RECIPE --checkpoint DIR [overrides]`. The recipe's `task` picks the task:
+`stmvl finetune RECIPE --checkpoint DIR [overrides]` (stmvl.commands.finetune) runs :func:`finetune`. The
+recipe's `task` picks the task:
 
 - ``finetune_retrieval``: train VTC + VTM on the recipe's retrieval corpora (``data.corpora``, kind retrieval; each
   text of a video is one training pair and the texts of one video are VTC positives of each other), evaluate the
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -39,7 +40,9 @@ from stmvl.models.stm import STMModel
 from stmvl.train.engine import TrainContext, Trainer, unwrap_model
 
 from .data import StreamTask, _concat, _require, local_eval_corpus, tokenizer_for
-from .evaluation import evaluate_corpora, summary_lines
+from .evaluation import evaluate_corpora
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "PRETRAIN_ONLY_GROUPS",
@@ -53,7 +56,6 @@ __all__ = [
     "QAFinetuneTask",
     "evaluate_downstream",
     "finetune",
-    "finetune_main",
     "load_qa_model",
 ]
 
@@ -327,7 +329,7 @@ class _FinetuneTask(StreamTask):
         self.init_report = report
         if self.ctx is None or self.ctx.is_main:
             for line in report.lines():
-                print(line, file=sys.stderr)
+                log.info("%s", line)
             if self.ctx is not None:
                 self.ctx.run_dir.mkdir(parents=True, exist_ok=True)
                 (self.ctx.run_dir / "init_report.json").write_text(
@@ -448,18 +450,15 @@ def load_qa_model(directory: str | Path) -> VideoQAModel:
     strictly; the text vocabulary is the one the config names (no original BERT weights are read).
 
     Raises:
-        ValueError: the folder holds another kind of model (use stmvl.load_model for an STMModel).
+        stmvl.api.ModelDirError (a ValueError): the folder holds another kind of model (use stmvl.load_model for
+            an STMModel) or its config.json is invalid (checked before anything is built).
     """
-    from stmvl.api import _config_for_loading, resolve_model_dir
+    from stmvl.api import _config_for_loading, read_model_meta, resolve_model_dir
     from stmvl.models.weights import config_from_dict, load_state_dict_strict, read_state_dict
     from stmvl.train.checkpoint import MODEL_FILE
 
     folder = resolve_model_dir(directory)
-    meta = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    kind = meta.get("stmvl_config_type")
-    if kind != "VideoQAModel":
-        raise ValueError(f"{folder} holds a {kind or 'model without stmvl_config_type'}, not a VideoQAModel; "
-                         "load it with stmvl.load_model")
+    meta = read_model_meta(folder, kinds=("VideoQAModel",))
     cfg = _config_for_loading(config_from_dict(ModelConfig, meta["config"], str(folder / "config.json")))
     # the QA model is built from an STMModel's towers, exactly as QAFinetuneTask built it before training
     model = VideoQAModel.from_stm(STMModel(cfg))
@@ -481,36 +480,6 @@ def finetune(cfg: RunConfig, checkpoint: str | Path | None = None, *, cache_clip
     model_dir = Path(result["run_dir"]) / "model"
     if trainer.dist.is_main:
         export_finetuned(trainer.model, cfg, model_dir)
-        print(f"[stmvl] finetuned model ({'best: ' + best if best else 'last step'}) written to {model_dir}",
-              file=sys.stderr)
+        log.info("finetuned model (%s) written to %s", f"best: {best}" if best else "last step", model_dir)
     result.update(trainer=trainer, model_dir=str(model_dir), best_checkpoint=best, init_report=task.init_report)
     return result
-
-
-def finetune_main(argv: list[str]) -> int:
-    """``stmvl finetune RECIPE --checkpoint DIR [--out DIR] [key=value ...]``."""
-    from stmvl.errors import UserError
-    from stmvl.train.commands import _config, _fail, _parser
-
-    args = _parser("finetune", "finetune a pretrained checkpoint (retrieval, VideoQA, multiple choice)",
-                   checkpoint=True).parse_intermixed_args(argv)  # overrides may follow --checkpoint
-    try:
-        cfg = _config(args)
-        task_result = finetune(cfg, args.checkpoint)
-    except (ConfigError, FileNotFoundError, UserError) as exc:
-        return _fail(exc)
-    for line in summary_lines(_nest(task_result["eval"])):
-        print(line)
-    return 0
-
-
-def _nest(flat: dict[str, Any]) -> dict[str, Any]:
-    """Undo the engine's '/'-flattening of evaluation results: {"a/b/c": v} -> {"a": {"b": {"c": v}}}."""
-    out: dict[str, Any] = {}
-    for key, value in flat.items():
-        node = out
-        *parents, leaf = key.split("/")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return out

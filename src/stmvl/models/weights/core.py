@@ -19,11 +19,14 @@ from typing import Callable, Iterable, Mapping
 import torch
 from torch import nn
 
+from stmvl.errors import UserError
+
 StateDict = dict[str, torch.Tensor]
 
 
-class WeightLoadError(RuntimeError):
-    """A checkpoint does not fit the model: the message lists the offending keys by group."""
+class WeightLoadError(UserError, RuntimeError):
+    """A checkpoint does not fit the model (the message lists the offending keys by group), or a weights or config
+    file cannot be read as one (the message names it). The user's file to fix: a UserError, kept a RuntimeError."""
 
 
 # --------------------------------------------------------------------------------------------------- reading files
@@ -100,11 +103,30 @@ def _folder_weights(folder: Path, names: tuple[str, ...] = ("model.safetensors",
     raise FileNotFoundError(f"{folder}: none of {', '.join(names)} (sharded checkpoints unsupported)")
 
 
+MAX_JSON_BYTES = 64 * 2**20  # a model's config.json is a few KiB; a bigger one is not a config
+
+
 def _read_json(path: Path) -> dict:
+    """A JSON object file; anything else (missing, huge, not UTF-8, malformed, nested without end, not an
+    object) is an error naming the file."""
+    path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found")
-    with open(path, encoding="utf-8") as handle:
-        return json.load(handle)
+    if path.stat().st_size > MAX_JSON_BYTES:
+        raise WeightLoadError(f"{path}: {path.stat().st_size} bytes, too large for a config file "
+                              f"(at most {MAX_JSON_BYTES} bytes)")
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as error:
+        raise WeightLoadError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
+    except json.JSONDecodeError as error:
+        raise WeightLoadError(f"{path}: not valid JSON (line {error.lineno}, column {error.colno}: "
+                              f"{error.msg})") from None
+    except RecursionError:
+        raise WeightLoadError(f"{path}: JSON nested too deeply to be a config") from None
+    if not isinstance(data, dict):
+        raise WeightLoadError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
 
 
 # --------------------------------------------------------------------------------------------------- strict loading

@@ -5,13 +5,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import typing
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
 
 import torch
 from torch import nn
 
+from stmvl.config import ConfigError, from_dict, validate_model
 from stmvl.models.config import ModelConfig, TeacherConfig, TextConfig, VisionConfig
 from stmvl.models.weights.core import WeightLoadError, _read_json, load_state_dict_strict, read_state_dict
 
@@ -78,24 +78,49 @@ def _is_stmvl_dir(directory: Path) -> bool:
     return path.is_file() and "stmvl_config_type" in _read_json(path)
 
 
+class FolderConfigError(ConfigError, WeightLoadError):
+    """The config.json of a weights folder is invalid: a ConfigError (it names the file and key) that is also a
+    WeightLoadError (the folder cannot be loaded), for callers that catch either."""
+
+
 def config_from_dict(cls, data: Mapping, where: str = "config"):
-    """Rebuild a (nested) config dataclass from a dict; unknown keys are an error naming them."""
-    if not isinstance(data, Mapping):
-        raise WeightLoadError(f"{where}: expected a mapping for {cls.__name__}, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
+    """Rebuild a config dataclass from the ``config`` mapping of a folder's config.json, with the typed validation
+    recipes get (stmvl.config.from_dict: unknown keys, types, choices, ranges, upper bounds on sizes) and, for a
+    ModelConfig, the cross-field rules and the parameter budget; all before anything is allocated.
+
+    Raises:
+        stmvl.config.ConfigError (also a WeightLoadError): one line naming ``where`` (the file) and the key, e.g.
+            ``m/config.json: config.vision.width: 1000000 is outside the allowed range [1, 8192]``.
+    """
+    try:
+        cfg = from_dict(cls, data, "config")
+        if isinstance(cfg, ModelConfig):
+            validate_model(cfg, "config")
+    except ConfigError as error:
+        raise FolderConfigError(f"{where}: {error}") from None
+    return cfg
+
+
+# Constructor arguments a folder's "kwargs" may pass, per module: the text tower's cross-attention width is the only
+# one, and it is a size like any other (the same bound as config widths).
+_BUILD_KWARGS = {"TextConfig": {"cross_width"}}
+_MAX_CROSS_WIDTH = 8192
+
+
+def _checked_kwargs(config_type: str, kwargs, where: str) -> dict:
+    if kwargs is None:
+        return {}
+    if not isinstance(kwargs, Mapping):
+        raise FolderConfigError(f"{where}: kwargs must be a mapping, got {type(kwargs).__name__}")
+    allowed = _BUILD_KWARGS.get(config_type, set())
+    unknown = sorted(set(kwargs) - allowed)
     if unknown:
-        raise WeightLoadError(f"{where}: unknown {cls.__name__} keys {unknown}")
-    values = {}
-    for key, value in data.items():
-        kind = hints[key]
-        if dataclasses.is_dataclass(kind):
-            value = config_from_dict(kind, value, f"{where}.{key}")
-        elif typing.get_origin(kind) is tuple and isinstance(value, list):
-            value = tuple(value)
-        values[key] = value
-    return cls(**values)
+        raise FolderConfigError(f"{where}: unknown kwargs {unknown} for a {config_type} (allowed: {sorted(allowed)})")
+    width = kwargs.get("cross_width")
+    if width is not None and (type(width) is not int or not 1 <= width <= _MAX_CROSS_WIDTH):
+        raise FolderConfigError(f"{where}: kwargs.cross_width must be null or an integer in [1, {_MAX_CROSS_WIDTH}], "
+                          f"got {width!r}")
+    return dict(kwargs)
 
 
 def _builder(config_type: str):
@@ -120,9 +145,10 @@ def load_model_dir(directory: str | Path, allow_missing: Iterable[str] = ()) -> 
     meta = _read_json(directory / "config.json")
     if "stmvl_config_type" not in meta:
         raise WeightLoadError(f"{directory / 'config.json'} was not written by stmvl (no 'stmvl_config_type')")
+    where = str(directory / "config.json")
     cfg_cls, module_cls = _builder(meta["stmvl_config_type"])
-    cfg = config_from_dict(cfg_cls, meta["config"], str(directory / "config.json"))
-    module = module_cls(cfg, **meta.get("kwargs", {}))
+    cfg = config_from_dict(cfg_cls, meta.get("config"), where)
+    module = module_cls(cfg, **_checked_kwargs(meta["stmvl_config_type"], meta.get("kwargs"), where))
     module.load_report = load_state_dict_strict(module, read_state_dict(directory / "model.safetensors"), allow_missing)
     return module
 

@@ -1,4 +1,4 @@
-"""UMT checkpoints <-> stmvl: import, export, ``stmvl convert umt`` and student initialisation.
+"""UMT checkpoints <-> stmvl: import, export, the folders ``stmvl convert`` writes, and student initialisation.
 
 UMT's layouts (OpenGVLab/unmasked_teacher):
 
@@ -18,11 +18,9 @@ recomputes the same sincos tables.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
@@ -388,109 +386,63 @@ def init_student(model: nn.Module, source: str | Path) -> StudentInit:
     return StudentInit(str(path), kind, report, decoders)
 
 
-# --------------------------------------------------------------------------------------------------- CLI
+# --------------------------------------------------------------------------------------------------- folders
 
 
-def convert_main(argv: list[str] | None = None) -> int:
-    """``stmvl convert umt SRC OUT``: map a UMT checkpoint to stmvl names and write an stmvl model folder
-    (model.safetensors + config.json) that :func:`stmvl.api.load_model` loads strictly into an STMModel.
-    ``stmvl convert to-umt SRC_DIR OUT.pth [--stage 1|2]``: the reverse, an stmvl model folder as a UMT checkpoint."""
-    parser = argparse.ArgumentParser(prog="stmvl convert", description=convert_main.__doc__)
-    parser.add_argument("format", choices=["umt", "to-umt"],
-                        help="umt: UMT checkpoint -> stmvl folder; to-umt: stmvl folder -> UMT checkpoint")
-    parser.add_argument("src", help="umt: UMT checkpoint (.pth / .bin / .safetensors; bare, {'model': ...} or "
-                                    "{'module': ...}); to-umt: an stmvl model folder")
-    parser.add_argument("out", help="umt: output folder (model.safetensors + config.json); to-umt: output .pth")
-    parser.add_argument("--img-size", type=int, default=224, help="input size the student was trained at")
-    parser.add_argument("--num-frames", type=int, default=4, help="frames per clip at inference (zero-shot: 4)")
-    parser.add_argument("--stage", type=int, choices=[1, 2], default=2,
-                        help="to-umt: UMT layout to write (1: encoder + clip_decoder, bare; 2: the full UMT model "
-                             "under 'model')")
-    parser.add_argument("--allow-unplaced", action="store_true", help="write the output even if keys are unplaced")
-    args = parser.parse_args(argv)
-    if args.format == "to-umt":
-        return _export_umt(args)
-    try:
-        mapping = umt_to_stmvl(read_state_dict(args.src))
-    except (FileNotFoundError, WeightLoadError) as error:
-        print(f"stmvl convert: {error}", file=sys.stderr)
-        return 2
-    print(f"UMT stage {mapping.stage}: {len(mapping.state_dict)} tensors placed, "
-          f"{len(mapping.ignored)} ignored, {len(mapping.unplaced)} unplaced")
-    for key, why in mapping.ignored.items():
-        print(f"  ignored {key}: {why}")
-    for key in mapping.unplaced:
-        print(f"  UNPLACED {key}" + (" (dropped)" if args.allow_unplaced else ""))
-    if mapping.unplaced and not args.allow_unplaced:
-        print("refusing to write: unplaced keys (pass --allow-unplaced to drop them)", file=sys.stderr)
-        return 1
-    if mapping.stage == 1:
-        return _write_stage1(mapping, args)
-    try:
-        cfg = model_config_from_umt(mapping.state_dict, args.img_size)
-    except (KeyError, WeightLoadError) as error:
-        print(f"stmvl convert: cannot infer the model from the checkpoint: {error}", file=sys.stderr)
-        return 1
-    missing, unexpected, mismatched = check_against_model(cfg, mapping.state_dict)
-    problems = [f"  no place in STMModel: {k}" for k in unexpected] + [f"  shape mismatch: {m}" for m in mismatched]
-    problems += [f"  missing [{g}] ({len(keys)}): {_shorten(keys)}" for g, keys in missing.items()
+def umt_folder_problems(cfg: ModelConfig, sd: Mapping[str, torch.Tensor]) -> tuple[list[str], dict[str, str]]:
+    """Whether UMT-mapped tensors can be written as the STMModel folder of ``cfg``.
+
+    Returns:
+        (one line per problem that blocks the write: a tensor with no place, a shape mismatch, a missing group
+        that is not optional; the optional groups that are absent, {group: why} (UMT_OPTIONAL_GROUPS)).
+    """
+    missing, unexpected, mismatched = check_against_model(cfg, sd)
+    problems = [f"no place in STMModel: {k}" for k in unexpected] + [f"shape mismatch: {m}" for m in mismatched]
+    problems += [f"missing [{g}] ({len(keys)}): {_shorten(keys)}" for g, keys in missing.items()
                  if g not in UMT_OPTIONAL_GROUPS]
-    if problems:
-        print("refusing to write: the checkpoint does not fit the inferred STMModel:\n" + "\n".join(problems),
-              file=sys.stderr)
-        return 1
-    absent = {group: UMT_OPTIONAL_GROUPS[group] for group in missing}
-    for group, why in absent.items():
-        print(f"  absent group {group!r}: {why}")
-    out = Path(args.out)
+    absent = {group: UMT_OPTIONAL_GROUPS[group] for group in missing if group in UMT_OPTIONAL_GROUPS}
+    return problems, absent
+
+
+def _write_meta(out: Path, meta: dict) -> None:
+    _atomic_write(out / "config.json", lambda p: Path(p).write_text(json.dumps(meta, indent=2), encoding="utf-8"))
+
+
+def write_umt_folder(mapping: UmtMapping, cfg: ModelConfig, out: str | Path, *, source: str, img_size: int,
+                     num_frames: int, absent: Mapping[str, str]) -> Path:
+    """Write a converted stage-2 checkpoint as an stmvl model folder (model.safetensors + config.json with the
+    inference settings, the absent optional groups as ``missing_groups`` and where the tensors came from)."""
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     save_state_dict(mapping.state_dict, out / "model.safetensors")
-    meta = {"stmvl_config_type": "ModelConfig", "config": dataclasses.asdict(cfg), "kwargs": {},
-            "inference": {"num_frames": args.num_frames, "img_size": args.img_size, "sampling": "middle"},
-            "missing_groups": absent,
-            "source": {"format": "umt", "stage": mapping.stage, "path": str(args.src),
-                       "ignored": mapping.ignored, "dropped_unplaced": mapping.unplaced}}
-    _atomic_write(out / "config.json", lambda p: Path(p).write_text(json.dumps(meta, indent=2), encoding="utf-8"))
-    print(f"wrote {out / 'model.safetensors'} and {out / 'config.json'} "
-          f"(ViT {cfg.vision.size}, text {cfg.text.layers} layers fusion from {cfg.text.fusion_start})")
-    return 0
+    _write_meta(out, {"stmvl_config_type": "ModelConfig", "config": dataclasses.asdict(cfg), "kwargs": {},
+                      "inference": {"num_frames": num_frames, "img_size": img_size, "sampling": "middle"},
+                      "missing_groups": dict(absent),
+                      "source": {"format": "umt", "stage": mapping.stage, "path": str(source),
+                                 "ignored": mapping.ignored, "dropped_unplaced": mapping.unplaced}})
+    return out
 
 
-def _export_umt(args) -> int:
-    """stmvl folder -> UMT checkpoint: stage 1 bare (as ``b16_ptk710_f8_res224.pth``, which UMT's stage 2 loads
-    without unwrapping), stage 2 as ``{"model": ...}`` (UMT's own checkpoints)."""
-    src = Path(args.src)
-    try:
-        sd = read_state_dict(src / "model.safetensors")
-    except (FileNotFoundError, WeightLoadError) as error:
-        print(f"stmvl convert: {error} (to-umt needs an stmvl model folder)", file=sys.stderr)
-        return 2
-    umt, unplaced = stmvl_to_umt(sd, stage=args.stage)
-    for key in unplaced:
-        print(f"  UNPLACED {key}" + (" (dropped)" if args.allow_unplaced else ""))
-    if unplaced and not args.allow_unplaced:
-        print(f"refusing to write: {len(unplaced)} stmvl tensors have no place in UMT stage {args.stage} "
-              "(pass --allow-unplaced to drop them)", file=sys.stderr)
-        return 1
-    out = Path(args.out)
+def write_umt_stage1_folder(mapping: UmtMapping, out: str | Path, *, source: str, img_size: int) -> ModelConfig:
+    """A stage-1 (video-only) checkpoint has no text tower: write its tensors and the inferred config. The folder
+    initialises a student (``model.vision.init``); it is not a full STMModel for load_model."""
+    cfg = model_config_from_umt(mapping.state_dict, img_size)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_state_dict(mapping.state_dict, out / "model.safetensors")
+    _write_meta(out, {"stmvl_config_type": "ModelConfig", "config": dataclasses.asdict(cfg), "kwargs": {},
+                      "source": {"format": "umt", "stage": 1, "path": str(source),
+                                 "dropped_unplaced": mapping.unplaced},
+                      "note": "UMT stage 1 holds only the video encoder and its decoders; it initialises pretraining "
+                              "(model.vision.init), it is not loadable as a full STMModel"})
+    return cfg
+
+
+def write_umt_checkpoint(umt_sd: Mapping[str, torch.Tensor], out: str | Path, stage: int) -> Path:
+    """Save UMT-named tensors as UMT does: stage 1 bare (as ``b16_ptk710_f8_res224.pth``, which UMT's stage 2
+    loads without unwrapping), stage 2 as ``{"model": ...}`` (UMT's own checkpoints)."""
+    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().contiguous().clone() for k, v in umt.items()}
-    _atomic_write(out, lambda p: torch.save(tensors if args.stage == 1 else {"model": tensors}, p))
-    print(f"wrote {out}: UMT stage {args.stage}, {len(tensors)} tensors, {len(unplaced)} dropped")
-    return 0
-
-
-def _write_stage1(mapping: UmtMapping, args) -> int:
-    """A stage-1 (video-only) checkpoint has no text tower: write its tensors and the inferred vision config.
-    The folder initialises a student (``model.vision.init``); it is not a full STMModel for load_model."""
-    cfg = model_config_from_umt(mapping.state_dict, args.img_size)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    save_state_dict(mapping.state_dict, out / "model.safetensors")
-    meta = {"stmvl_config_type": "ModelConfig", "config": dataclasses.asdict(cfg), "kwargs": {},
-            "source": {"format": "umt", "stage": 1, "path": str(args.src), "dropped_unplaced": mapping.unplaced},
-            "note": "UMT stage 1 holds only the video encoder and its decoders; it initialises pretraining "
-                    "(model.vision.init), it is not loadable as a full STMModel"}
-    _atomic_write(out / "config.json", lambda p: Path(p).write_text(json.dumps(meta, indent=2), encoding="utf-8"))
-    print(f"wrote {out / 'model.safetensors'} and {out / 'config.json'} (stage 1: video encoder only)")
-    return 0
+    tensors = {k: v.detach().contiguous().clone() for k, v in umt_sd.items()}
+    _atomic_write(out, lambda p: torch.save(tensors if stage == 1 else {"model": tensors}, p))
+    return out
