@@ -6,6 +6,14 @@ its slice of the same global batch, so 2 ranks x B/2 see exactly the samples of 
 
 Setting STMVL_TEST_EXIT_AFTER=k makes the process die with os._exit right after optimizer step k (after that
 step's logging and checkpointing), like a killed job.
+
+Partial failure (`--fail-rank R --fail-batch B --fail-kind K`): rank R's data path, at its B-th batch of the run,
+- `error`: raises a RuntimeError (a decoder crash);
+- `bound`: loads through a real BrokenMediaGuard whose every load fails, until it raises TooManyBadSamples;
+- `hang`: sleeps for 10 minutes (a stuck file system);
+- `count`: reports 2 failed loads per batch through the task's `bad_samples()` hook (the others report none), so
+  only the sum over the ranks exceeds data.max_bad_fraction.
+Like the commands, the worker prints a user error as one line `stmvl: error: ...` and exits with code 2.
 """
 
 from __future__ import annotations
@@ -14,13 +22,18 @@ import argparse
 import json
 import os
 import sys
+import time
 
 import torch
 from torch import nn
 
 from stmvl.config import load_config
+from stmvl.data.quarantine import BrokenMediaGuard, TooManyBadSamples
+from stmvl.data.video import MediaError
+from stmvl.errors import UserError
 from stmvl.train.distributed import cleanup_distributed, get_rank, get_world_size
 from stmvl.train.engine import Trainer
+from stmvl.train.logging import console_logging
 
 NUM_SAMPLES = 48
 DIM = 8
@@ -43,7 +56,7 @@ class ToyModel(nn.Module):
 class ToyTask:
     """Seeded regression data; each rank yields its slice of every global batch."""
 
-    def __init__(self, seed: int, global_batch: int, dropout: float) -> None:
+    def __init__(self, seed: int, global_batch: int, dropout: float, fail: tuple[int, int, str] | None = None) -> None:
         g = torch.Generator().manual_seed(1234)
         self.x = torch.randn(NUM_SAMPLES, DIM, generator=g)
         self.y = self.x @ torch.randn(DIM, generator=g) + 0.1 * torch.randn(NUM_SAMPLES, generator=g)
@@ -51,6 +64,9 @@ class ToyTask:
         self.global_batch = global_batch
         self.dropout = dropout
         self.steps_per_epoch = NUM_SAMPLES // global_batch
+        self.fail = fail
+        self.batches_loaded = 0
+        self.failed_loads = 0
 
     def build_model(self) -> nn.Module:
         return ToyModel(self.dropout)
@@ -61,12 +77,44 @@ class ToyTask:
         local = self.global_batch // world
         for b in range(start_step, self.steps_per_epoch):
             idx = order[b * self.global_batch:(b + 1) * self.global_batch][rank * local:(rank + 1) * local]
+            self.batches_loaded += 1
+            self._maybe_fail(rank)
             yield self.x[idx], self.y[idx]
+
+    def _maybe_fail(self, rank: int) -> None:
+        if self.fail is None:
+            return
+        fail_rank, fail_batch, kind = self.fail
+        if rank != fail_rank or self.batches_loaded < fail_batch:
+            return
+        if kind == "error":
+            raise RuntimeError(f"decoder crashed on rank {rank} (test)")
+        if kind == "bound":
+            guard = BrokenMediaGuard(None, "toy", max_bad_fraction=0.1)
+
+            def broken(index: int):
+                raise MediaError(f"clip{index}.mp4", "undecodable", "test")
+
+            for index in range(100):
+                guard.load(index, NUM_SAMPLES, broken)
+        if kind == "hang":
+            time.sleep(600)
+        if kind == "count":
+            self.failed_loads += 2
 
     def train_step(self, model: nn.Module, batch, step: int) -> dict[str, torch.Tensor]:
         x, y = batch
         loss = ((model(x).float() - y) ** 2).mean()
         return {"loss": loss}
+
+
+class CountingToyTask(ToyTask):
+    """ToyTask that reports its media loads to the engine (the `bad_samples` hook)."""
+
+    def bad_samples(self) -> tuple[int, int]:
+        """(failed, attempted) media loads on this rank (the engine bounds their sum over the ranks)."""
+        local = self.global_batch // get_world_size()
+        return self.failed_loads, self.batches_loaded * local + self.failed_loads
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,14 +127,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--precision", default="bf16")
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--grad-compression", default="none")
+    ap.add_argument("--overwrite", action="store_true")
+    ap.add_argument("--dist-timeout", type=float, default=60.0)
+    ap.add_argument("--fail-rank", type=int)
+    ap.add_argument("--fail-batch", type=int, default=1)
+    ap.add_argument("--fail-kind", choices=("error", "bound", "hang", "count"), default="error")
+    ap.add_argument("--max-bad-fraction", type=float, default=0.01)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
+    console_logging()
     cfg = load_config(None, [
         f"runtime.out_dir={args.run_dir}", f"optim.max_steps={args.steps}", "optim.warmup_steps=2",
         "optim.lr=0.05", f"optim.precision={args.precision}", "optim.clip_grad=5.0",
         f"runtime.ckpt_every_steps={args.ckpt_every}", "runtime.keep_last=2", "runtime.log_every=1",
         "runtime.tensorboard=false", "runtime.progress=false", "runtime.seed=7", "runtime.device=cpu",
         f"runtime.resume={'true' if args.resume else 'false'}", f"runtime.grad_compression={args.grad_compression}",
+        f"runtime.overwrite={'true' if args.overwrite else 'false'}", f"runtime.dist_timeout_s={args.dist_timeout}",
+        f"data.max_bad_fraction={args.max_bad_fraction}",
     ])
     exit_after = int(os.environ.get("STMVL_TEST_EXIT_AFTER", "0"))
 
@@ -95,7 +152,14 @@ def main(argv: list[str] | None = None) -> int:
             sys.stdout.flush()
             os._exit(17)
 
-    summary = Trainer(cfg, ToyTask(cfg.runtime.seed, args.global_batch, args.dropout), callbacks=[die_after]).fit()
+    fail = None if args.fail_rank is None else (args.fail_rank, args.fail_batch, args.fail_kind)
+    task = (CountingToyTask if args.fail_kind == "count" else ToyTask)(cfg.runtime.seed, args.global_batch,
+                                                                        args.dropout, fail)
+    try:
+        summary = Trainer(cfg, task, callbacks=[die_after]).fit()
+    except (UserError, TooManyBadSamples) as exc:  # as the commands do: one line, exit code 2
+        print(f"stmvl: error: {exc}", file=sys.stderr, flush=True)
+        return 2
     if get_rank() == 0:
         print(json.dumps(summary))
     cleanup_distributed()  # ranks leave together; a live gloo group at exit can abort the process

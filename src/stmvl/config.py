@@ -173,6 +173,9 @@ class OptimConfig:
     clip_grad: float | None = field(default=None, metadata=_range(0.0, None))  # max global grad norm; None = off
     precision: str = field(default="auto", metadata=_choices("auto", "bf16", "fp16", "fp32"))  # train/precision.py
     max_nonfinite_steps: int = field(default=20, metadata=_range(0, None))  # skipped steps before giving up
+    # fp16: optimizer steps in a row the grad scaler may skip (non-finite gradients) before the run stops; the
+    # scale halves on each, so 30 in a row means the gradients are non-finite at any scale
+    max_consecutive_skips: int = field(default=30, metadata=_range(1, None))
     no_decay_names: list[str] = field(default_factory=lambda: ["temp", "pos"])  # name components without decay
 
 
@@ -206,10 +209,13 @@ class RuntimeConfig:
     ckpt_every_steps: int = field(default=0, metadata=_range(0, None))  # 0 = at the end of every epoch only
     keep_last: int = field(default=2, metadata=_range(1, None))
     resume: bool = False
+    overwrite: bool = False  # a fresh run may replace the checkpoints and metrics of another run in out_dir
     init_from: str | None = None  # checkpoint folder whose weights initialise the model (finetune / evaluate)
     compile: bool = False
     grad_checkpointing: bool = False
     backend: str = field(default="auto", metadata=_choices("auto", "gloo", "nccl"))
+    # seconds a collective may wait for the other ranks before this rank fails (a hung or dead rank ends the job)
+    dist_timeout_s: float = field(default=900.0, metadata=_range(1.0, None))
     find_unused_parameters: bool = False
     # DDP gradient all-reduce in a 16-bit format (halves inter-node traffic; the optimizer still sees fp32 grads)
     grad_compression: str = field(default="none", metadata=_choices("none", "bf16", "fp16"))

@@ -156,11 +156,21 @@ def map_clips(
         collate_fn=collate_clips,
     )
     outputs: list[list[torch.Tensor]] = []
-    for batch in loader:
-        for slot, value in enumerate(fn(batch)):
-            if slot == len(outputs):
-                outputs.append([])
-            outputs[slot].append(value.detach().cpu())
+    error = None
+    try:
+        for batch in loader:
+            for slot, value in enumerate(fn(batch)):
+                if slot == len(outputs):
+                    outputs.append([])
+                outputs[slot].append(value.detach().cpu())
+    except Exception as exc:  # noqa: BLE001 - e.g. a corrupt clip in one rank's shard
+        error = exc
+    # every rank learns of a failure here, before the gathers below, so none is left waiting in them
+    from stmvl.data.video import MediaError
+    from stmvl.errors import UserError
+    from stmvl.train.distributed import raise_if_any_failed
+
+    raise_if_any_failed(error, "reading the evaluation clips", user_errors=(UserError, MediaError))
     num_outputs = _agree_on_output_count(len(outputs))
     local = [torch.cat(outputs[slot]) if outputs else None for slot in range(num_outputs)]
     return [gather_rows(part, total) for part in local]

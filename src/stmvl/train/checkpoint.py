@@ -8,40 +8,57 @@ Layout of a run folder:
 A checkpoint folder is first written as `.tmp-step_...` and renamed into place with os.replace, so a folder named
 `step_*` is always complete; a kill during a save leaves only a temp folder that the next save removes.
 The state file holds only tensors and plain Python values and is read with `torch.load(weights_only=True)`.
+A checkpoint that does not load (a disk filled up, a file truncated by a copy) raises CorruptCheckpointError naming
+the file; `set_aside` renames such a folder to `unreadable-step_...`, which no listing or pruning touches.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import shutil
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
 
-from stmvl.errors import CorruptWeightsError
 from safetensors.torch import save_file
+
+from stmvl.errors import CorruptWeightsError, UserError
 
 __all__ = [
     "MODEL_FILE",
     "CorruptWeightsError",
+    "CorruptCheckpointError",
     "STATE_FILE",
     "save_checkpoint",
     "latest_checkpoint",
     "list_checkpoints",
     "load_checkpoint",
+    "load_train_state",
     "save_weights",
     "load_weights",
     "atomic_torch_save",
+    "set_aside",
 ]
 
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "state.pt"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 _ALIASES_KEY = "stmvl_aliases"
+UNREADABLE_PREFIX = "unreadable-"
+
+# What torch.load raises on a truncated or overwritten file: the zip reader's RuntimeError, an unpickling error,
+# EOFError on an empty file, and the weights-only unpickler's refusals of foreign content.
+_STATE_LOAD_ERRORS = (RuntimeError, pickle.UnpicklingError, EOFError, ValueError, zipfile.BadZipFile, OSError)
+
+
+class CorruptCheckpointError(UserError):
+    """A checkpoint's state file does not load (truncated, overwritten, another format); the message names it."""
 
 
 def _fsync_file(path: Path) -> None:
@@ -162,17 +179,49 @@ def save_checkpoint(
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _prune(root, keep_last, protect)
+    _prune(root, keep_last, protect, step)
     return final
 
 
-def _prune(root: Path, keep_last: int, protect: tuple[str, ...]) -> None:
+def _prune(root: Path, keep_last: int, protect: tuple[str, ...], newest_step: int) -> None:
     for stale in root.glob(".tmp-step_*"):
         shutil.rmtree(stale, ignore_errors=True)
-    complete = list_checkpoints(root.parent)
+    # Only checkpoints up to the one just written count: a folder with a later step cannot belong to this run's
+    # history, and must never push the run's own checkpoints out of the keep-last-N window.
+    complete = [item for item in list_checkpoints(root.parent) if item[0] <= newest_step]
     for _, folder in complete[:-keep_last]:
         if folder.name not in protect:
             shutil.rmtree(folder)
+
+
+def set_aside(folder: str | os.PathLike) -> Path:
+    """Rename a checkpoint folder that does not load to `unreadable-<name>` (kept for inspection, never listed as a
+    checkpoint nor pruned). Returns the new path."""
+    folder = Path(folder)
+    target = folder.with_name(UNREADABLE_PREFIX + folder.name)
+    suffix = 1
+    while target.exists():
+        target = folder.with_name(f"{UNREADABLE_PREFIX}{folder.name}.{suffix}")
+        suffix += 1
+    os.replace(folder, target)
+    return target
+
+
+def _one_line(error: BaseException) -> str:
+    """The error's type and first sentence on one line (torch's loader messages run to paragraphs)."""
+    text = " ".join(str(error).split()).split(". ")[0][:200]
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def load_train_state(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """A checkpoint's state file (weights_only); CorruptCheckpointError naming it when it does not load."""
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except _STATE_LOAD_ERRORS as exc:
+        raise CorruptCheckpointError(f"{path}: not a readable checkpoint state ({_one_line(exc)})") from None
+    if not isinstance(state, dict):
+        raise CorruptCheckpointError(f"{path}: holds a {type(state).__name__}, not a checkpoint state dict")
+    return state
 
 
 def load_checkpoint(
@@ -188,5 +237,5 @@ def load_checkpoint(
         path = latest
     model_state = load_weights(path / MODEL_FILE, device=map_location)
     state_file = path / STATE_FILE
-    train_state = torch.load(state_file, map_location=map_location, weights_only=True) if state_file.is_file() else {}
+    train_state = load_train_state(state_file, map_location) if state_file.is_file() else {}
     return model_state, train_state

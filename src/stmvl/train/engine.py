@@ -7,16 +7,26 @@ The task owns the model, the data and the loss.
 
 Exact resume: the data position (epoch, batch in epoch) and every RNG state are saved with each checkpoint; a task
 whose batch order depends only on (seed, epoch) and whose randomness comes from the global RNGs reproduces, after
-`runtime.resume`, the losses of an uninterrupted run bit for bit on CPU.
+`runtime.resume`, the losses of an uninterrupted run bit for bit on CPU. A checkpoint that does not load is set aside
+(renamed `unreadable-step_...`, with a warning) and the previous one is used.
+
+A run folder belongs to one run: a fresh run (`runtime.resume` false) refuses a folder that holds another run's
+checkpoints or metrics unless `runtime.overwrite` is set, which deletes them first.
+
+Partial failure under DDP: the batches of each step and each evaluation are agreed on by every rank
+(`distributed.raise_if_any_failed`): an exception on one rank ends every rank at once with a message naming it;
+anything else that stalls a rank ends the others after `runtime.dist_timeout_s`.
+
+Progress and notices go to the `stmvl.train` loggers; commands install a handler that prints them.
 """
 
 from __future__ import annotations
 
 import contextlib
-import time
+import logging
 import math
 import random
-import sys
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,13 +40,15 @@ from torch.nn.parallel import DistributedDataParallel
 from stmvl.config import RunConfig, save_config
 from stmvl.errors import UserError
 from stmvl.train import distributed as D
-from stmvl.train.checkpoint import (MODEL_FILE, STATE_FILE, latest_checkpoint, load_checkpoint, load_weights,
-                                    save_checkpoint)
-from stmvl.train.logging import MetricsWriter, Progress, truncate_metrics
+from stmvl.train.checkpoint import (MODEL_FILE, STATE_FILE, list_checkpoints, load_checkpoint, load_weights,
+                                    save_checkpoint, set_aside)
+from stmvl.train.logging import METRICS_FILE, MetricsWriter, Progress, truncate_metrics
 from stmvl.train.optim import build_optimizer, default_param_groups
 from stmvl.train.flops import count_flops, matmul_peak, mfu
 from stmvl.train.precision import resolve as resolve_run_precision
 from stmvl.train.schedule import WarmupCosineSchedule
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "Task",
@@ -44,6 +56,9 @@ __all__ = [
     "Trainer",
     "NonFiniteLossError",
     "ResumeError",
+    "RunFolderInUseError",
+    "BadSampleBoundError",
+    "GradScalerError",
     "unwrap_model",
     "resolve_precision",
     "seed_everything",
@@ -59,6 +74,28 @@ class ResumeError(UserError):
 
 class NonFiniteLossError(RuntimeError):
     """Raised when more than `optim.max_nonfinite_steps` steps had a non-finite loss or gradient."""
+
+
+class GradScalerError(NonFiniteLossError):
+    """fp16: the grad scaler skipped more than `optim.max_consecutive_skips` optimizer steps in a row (the gradients
+    stay non-finite however far the scale is lowered)."""
+
+
+class RunFolderInUseError(UserError):
+    """A fresh run was pointed at a folder holding another run's checkpoints or metrics."""
+
+
+class BadSampleBoundError(UserError):
+    """More than data.max_bad_fraction of the media loads failed, counted over every rank."""
+
+
+MIN_LOADS_FOR_BOUND = 20  # as the per-process guard: one early failure must not stop a run
+
+# Left by a previous run in its folder; a fresh run refuses them unless runtime.overwrite deletes them.
+RUN_ARTIFACTS = ("checkpoints", METRICS_FILE, "tensorboard")
+# What a training checkpoint's state file must hold for a resume.
+_STATE_KEYS = ("global_step", "epoch", "batch_in_epoch", "optimizer", "schedule", "scaler", "rng", "nonfinite_steps",
+               "best")
 
 
 @runtime_checkable
@@ -212,6 +249,8 @@ class Trainer:
         self.callbacks = list(callbacks)
         self.global_step = 0
         self.nonfinite_steps = 0
+        self.skipped_steps = 0  # optimizer steps that left the weights unchanged (non-finite, or the fp16 scaler's)
+        self.consecutive_skips = 0  # fp16: steps the grad scaler skipped in a row
         self.step_flops: dict[tuple, int] = {}  # FLOPs of one optimizer step per step kind (see _step_kind)
         # work done by this rank in this process (runtime.count_flops): training steps and evaluations
         self.flops: dict[str, int] = {"train": 0, "eval": 0}
@@ -224,12 +263,13 @@ class Trainer:
         rt, o = self.cfg.runtime, self.cfg.optim
         if rt.threads:
             torch.set_num_threads(rt.threads)
-        self.dist = D.init_distributed(rt.backend, rt.device)
+        self.dist = D.init_distributed(rt.backend, rt.device, rt.dist_timeout_s)
         self.device = self.dist.device
+        self._claim_run_dir()
         chosen = resolve_run_precision(o.precision, self.device)
         self.precision, self.precision_reason = chosen.name, chosen.reason
         if self.dist.is_main:
-            print(f"[engine] precision {self.precision} ({chosen.reason})", file=sys.stderr)
+            log.info("[engine] precision %s (%s)", self.precision, chosen.reason)
         self.ctx = TrainContext(
             cfg=self.cfg, run_dir=self.run_dir, device=self.device, rank=self.dist.rank,
             world_size=self.dist.world_size, local_rank=self.dist.local_rank, precision=self.precision,
@@ -262,6 +302,48 @@ class Trainer:
         if self.dist.is_main:
             save_config(self.cfg, self.run_dir / "config.yaml",
                         header=f"optim.precision {self.cfg.optim.precision} -> {self.precision}: {self.precision_reason}")
+
+    def _previous_run(self) -> list[str]:
+        """What another run left in the run folder: checkpoint folders (complete or not) and a metrics file."""
+        found = []
+        ckpts = self.run_dir / "checkpoints"
+        if ckpts.is_dir():
+            names = sorted(p.name for p in ckpts.iterdir() if "step_" in p.name)
+            if names:
+                found.append(f"{len(names)} checkpoint folder(s) under checkpoints/, newest {names[-1]}")
+        metrics = self.run_dir / METRICS_FILE
+        if metrics.is_file() and metrics.stat().st_size > 0:
+            found.append(METRICS_FILE)
+        return found
+
+    def _claim_run_dir(self) -> None:
+        """A fresh run must not mix with another run's checkpoints and metrics (keep-last-N would prune the new ones,
+        a later resume would pick the old ones): refuse, or with runtime.overwrite delete them first. Rank 0 decides
+        for every rank."""
+        rt = self.cfg.runtime
+        error: Exception | None = None
+        if self.dist.is_main and not rt.resume:
+            previous = self._previous_run()
+            if previous and rt.overwrite:
+                log.warning("[engine] runtime.overwrite: deleting the previous run's %s in %s", "; ".join(previous),
+                            self.run_dir)
+                self._clear_previous_run()
+            elif previous:
+                error = RunFolderInUseError(
+                    f"{self.run_dir} already holds another run ({'; '.join(previous)}): continue it with --resume "
+                    "(runtime.resume=true), choose a new folder with --out, or pass --overwrite "
+                    "(runtime.overwrite=true) to delete its checkpoints and metrics first")
+        D.raise_if_any_failed(error, "the run folder check", self.device)
+
+    def _clear_previous_run(self) -> None:
+        import shutil
+
+        for name in RUN_ARTIFACTS:
+            path = self.run_dir / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
 
     def _frozen_names(self) -> tuple[str, ...]:
         declared = getattr(self.task, "frozen_submodules", None)
@@ -346,7 +428,7 @@ class Trainer:
         hook = default_hooks.bf16_compress_hook if kind == "bf16" else default_hooks.fp16_compress_hook
         ddp.register_comm_hook(state=None, hook=hook)
         if self.dist.is_main:
-            print(f"[engine] DDP gradients are all-reduced in {kind}", file=sys.stderr)
+            log.info("[engine] DDP gradients are all-reduced in %s", kind)
 
     # ------------------------------------------------------------------------------------------ checkpoints
     def _train_state(self) -> dict[str, Any]:
@@ -364,6 +446,8 @@ class Trainer:
             "batches_per_epoch": self.batches_per_epoch,
             "grad_accum": self.cfg.optim.grad_accum,
             "nonfinite_steps": self.nonfinite_steps,
+            "skipped_steps": self.skipped_steps,
+            "consecutive_skips": self.consecutive_skips,
             "best": dict(self.best),
             "task": task_state,
         }
@@ -394,17 +478,61 @@ class Trainer:
             raise RuntimeError(f"weights in {source} do not match the model: missing {missing[:10]} "
                                f"({len(missing)}), unexpected {unexpected[:10]} ({len(unexpected)})")
 
-    def _chosen_checkpoint(self) -> Path | None:
-        """Rank 0's latest checkpoint, the same on every rank (node-local folders could otherwise disagree)."""
-        found = latest_checkpoint(self.run_dir) if self.dist.is_main else None
-        chosen = D.broadcast_object(None if found is None else str(found))
+    def _newest_loadable_checkpoint(self) -> tuple[Path, dict, dict] | None:
+        """(folder, model state, train state) of the newest checkpoint that loads, or None when there is none.
+
+        A newer checkpoint that does not load (truncated weights, a torn state file, keys missing) is skipped with a
+        warning naming it and why, and once an older one loads, set aside as `unreadable-step_...` so that neither the
+        next resume nor keep-last-N mistakes it for part of the run. When none loads: ResumeError listing them all.
+        """
+        skipped: list[tuple[Path, str]] = []
+        for _, folder in reversed(list_checkpoints(self.run_dir)):
+            try:
+                model_state, st = load_checkpoint(folder, map_location="cpu")
+                missing = [k for k in _STATE_KEYS if k not in st]
+                if missing:
+                    raise UserError(f"{folder / STATE_FILE}: no {', '.join(missing)} (not a training checkpoint)")
+            except UserError as exc:  # CorruptWeightsError, CorruptCheckpointError, the check above
+                reason = " ".join(str(exc).split())
+                log.warning("[engine] resume: skipping checkpoint %s, it does not load: %s", folder.name, reason)
+                skipped.append((folder, reason))
+                continue
+            for bad, _ in skipped:
+                moved = set_aside(bad)
+                log.warning("[engine] resume: %s set aside as %s; resuming from the older %s", bad.name, moved.name,
+                            folder.name)
+            return folder, model_state, st
+        if skipped:
+            listing = "; ".join(f"{folder.name}: {reason}" for folder, reason in skipped)
+            raise ResumeError(f"cannot resume from {self.run_dir}: no checkpoint loads ({listing}); start a new run "
+                              "with a new --out, or without --resume and with --overwrite to discard them")
+        return None
+
+    def _chosen_checkpoint(self) -> tuple[Path, dict, dict] | None:
+        """Rank 0's newest loadable checkpoint, loaded on every rank (node-local folders could otherwise disagree)."""
+        found, error = None, None
+        if self.dist.is_main:
+            try:
+                found = self._newest_loadable_checkpoint()
+            except UserError as exc:
+                error = exc
+        D.raise_if_any_failed(error, "choosing the checkpoint to resume from", self.device)
+        chosen = D.broadcast_object(None if found is None else str(found[0]))
         if chosen is None:
             return None
-        path = Path(chosen)
-        if not (path / STATE_FILE).is_file():
-            raise ResumeError(f"rank {self.dist.rank} cannot read checkpoint {path} that rank 0 resumes from: every "
-                              "node must see the same run folder (a shared file system, or copy it to each node)")
-        return path
+        if found is not None:
+            return found
+        path, loaded = Path(chosen), None
+        try:
+            if not (path / STATE_FILE).is_file():
+                raise ResumeError(f"rank {self.dist.rank} cannot read checkpoint {path} that rank 0 resumes from: "
+                                  "every node must see the same run folder (a shared file system, or copy it to "
+                                  "each node)")
+            loaded = (path, *load_checkpoint(path, map_location="cpu"))
+        except UserError as exc:
+            error = exc
+        D.raise_if_any_failed(error, f"loading checkpoint {path.name}", self.device)
+        return loaded
 
     def _check_resume_geometry(self, st: dict[str, Any], ckpt: Path) -> None:
         """Refuse a resume whose epoch is cut into other batches than the checkpoint's (see ResumeError)."""
@@ -421,13 +549,14 @@ class Trainer:
                 "grad_accum) of the checkpoint, or start a new run with runtime.init_from pointing at it")
 
     def _resume(self) -> bool:
-        ckpt = self._chosen_checkpoint()
-        if ckpt is None:
+        chosen = self._chosen_checkpoint()
+        if chosen is None:
             if self.dist.is_main:
-                print(f"[engine] resume: no checkpoint in {self.run_dir}/checkpoints, starting from scratch",
-                      file=sys.stderr)
+                # metrics of an attempt that died before its first checkpoint would mix with this run's
+                truncate_metrics(self.run_dir, 0)
+                log.info("[engine] resume: no checkpoint in %s, starting from scratch", self.run_dir / "checkpoints")
             return False
-        model_state, st = load_checkpoint(ckpt, map_location="cpu")
+        ckpt, model_state, st = chosen
         self._check_resume_geometry(st, ckpt)
         self._load_model_state(model_state, ckpt)
         self.optimizer.load_state_dict(st["optimizer"])
@@ -435,6 +564,8 @@ class Trainer:
         self.scaler.load_state_dict(st["scaler"])
         self.global_step, self.epoch, self.batch_in_epoch = st["global_step"], st["epoch"], st["batch_in_epoch"]
         self.nonfinite_steps = st["nonfinite_steps"]
+        self.skipped_steps = int(st.get("skipped_steps", 0))  # absent in checkpoints written before it was counted
+        self.consecutive_skips = int(st.get("consecutive_skips", 0))
         self.best = dict(st["best"])
         if hasattr(self.task, "load_state_dict"):
             self.task.load_state_dict(st["task"])
@@ -447,12 +578,12 @@ class Trainer:
             # per-rank RNG streams (dropout) cannot be continued; reseed them reproducibly.
             seed_everything(self.cfg.runtime.seed + self.dist.rank + 1000003 * self.global_step)
             if self.dist.is_main:
-                print(f"[engine] resume: checkpoint has {len(rng)} ranks, run has {self.dist.world_size}: same "
-                      "samples per step and schedule; RNG streams reseeded (dropout draws differ)", file=sys.stderr)
+                log.warning("[engine] resume: checkpoint has %d ranks, run has %d: same samples per step and "
+                            "schedule; RNG streams reseeded (dropout draws differ)", len(rng), self.dist.world_size)
         if self.dist.is_main:
             truncate_metrics(self.run_dir, self.global_step)
-            print(f"[engine] resumed from {ckpt} (step {self.global_step}, epoch {self.epoch + 1}, batch "
-                  f"{self.batch_in_epoch})", file=sys.stderr)
+            log.info("[engine] resumed from %s (step %d, epoch %d, batch %d)", ckpt, self.global_step, self.epoch + 1,
+                     self.batch_in_epoch)
         return True
 
     def _init_weights(self, source: str) -> None:
@@ -481,6 +612,36 @@ class Trainer:
                     f"task.train_batches(epoch={self.epoch}) ran out of batches before steps_per_epoch="
                     f"{self.batches_per_epoch}") from None
         return out
+
+    def _agreed_micro_batches(self, it: Iterator[Any], count: int) -> list[Any]:
+        """The next step's micro-batches, agreed by every rank: an exception in one rank's data path (a decoder
+        crash, the bad-sample bound) stops every rank now with a message naming it, instead of leaving the healthy
+        ranks blocked in the step's gradient all-reduce. The task's bad-sample counts (optional hook
+        `bad_samples() -> (failures, loads)` on this rank) are summed in the same all-reduce and bounded globally."""
+        from stmvl.data.quarantine import TooManyBadSamples
+
+        micro, error = [], None
+        try:
+            micro = self._micro_batches(it, count)
+        except Exception as exc:  # noqa: BLE001 - every kind of failure must reach the other ranks
+            error = exc
+        hook = getattr(self.task, "bad_samples", None)
+        counts = tuple(hook()) if hook is not None and error is None else (0, 0)
+        failures, loads = D.raise_if_any_failed(error, f"step {self.global_step + 1} (loading its batches)",
+                                                self.device, counts=counts,
+                                                user_errors=(UserError, TooManyBadSamples))
+        if hook is not None:
+            self._check_bad_samples(int(failures), int(loads))
+        return micro
+
+    def _check_bad_samples(self, failures: int, loads: int) -> None:
+        """data.max_bad_fraction over every rank's loads (the same totals, so the same decision, on every rank)."""
+        bound = self.cfg.data.max_bad_fraction
+        if loads >= MIN_LOADS_FOR_BOUND and failures / loads > bound:
+            raise BadSampleBoundError(
+                f"{failures} of {loads} media loads failed over {self.dist.world_size} rank(s) "
+                f"({failures / loads:.1%} > data.max_bad_fraction {bound:.1%}); the broken files are listed in "
+                f"{self.run_dir / 'quarantine.jsonl'}; run `stmvl check-data` on the annotations")
 
     def _forward_backward(self, batches: list[Any]) -> dict[str, torch.Tensor]:
         sums: dict[str, torch.Tensor] = {}
@@ -538,28 +699,53 @@ class Trainer:
         skip decision), the learning rate and `skipped` as floats."""
         self.optimizer.zero_grad(set_to_none=True)
         means = self._forward_backward(batches)
-        if self.scaler.is_enabled():
+        scaling = self.scaler.is_enabled()
+        if scaling:
             self.scaler.unscale_(self.optimizer)
         grad_norm = self._grad_norm()
-        ok = torch.isfinite(means["loss"])
-        if not self.scaler.is_enabled():  # fp16 overflows are the scaler's business (it skips, lowers the scale)
-            ok = ok & torch.isfinite(grad_norm.to(ok.device))
-        bad = D.any_rank(~ok)  # the one read-back of a step: every rank must agree on skipping
+        loss = means["loss"].reshape(())
+        # the one read-back of a step, agreed by every rank: a non-finite loss, and non-finite gradients (under fp16
+        # the scaler's overflow: the inf/nan it finds in the unscaled gradients make their norm non-finite)
+        bad_loss, bad_grads = D.any_rank_each(torch.stack([~torch.isfinite(loss),
+                                                           ~torch.isfinite(grad_norm.to(loss.device))]))
         lr = self.optimizer.param_groups[0]["lr"]
-        if bad:
-            self._count_nonfinite(float(means["loss"]), float(grad_norm))
-            if self.scaler.is_enabled():
+        if bad_loss or (bad_grads and not scaling):
+            self._count_nonfinite(float(loss), float(grad_norm))
+            if scaling:
                 self.scaler.update()
-        elif self.scaler.is_enabled():
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
+            skipped = True
+        elif scaling:
+            self.scaler.step(self.optimizer)  # skips the update itself when the gradients overflowed
+            self.scaler.update()  # halves the scale after an overflow
+            skipped = bad_grads
+            self._count_scaler_skip(bad_grads)
         else:
             self.optimizer.step()
+            skipped = False
+        self.skipped_steps += int(skipped)
         self.optimizer.zero_grad(set_to_none=True)
         self.schedule.step()
         metrics: dict[str, Any] = {k: v.detach() for k, v in means.items()}
-        metrics.update(lr=lr, grad_norm=grad_norm.detach(), skipped=float(bad))
+        metrics.update(lr=lr, grad_norm=grad_norm.detach(), skipped=float(skipped))
         return metrics
+
+    def _count_scaler_skip(self, skipped: bool) -> None:
+        """fp16: the scaler skips a step whose gradients overflowed and halves its scale; a few skips while it finds
+        its scale are normal, a long series means the gradients are non-finite at any scale: stop instead of halving
+        the scale forever."""
+        if not skipped:
+            self.consecutive_skips = 0
+            return
+        self.consecutive_skips += 1
+        limit = self.cfg.optim.max_consecutive_skips
+        log.debug("[engine] step %d: fp16 gradients overflowed, the grad scaler skipped it (%d in a row)",
+                  self.global_step + 1, self.consecutive_skips)
+        if self.consecutive_skips > limit:
+            raise GradScalerError(
+                f"the fp16 grad scaler skipped {self.consecutive_skips} optimizer steps in a row (steps "
+                f"{self.global_step + 2 - self.consecutive_skips} to {self.global_step + 1}: non-finite gradients, "
+                f"scale now {self.scaler.get_scale():.3g}), more than optim.max_consecutive_skips={limit}: lower "
+                "optim.lr, set optim.clip_grad, use optim.precision=bf16 or fp32, or check the data")
 
     @staticmethod
     def _step_kind(batches: list[Any]) -> tuple:
@@ -599,8 +785,8 @@ class Trainer:
         self.nonfinite_steps += 1
         limit = self.cfg.optim.max_nonfinite_steps
         if self.dist.is_main:
-            print(f"[engine] step {self.global_step + 1}: non-finite loss {loss} / grad norm {grad_norm}: step "
-                  f"skipped ({self.nonfinite_steps} of at most {limit})", file=sys.stderr)
+            log.warning("[engine] step %d: non-finite loss %s / grad norm %s: step skipped (%d of at most %d)",
+                        self.global_step + 1, loss, grad_norm, self.nonfinite_steps, limit)
         if self.nonfinite_steps > limit:
             raise NonFiniteLossError(
                 f"{self.nonfinite_steps} optimizer steps had a non-finite loss or gradient (last: step "
@@ -617,20 +803,28 @@ class Trainer:
             rate = progress.log(self.global_step, self.epoch, self.num_epochs,
                                 {k: v for k, v in means.items()
                                  if k in ("loss", "lr", "clips_per_s", "mfu") or k.startswith("loss_")})
-            self.writer.write(self.global_step, {"epoch": self.epoch, **means, "steps_per_s": rate})
+            self.writer.write(self.global_step, {"epoch": self.epoch, **means, "steps_per_s": rate,
+                                                 "skipped_steps": self.skipped_steps})
 
     def _evaluate(self, epoch: int) -> dict[str, Any]:
         evaluate = getattr(self.task, "evaluate", None)
         if evaluate is None:
             return {}
         self.model.eval()
-        with torch.no_grad():
-            if self.cfg.runtime.count_flops:
-                box: dict[str, Any] = {}
-                self.flops["eval"] += count_flops(lambda: box.update(results=evaluate(self.model, epoch)))
-                results = _flatten(box["results"] or {})
-            else:
-                results = _flatten(evaluate(self.model, epoch) or {})
+        results, error = {}, None
+        try:
+            with torch.no_grad():
+                if self.cfg.runtime.count_flops:
+                    box: dict[str, Any] = {}
+                    self.flops["eval"] += count_flops(lambda: box.update(results=evaluate(self.model, epoch)))
+                    results = _flatten(box["results"] or {})
+                else:
+                    results = _flatten(evaluate(self.model, epoch) or {})
+        except Exception as exc:  # noqa: BLE001 - a failure on one rank must stop all of them together
+            error = exc
+        # agreed after the evaluation: a rank that failed between the evaluator's own collectives reaches this point
+        # while the others wait in one of those, and runtime.dist_timeout_s bounds that wait
+        D.raise_if_any_failed(error, f"the evaluation after epoch {epoch + 1}", self.device)
         self._set_train_mode()
         self.last_eval = results
         if self.dist.is_main:
@@ -690,7 +884,8 @@ class Trainer:
                 self.writer.close()
         return {"global_step": self.global_step, "run_dir": str(self.run_dir),
                 "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
-                "eval": self.last_eval, "best": dict(self.best), "flops": dict(self.flops)}
+                "eval": self.last_eval, "best": dict(self.best), "flops": dict(self.flops),
+                "skipped_steps": self.skipped_steps}
 
     def _train_loop(self) -> None:
         rt, accum = self.cfg.runtime, self.cfg.optim.grad_accum
@@ -704,7 +899,7 @@ class Trainer:
             while not end_of_epoch and self.global_step < self.total_steps:
                 n_micro = min(accum, self.batches_per_epoch - step_in_epoch * accum)
                 waited = time.perf_counter()
-                micro = self._micro_batches(batches, n_micro)
+                micro = self._agreed_micro_batches(batches, n_micro)
                 computed = time.perf_counter()
                 metrics, step_flops, counted = self._counted_step(micro)
                 self.flops["train"] += step_flops

@@ -1,12 +1,14 @@
 """Run logging on rank 0: metrics as JSON lines, optional TensorBoard, and a plain-text progress line.
 
-The progress line is written to stderr as ordinary lines (no carriage returns, no tqdm), so it reads the same in a
-terminal, a log file and a batch system's output.
+The progress line is an ordinary line (no carriage returns, no tqdm), so it reads the same in a terminal, a log file
+and a batch system's output. It goes to the `stmvl.train.progress` logger (INFO); commands show it, and the engine's
+notices, with the handler of `console_logging()`.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import sys
@@ -14,7 +16,24 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
-__all__ = ["MetricsWriter", "Progress", "format_duration", "read_metrics", "truncate_metrics"]
+__all__ = ["MetricsWriter", "Progress", "console_logging", "format_duration", "read_metrics", "truncate_metrics"]
+
+progress_log = logging.getLogger("stmvl.train.progress")
+
+
+def console_logging(level: int = logging.INFO, stream: TextIO | None = None) -> logging.Handler:
+    """Show stmvl's log records (the engine's progress lines and notices) as plain lines on `stream` (stderr).
+    For commands and scripts; idempotent (a second call returns the handler installed by the first)."""
+    logger = logging.getLogger("stmvl")
+    for handler in logger.handlers:
+        if getattr(handler, "_stmvl_console", False):
+            return handler
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    handler._stmvl_console = True  # type: ignore[attr-defined]
+    logger.addHandler(handler)
+    logger.setLevel(level)
+    return handler
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -96,13 +115,14 @@ def truncate_metrics(run_dir: str | os.PathLike, last_step: int) -> int:
 
 
 class Progress:
-    """Prints `[tag] epoch e/E step s/S | key value ... | r it/s | elapsed | eta` lines."""
+    """Logs `[tag] epoch e/E step s/S | key value ... | r it/s | elapsed | eta` lines (to the
+    `stmvl.train.progress` logger, or to `stream` when one is given)."""
 
     def __init__(self, total_steps: int, start_step: int = 0, tag: str = "train", stream: TextIO | None = None,
                  enabled: bool = True) -> None:
         self.total = total_steps
         self.tag = tag
-        self.stream = stream or sys.stderr
+        self.stream = stream
         self.enabled = enabled
         self._t0 = time.perf_counter()
         self._start_step = start_step
@@ -130,7 +150,11 @@ class Progress:
     def log(self, step: int, epoch: int, epochs: int, metrics: dict[str, float]) -> float:
         rate = self.rate(step)
         if self.enabled:
-            print(self.line(step, epoch, epochs, metrics, rate), file=self.stream, flush=True)
+            line = self.line(step, epoch, epochs, metrics, rate)
+            if self.stream is not None:
+                print(line, file=self.stream, flush=True)
+            else:
+                progress_log.info(line)
         return rate
 
 
