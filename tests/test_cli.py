@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import dataclasses
 import json
 import logging
 import subprocess
@@ -395,3 +396,46 @@ def test_other_failures_name_their_file_not_a_traceback(corrupt_dir, capsys):
 def test_demo_follows_the_rule(capsys):
     assert main(["demo", "--seeds", "0"]) == 2
     assert _err_lines(capsys) == ["stmvl demo: error: --seeds must be at least 1"]
+
+
+def test_library_modules_report_through_logging_not_print():
+    """No print() in the library outside the command layer (data/ and train/ report through their own loggers and
+    progress streams; demo.py is a command; api.py's search() is checked with the search cache)."""
+    skip = ("cli.py", "demo.py", "api.py")
+    printing = []
+    for path in SRC.rglob("*.py"):
+        rel = path.relative_to(SRC).as_posix()
+        if rel in skip or rel.startswith(("commands/", "data/", "train/")):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "print":
+                printing.append(f"{rel}:{node.lineno}")
+    assert printing == []
+
+
+def test_library_notes_are_logged_and_shown_by_the_command(model_dir, tmp_path, caplog, capsys):
+    """load_model's note about a folder without teacher weights is a log record (no stderr from the library);
+    under a command the one handler shows it as `stmvl <command>: ...`."""
+    from safetensors.torch import load_file, save_file
+
+    from stmvl.api import load_model
+
+    cfg = dataclasses.replace(_tiny(), loss=LossConfig(mlm=0.0))  # MVM on: a teacher is built
+    full = save_model(STMModel(cfg), cfg, tmp_path / "full", extra={"inference": {"num_frames": 2, "img_size": 32}})
+    slim = tmp_path / "slim"
+    slim.mkdir()
+    save_file({k: v for k, v in load_file(full / "model.safetensors").items() if not k.startswith("teacher.")},
+              slim / "model.safetensors")
+    (slim / "config.json").write_bytes((full / "config.json").read_bytes())
+    logging.getLogger("stmvl").handlers = [h for h in logging.getLogger("stmvl").handlers
+                                           if not getattr(h, "_stmvl_console", False)]
+    with caplog.at_level(logging.INFO, logger="stmvl"):
+        model = load_model(slim)
+    assert not model.teacher_loaded and capsys.readouterr().err == ""
+    assert any("'teacher' tensors not in the checkpoint" in r.getMessage() and r.name == "stmvl.api"
+               for r in caplog.records)
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    assert main(["search", "--checkpoint", str(slim), "--videos", str(videos), "a query"]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert f"stmvl search: {slim}: " in err[0] and "'teacher' tensors not in the checkpoint" in err[0], err

@@ -123,19 +123,19 @@ class _CommandFormatter(logging.Formatter):
         return self.prefix + level + record.getMessage()
 
 
-_HANDLER: _StderrHandler | None = None
-
-
 def configure_logging(name: str) -> None:
     """Library messages (the ``stmvl`` loggers, INFO and up) go to stderr as ``stmvl <command>: message``.
 
-    Set up once per process; a later command in the same process only changes the prefix.
+    One handler per process, shared with ``stmvl.train.logging.console_logging`` (both mark it ``_stmvl_console``,
+    so neither adds a second one and no line is printed twice); a later command in the same process only changes
+    the prefix.
     """
-    global _HANDLER
     logger = logging.getLogger("stmvl")
-    if _HANDLER is None:
-        _HANDLER = _StderrHandler()
-        logger.addHandler(_HANDLER)
-    _HANDLER.setFormatter(_CommandFormatter(name))
+    handler = next((h for h in logger.handlers if getattr(h, "_stmvl_console", False)), None)
+    if handler is None:
+        handler = _StderrHandler()
+        handler._stmvl_console = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
+    handler.setFormatter(_CommandFormatter(name))
     if logger.level == logging.NOTSET or logger.level > logging.INFO:
         logger.setLevel(logging.INFO)

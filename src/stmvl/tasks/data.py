@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -17,8 +18,10 @@ from stmvl.data.transforms import to_float
 SYNTHETIC_MARKER = "manifest.json"
 
 
-def ensure_synthetic_corpus(cfg: RunConfig, log=print) -> Path | None:
-    """Generate the synthetic corpus of `data.synthetic` unless it is already there (same seed and sizes)."""
+def ensure_synthetic_corpus(cfg: RunConfig, log=None) -> Path | None:
+    """Generate the synthetic corpus of `data.synthetic` unless it is already there (same seed and sizes).
+    `log(message)` reports progress (default: this module's logger)."""
+    log = log or logging.getLogger(__name__).info
     syn = cfg.data.synthetic
     if not syn.enabled:
         return None
@@ -27,11 +30,11 @@ def ensure_synthetic_corpus(cfg: RunConfig, log=print) -> Path | None:
     root = Path(syn.dir)
     if (root / SYNTHETIC_MARKER).exists():
         return root
-    log(f"[stmvl] writing the synthetic corpus to {root} ({syn.num_train} train / {syn.num_test} test / "
+    log(f"writing the synthetic corpus to {root} ({syn.num_train} train / {syn.num_test} test / "
         f"{syn.num_probe} probe clips, {syn.size}px, {syn.frames} frames)")
     manifest = generate_corpus(root, seed=syn.seed, train=syn.num_train, test=syn.num_test, probe=syn.num_probe,
                                size=syn.size, frames=syn.frames)
-    log(f"[stmvl] synthetic corpus written in {manifest['seconds']:.1f}s")
+    log(f"synthetic corpus written in {manifest['seconds']:.1f}s")
     return root
 
 

@@ -76,8 +76,8 @@ class InitReport:
     loaded: int = 0
 
     def lines(self) -> list[str]:
-        head = f"[finetune] initialised from {self.source}: {self.loaded} tensors loaded strictly"
-        return [head] + [f"[finetune]   dropped '{g}' ({n} tensors): {self.reasons[g]}" for g, n in self.dropped.items()]
+        head = f"initialised from {self.source}: {self.loaded} tensors loaded strictly"
+        return [head] + [f"  dropped '{g}' ({n} tensors): {self.reasons[g]}" for g, n in self.dropped.items()]
 
 
 def _checkpoint_config(checkpoint: str | Path) -> tuple[Path, ModelConfig]:
