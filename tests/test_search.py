@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from stmvl.api import load_model, read_clip, search, video_features
+from stmvl.api import SearchCache, load_model, read_clip, search, video_features
 from stmvl.commands.search import search_main
 from stmvl.data.synth import caption_key, generate_corpus
 from stmvl.data.transforms import EvalTransform, to_float
@@ -101,7 +101,7 @@ def _unique_records(records: list[dict]) -> list[dict]:
     return [r for r, k in zip(records, keys) if keys.count(k) == 1]
 
 
-def test_search_ranks_matching_clip_first_skips_corrupt_and_reuses_cache(trained, capsys):
+def test_search_ranks_matching_clip_first_skips_corrupt_and_reuses_cache(trained, caplog):
     model_dir, videos, records, losses = trained
     assert losses[-1] < 0.2 * losses[0], f"training did not learn: {losses[0]:.3f} -> {losses[-1]:.3f}"
     model = load_model(model_dir)
@@ -116,7 +116,7 @@ def test_search_ranks_matching_clip_first_skips_corrupt_and_reuses_cache(trained
     cold = time.perf_counter() - started
     assert first.embedded == total and first.cached == 0
     assert [(Path(s.path).name, s.reason) for s in first.skipped] == [("corrupt.mp4", "undecodable")]
-    assert "corrupt.mp4" in capsys.readouterr().err
+    assert "stmvl search: skipped" in caplog.text and "corrupt.mp4: undecodable" in caplog.text
 
     started = time.perf_counter()
     results = [search(model, videos, t["caption"], top=total, rerank=False) for t in targets]
@@ -208,3 +208,96 @@ def test_a_corrupt_model_file_is_a_one_line_error(trained, tmp_path, capsys):
     assert search_main(["--checkpoint", str(broken), "--videos", str(videos), "a red circle"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "model.safetensors: not a readable safetensors file" in err[0], err
+
+
+# --------------------------------------------------------------------------------------------------- cache hostile
+
+
+@pytest.fixture
+def small(trained, tmp_path):
+    """(model, a folder of 3 synthetic clips and one real clip, its cache): a folder of its own, so that its cache
+    can be damaged without touching the other tests'."""
+    model_dir, videos, _, _ = trained
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    for clip in sorted((videos / "synthetic").iterdir())[:3]:
+        shutil.copy(clip, folder / clip.name)
+    shutil.copy(videos / REAL_CLIPS[0], folder / REAL_CLIPS[0])
+    model = load_model(model_dir)
+    first = search(model, folder, "a red circle", top=4, rerank=True)
+    assert first.embedded == 4 and not first.skipped
+    yield model, folder, SearchCache(model, folder)
+    shutil.rmtree(SearchCache(model, folder).root, ignore_errors=True)
+
+
+def _snapshot(root: Path) -> dict[str, tuple[int, bytes]]:
+    return {str(p.relative_to(root)): (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(root.rglob("*"))
+            if p.is_file()}
+
+
+def test_no_cache_neither_writes_nor_deletes_the_real_cache(small):
+    model, folder, cache = small
+    before = _snapshot(cache.root)
+    assert len([name for name in before if name.startswith("tokens/")]) == 4
+    uncached = search(model, folder, "a red circle", top=4, rerank=True, cache=False)
+    assert uncached.embedded == 4 and uncached.cached == 0
+    assert _snapshot(cache.root) == before  # same files, bytes and mtimes
+    again = search(model, folder, "a red circle", top=4, rerank=True)
+    assert again.embedded == 0 and again.cached == 4  # the real cache still serves everything
+    assert [h.path for h in again] == [h.path for h in uncached]
+
+
+def test_a_truncated_tokens_file_is_re_embedded_not_a_crash(small):
+    model, folder, cache = small
+    reference = search(model, folder, "a red circle", top=4, rerank=True)
+    victim = cache.root / "tokens" / cache.entries[Path(reference[0].path).name].tokens_file
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    hits = search(model, folder, "a red circle", top=4, rerank=True)
+    assert hits.embedded == 1 and hits.cached == 3  # its size no longer matches the index
+    assert [(h.path, round(h.vtm, 3)) for h in hits] == [(h.path, round(h.vtm, 3)) for h in reference]
+
+
+def test_a_same_size_damaged_tokens_file_is_re_embedded_during_the_rerank(small, caplog):
+    model, folder, cache = small
+    reference = search(model, folder, "a red circle", top=4, rerank=True)
+    victim = cache.root / "tokens" / cache.entries[Path(reference[0].path).name].tokens_file
+    victim.write_bytes(b"\0" * victim.stat().st_size)  # same size: passes the validity check, fails to load
+    hits = search(model, folder, "a red circle", top=4, rerank=True)
+    assert f"stmvl search: cached tokens {victim} unreadable" in caplog.text
+    assert [(h.path, round(h.vtm, 3)) for h in hits] == [(h.path, round(h.vtm, 3)) for h in reference]
+    assert torch.load(victim, weights_only=True).dim() == 2  # written again
+
+
+def test_a_tampered_index_cannot_name_files_outside_the_cache(small, tmp_path, caplog):
+    model, folder, cache = small
+    outside = tmp_path / "precious.pt"
+    outside.write_bytes(b"keep me")
+    index = torch.load(cache.root / "index.pt", weights_only=True)
+    rel = sorted(index["entries"])[0]
+    escape = os.path.relpath(outside, cache.root / "tokens")
+    assert escape.startswith("..")
+    index["entries"][rel]["tokens_file"] = escape
+    torch.save(index, cache.root / "index.pt")
+    (folder / rel).unlink()  # the file left the folder: the old code deleted its entry's token file
+    hits = search(model, folder, "a red circle", top=4, rerank=True)
+    assert outside.read_bytes() == b"keep me"
+    assert "1 malformed entry dropped and re-embedded" in caplog.text
+    assert hits.embedded == 0 and hits.cached == 3 and len(hits) == 3
+    # an absolute name is refused the same way
+    index = torch.load(cache.root / "index.pt", weights_only=True)
+    rel = sorted(index["entries"])[0]
+    index["entries"][rel]["tokens_file"] = str(outside)
+    torch.save(index, cache.root / "index.pt")
+    assert search(model, folder, "a red circle", top=4, rerank=True).embedded == 1
+    assert outside.read_bytes() == b"keep me"
+
+
+def test_a_file_replaced_with_the_same_size_and_mtime_is_not_served_stale(small):
+    model, folder, _ = small
+    clip = sorted(p for p in folder.iterdir() if p.name != REAL_CLIPS[0])[0]
+    stat = clip.stat()
+    clip.write_bytes(bytes(range(256)) * (stat.st_size // 256) + b"\0" * (stat.st_size % 256))  # same size, garbage
+    os.utime(clip, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # and the old mtime
+    assert (clip.stat().st_size, clip.stat().st_mtime_ns) == (stat.st_size, stat.st_mtime_ns)
+    hits = search(model, folder, "a red circle", top=4, rerank=False)
+    assert hits.embedded == 1 and [(Path(s.path).name, s.reason) for s in hits.skipped] == [(clip.name, "undecodable")]

@@ -14,8 +14,10 @@ A training run folder is accepted too: its ``model/`` sub-folder is used.
 Search (:func:`search`) ranks every video of a folder by ITC (cosine of the query with each frame embedding, averaged
 over frames, the evaluator's similarity) and re-ranks the best ones by the VTM head's match probability. Video
 features are cached under ``<model folder>/search_cache/<hash of the folder and sampling>/``: ``index.pt`` holds, per
-file, the key ``(size, mtime_ns)``, the frame embeddings ``[T', E]`` (fp32) or the decode failure, and each video's
-tokens ``[n, D]`` (fp16, needed by VTM) sit in their own file so that only the re-ranked videos' tokens are read.
+file, its key (size, mtime_ns, ctime_ns, inode), the frame embeddings ``[T', E]`` (fp32) or the decode failure, and
+each video's tokens ``[n, D]`` (fp16, needed by VTM) sit in their own file (size recorded in the index) so that only
+the re-ranked videos' tokens are read. A token file that is missing, of another size or unreadable is re-embedded; an
+index entry whose token file name is not one the cache writes is dropped.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ import hashlib
 import json
 import logging
 import os
-import sys
+import re
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +44,7 @@ from stmvl.models.weights.core import WeightLoadError
 VIDEO_EXTENSIONS = (".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".mpg", ".mpeg", ".ogv", ".flv", ".wmv", ".3gp")
 DEFAULT_NUM_FRAMES = 4  # the zero-shot protocol of the recipes (README.md, Evaluation protocol)
 DEFAULT_SAMPLING = "middle"
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: file key with ctime and inode, token file sizes
 EMBED_BATCH = 8  # clips per forward pass while filling the cache
 TEACHER_GROUP = "teacher"
 INFERENCE_SAMPLINGS = ("middle", "rand", "fps")
@@ -271,40 +274,58 @@ class Skipped:
     detail: str = ""
 
 
+FileKey = tuple[int, int, int, int]
+_TOKENS_NAME = re.compile(r"^[0-9a-f]{20}\.pt$")  # the only names put() writes: a tampered index cannot name others
+
+
 @dataclass
 class _Entry:
-    size: int
-    mtime_ns: int
+    key: FileKey
     frames: torch.Tensor | None = None  # [T', E] fp32, L2-normalised frame embeddings
     tokens_file: str | None = None  # file name under the cache's tokens/ folder
+    tokens_size: int = -1  # its size in bytes when written
     failure: tuple[str, str] | None = None  # (reason, detail) of a file that did not decode
 
 
-def _file_key(path: Path) -> tuple[int, int]:
+def _file_key(path: Path) -> FileKey:
+    """(size, mtime_ns, ctime_ns, inode): free with the stat a listing makes anyway. Size and mtime alone miss a
+    file replaced by one of the same size whose mtime was set back (`cp -p`, `touch -r`, `os.utime`); ctime cannot
+    be set from user space and changes on every write, rename or utime, and a replacement file has a new inode. A
+    content hash would also catch these but reads every video on every search. The price: a chmod or a copy of the
+    folder re-embeds its videos (never a stale result)."""
     stat = path.stat()
-    return stat.st_size, stat.st_mtime_ns
+    return stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino
 
 
 def _weights_key(model_dir: Path) -> str:
     """Changes whenever the weights are rewritten, so a cache never outlives the model that filled it."""
-    size, mtime = _file_key(model_dir / "model.safetensors")
-    return f"{size}:{mtime}"
+    return ":".join(map(str, _file_key(model_dir / "model.safetensors")))
+
+
+def _tokens_name(rel: str) -> str:
+    return hashlib.sha1(rel.encode()).hexdigest()[:20] + ".pt"
 
 
 class SearchCache:
     """Per-folder video features next to the model: ``<model_dir>/search_cache/<digest>/{index.pt, tokens/*.pt}``.
 
-    The digest covers the folder's absolute path and the sampling settings; the index records the weights' size and
-    mtime and is discarded when they change. Entries are keyed by the path relative to the folder and are valid
-    while the file's (size, mtime_ns) is unchanged.
+    The digest covers the folder's absolute path and the sampling settings; the index records the weights' key and
+    is discarded when they change. Entries are keyed by the path relative to the folder and are valid while the
+    file's key (see `_file_key`) is unchanged and its token file is present with the size it was written with.
+
+    ``root`` puts the cache elsewhere without reading an existing index (``search(cache=False)`` uses a temporary
+    folder, so that nothing under the real cache's names is written or deleted).
     """
 
-    def __init__(self, model, folder: Path):
+    def __init__(self, model, folder: Path, root: Path | None = None):
         settings = model.inference
         ident = f"{folder.resolve()}|{settings.num_frames}|{settings.img_size}|{settings.sampling}|v{CACHE_VERSION}"
-        self.root = Path(model.model_dir) / "search_cache" / hashlib.sha1(ident.encode()).hexdigest()[:16]
         self.weights = _weights_key(Path(model.model_dir))
-        self.entries: dict[str, _Entry] = self._read_index()
+        if root is not None:
+            self.root, self.entries = Path(root), {}
+        else:
+            self.root = Path(model.model_dir) / "search_cache" / hashlib.sha1(ident.encode()).hexdigest()[:16]
+            self.entries: dict[str, _Entry] = self._read_index()
 
     def _read_index(self) -> dict[str, _Entry]:
         path = self.root / "index.pt"
@@ -313,29 +334,47 @@ class SearchCache:
         try:
             data = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as error:  # noqa: BLE001 - a damaged cache is rebuilt, and the user is told
-            print(f"stmvl search: cache {path} unreadable ({error}); rebuilding it", file=sys.stderr)
+            log.warning("stmvl search: cache %s unreadable (%s: %s); rebuilding it", path, type(error).__name__,
+                        " ".join(str(error).split())[:200])
             return {}
-        if data.get("version") != CACHE_VERSION or data.get("weights") != self.weights:
+        if not isinstance(data, dict) or data.get("version") != CACHE_VERSION or data.get("weights") != self.weights:
             return {}
-        return {rel: _Entry(e["size"], e["mtime_ns"], e.get("frames"), e.get("tokens_file"),
-                            tuple(e["failure"]) if e.get("failure") else None) for rel, e in data["entries"].items()}
+        entries, dropped = {}, []
+        for rel, raw in (data.get("entries") or {}).items():
+            entry = _parse_entry(raw)
+            if entry is None:
+                dropped.append(str(rel))
+            else:
+                entries[rel] = entry
+        if dropped:
+            log.warning("stmvl search: cache %s: %d malformed entr%s dropped and re-embedded (first: %s)", path,
+                        len(dropped), "y" if len(dropped) == 1 else "ies", dropped[0][:200])
+        return entries
 
-    def valid(self, rel: str, key: tuple[int, int]) -> bool:
+    def _tokens_path(self, entry: _Entry) -> Path:
+        return self.root / "tokens" / entry.tokens_file
+
+    def valid(self, rel: str, key: FileKey) -> bool:
         entry = self.entries.get(rel)
-        if entry is None or (entry.size, entry.mtime_ns) != key:
+        if entry is None or entry.key != key:
             return False
-        return entry.failure is not None or (self.root / "tokens" / entry.tokens_file).is_file()
+        if entry.failure is not None:
+            return True
+        path = self._tokens_path(entry)
+        return path.is_file() and path.stat().st_size == entry.tokens_size  # a truncated file is re-embedded
 
-    def put(self, rel: str, key: tuple[int, int], frames: torch.Tensor | None = None, tokens: torch.Tensor | None = None,
+    def put(self, rel: str, key: FileKey, frames: torch.Tensor | None = None, tokens: torch.Tensor | None = None,
             failure: tuple[str, str] | None = None) -> None:
         """Record a video's frame embeddings [T', E] and tokens [n, D] (stored fp16), or its decode failure."""
         self._drop_tokens(rel)
-        name = None
+        name, size = None, -1
         if tokens is not None:
-            name = hashlib.sha1(rel.encode()).hexdigest()[:20] + ".pt"
+            name = _tokens_name(rel)
             (self.root / "tokens").mkdir(parents=True, exist_ok=True)
-            _atomic_save(tokens.detach().to("cpu", torch.float16).contiguous(), self.root / "tokens" / name)
-        self.entries[rel] = _Entry(key[0], key[1], None if frames is None else frames.detach().float().cpu(), name, failure)
+            target = self.root / "tokens" / name
+            _atomic_save(tokens.detach().to("cpu", torch.float16).contiguous(), target)
+            size = target.stat().st_size
+        self.entries[rel] = _Entry(key, None if frames is None else frames.detach().float().cpu(), name, size, failure)
 
     def forget_except(self, keep: Iterable[str]) -> None:
         """Drop entries (and token files) of files that left the folder."""
@@ -346,18 +385,50 @@ class SearchCache:
 
     def _drop_tokens(self, rel: str) -> None:
         entry = self.entries.get(rel)
-        if entry is not None and entry.tokens_file:
-            (self.root / "tokens" / entry.tokens_file).unlink(missing_ok=True)
+        if entry is not None and entry.tokens_file:  # a plain name under tokens/ (checked when the index was read)
+            self._tokens_path(entry).unlink(missing_ok=True)
 
-    def tokens(self, rel: str) -> torch.Tensor:
-        """Cached tokens [n, D] (fp16) of a video."""
-        return torch.load(self.root / "tokens" / self.entries[rel].tokens_file, map_location="cpu", weights_only=True)
+    def tokens(self, rel: str) -> torch.Tensor | None:
+        """Cached tokens [n, D] (fp16) of a video, or None (with a warning) when the file does not load."""
+        path = self._tokens_path(self.entries[rel])
+        try:
+            tokens = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # noqa: BLE001 - a damaged cache file is re-embedded, never a crash
+            log.warning("stmvl search: cached tokens %s unreadable (%s); re-embedding %s", path,
+                        type(error).__name__, rel)
+            return None
+        if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2:
+            log.warning("stmvl search: cached tokens %s hold no [n, D] tensor; re-embedding %s", path, rel)
+            return None
+        return tokens
 
     def save(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
-        entries = {rel: {"size": e.size, "mtime_ns": e.mtime_ns, "frames": e.frames, "tokens_file": e.tokens_file,
-                         "failure": list(e.failure) if e.failure else None} for rel, e in self.entries.items()}
+        entries = {rel: {"key": list(e.key), "frames": e.frames, "tokens_file": e.tokens_file,
+                         "tokens_size": e.tokens_size, "failure": list(e.failure) if e.failure else None}
+                   for rel, e in self.entries.items()}
         _atomic_save({"version": CACHE_VERSION, "weights": self.weights, "entries": entries}, self.root / "index.pt")
+
+
+def _parse_entry(raw) -> _Entry | None:
+    """An index entry, or None when it is malformed: wrong types, or a token file name that is not a plain name
+    put() could have written (no separators, no '..'), so that no later unlink can reach outside tokens/."""
+    try:
+        key = tuple(int(v) for v in raw["key"])
+        frames, name, size, failure = raw.get("frames"), raw.get("tokens_file"), int(raw["tokens_size"]), raw["failure"]
+    except (TypeError, KeyError, ValueError):
+        return None
+    if len(key) != 4:
+        return None
+    if failure is not None:
+        if not (isinstance(failure, (list, tuple)) and len(failure) == 2 and all(isinstance(f, str) for f in failure)):
+            return None
+        return _Entry(key, None, None, -1, (failure[0], failure[1]))
+    if not (isinstance(name, str) and _TOKENS_NAME.match(name)):
+        return None
+    if not (isinstance(frames, torch.Tensor) and frames.dim() == 2 and frames.is_floating_point()):
+        return None
+    return _Entry(key, frames.float(), name, size, None)
 
 
 def _atomic_save(obj, path: Path) -> None:
@@ -424,9 +495,9 @@ def _try_read(model, path: Path) -> tuple[torch.Tensor | None, tuple[str, str] |
 
 
 @torch.no_grad()
-def _embed_into_cache(model, cache: SearchCache, todo: list[tuple[str, Path, tuple[int, int]]]) -> None:
+def _embed_into_cache(model, cache: SearchCache, todo: list[tuple[str, Path, FileKey]]) -> None:
     """Decode and embed the ``todo`` files in batches of EMBED_BATCH; failures are cached as failures."""
-    pending: list[tuple[str, tuple[int, int], torch.Tensor]] = []
+    pending: list[tuple[str, FileKey, torch.Tensor]] = []
 
     def flush() -> None:
         if not pending:
@@ -449,14 +520,24 @@ def _embed_into_cache(model, cache: SearchCache, todo: list[tuple[str, Path, tup
 
 
 @torch.no_grad()
-def _vtm_probabilities(model, cache: SearchCache, rels: list[str], query: str) -> list[float]:
-    """Match probability of the query with each video (cached tokens, one fusion pass per video)."""
+def _vtm_probabilities(model, cache: SearchCache, rels: list[str], query: str,
+                       files: dict[str, tuple[Path, FileKey]]) -> list[float]:
+    """Match probability of the query with each video (cached tokens, one fusion pass per video). Tokens that no
+    longer load (a cache file damaged after the validity check) are embedded again from the video in ``files``."""
     batch = model.tokenize([query])
     states = model.text(batch["input_ids"], batch["attention_mask"])
     device = _model_device(model)
     probs = []
     for rel in rels:
-        tokens = cache.tokens(rel).to(device=device, dtype=torch.float32).unsqueeze(0)
+        tokens = cache.tokens(rel)
+        if tokens is None:
+            path, key = files[rel]
+            _embed_into_cache(model, cache, [(rel, path, key)])
+            tokens = cache.tokens(rel) if cache.entries[rel].failure is None else None
+            if tokens is None:  # the video itself stopped decoding since it was embedded: no match probability
+                probs.append(0.0)
+                continue
+        tokens = tokens.to(device=device, dtype=torch.float32).unsqueeze(0)
         probs.append(float(model.itm_logits(tokens, states, batch["attention_mask"]).softmax(-1)[0, 1]))
     return probs
 
@@ -470,11 +551,12 @@ def search(model, videos_folder: str | os.PathLike, query: str, top: int = 10, r
         top: number of hits returned.
         rerank: re-rank the ``rerank_top`` best ITC hits (default ``max(top, 16)``) by VTM match probability; the
             re-ranked hits come first, ordered by that probability, then the rest by ITC.
-        cache: read/write the feature cache next to the model; False embeds everything and writes nothing.
+        cache: read/write the feature cache next to the model; False embeds everything in a temporary folder and
+            neither reads nor writes the cache.
 
     Returns:
         :class:`SearchResults` (a list of :class:`SearchHit`, best first) with ``skipped`` files and their reasons,
-        also printed to stderr.
+        also logged as warnings.
     """
     if not query.strip():
         raise ValueError("the search query is empty")
@@ -483,30 +565,29 @@ def search(model, videos_folder: str | os.PathLike, query: str, top: int = 10, r
     started = time.perf_counter()
     folder = Path(videos_folder)
     files = list_videos(folder)
-    store = SearchCache(model, folder)
-    if not cache:
-        store.entries = {}
     keys = {p.relative_to(folder).as_posix(): (p, _file_key(p)) for p in files}
+    if cache:
+        results = _search_with(SearchCache(model, folder), model, folder, keys, query, top, rerank, rerank_top)
+    else:
+        # VTM needs the tokens during the call; they live in a folder of their own, removed afterwards
+        with tempfile.TemporaryDirectory(prefix="stmvl-search-") as scratch:
+            store = SearchCache(model, folder, root=Path(scratch))
+            results = _search_with(store, model, folder, keys, query, top, rerank, rerank_top, save=False)
+    for item in results.skipped:
+        log.warning("stmvl search: skipped %s: %s%s", item.path, item.reason, f" ({item.detail})" if item.detail else "")
+    results.seconds = time.perf_counter() - started
+    return results
+
+
+def _search_with(store: SearchCache, model, folder: Path, keys: dict, query: str, top: int, rerank: bool,
+                 rerank_top: int | None, save: bool = True) -> SearchResults:
     todo = [(rel, path, key) for rel, (path, key) in keys.items() if not store.valid(rel, key)]
     _embed_into_cache(model, store, todo)
     store.forget_except(keys)
     hits, skipped = _rank(model, store, folder, keys, query, top, rerank, rerank_top)
-    if cache:
+    if save:
         store.save()
-    else:
-        _remove_tree(store.root / "tokens", {e.tokens_file for e in store.entries.values()})
-    for item in skipped:
-        print(f"stmvl search: skipped {item.path}: {item.reason}" + (f" ({item.detail})" if item.detail else ""),
-              file=sys.stderr)
-    return SearchResults(hits, skipped, embedded=len(todo), cached=len(keys) - len(todo),
-                         seconds=time.perf_counter() - started)
-
-
-def _remove_tree(folder: Path, names: set) -> None:
-    # cache=False still needs the tokens for VTM during the call; remove the ones this call wrote afterwards.
-    for name in names:
-        if name:
-            (folder / name).unlink(missing_ok=True)
+    return SearchResults(hits, skipped, embedded=len(todo), cached=len(keys) - len(todo), seconds=0.0)
 
 
 def _rank(model, store: SearchCache, folder: Path, keys: dict, query: str, top: int, rerank: bool,
@@ -522,7 +603,7 @@ def _rank(model, store: SearchCache, folder: Path, keys: dict, query: str, top: 
     hits = [SearchHit(str(folder / good[i]), float(itc[i]), float(itc[i])) for i in order]
     if rerank:
         count = min(len(hits), rerank_top or max(top, 16))
-        probs = _vtm_probabilities(model, store, [good[i] for i in order[:count]], query)
+        probs = _vtm_probabilities(model, store, [good[i] for i in order[:count]], query, keys)
         for hit, prob in zip(hits[:count], probs):
             hit.vtm = hit.score = prob
         hits[:count] = sorted(hits[:count], key=lambda h: -h.score)
