@@ -11,8 +11,8 @@ Partial failure (`--fail-rank R --fail-batch B --fail-kind K`): rank R's data pa
 - `error`: raises a RuntimeError (a decoder crash);
 - `bound`: loads through a real BrokenMediaGuard whose every load fails, until it raises TooManyBadSamples;
 - `hang`: sleeps for 10 minutes (a stuck file system);
-- `count`: reports 2 failed loads per batch through the task's `bad_samples()` hook (the others report none), so
-  only the sum over the ranks exceeds data.max_bad_fraction.
+- `count`: reports 2 failed loads per batch through the task's `bad_sample_counts()` hook (the others report
+  none), so that the bound is reached on the sum over the ranks.
 Like the commands, the worker prints a user error as one line `stmvl: error: ...` and exits with code 2.
 """
 
@@ -109,12 +109,12 @@ class ToyTask:
 
 
 class CountingToyTask(ToyTask):
-    """ToyTask that reports its media loads to the engine (the `bad_samples` hook)."""
+    """ToyTask that reports its media loads to the engine (the `bad_sample_counts` hook)."""
 
-    def bad_samples(self) -> tuple[int, int]:
-        """(failed, attempted) media loads on this rank (the engine bounds their sum over the ranks)."""
+    def bad_sample_counts(self) -> tuple[int, int]:
+        """(attempted, failed) media loads on this rank (the engine bounds their sum over the ranks)."""
         local = self.global_batch // get_world_size()
-        return self.failed_loads, self.batches_loaded * local + self.failed_loads
+        return self.batches_loaded * local + self.failed_loads, self.failed_loads
 
 
 def main(argv: list[str] | None = None) -> int:

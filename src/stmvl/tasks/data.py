@@ -200,6 +200,10 @@ class StreamTask:
     def steps_per_epoch(self) -> int:
         return len(self._stream())
 
+    def bad_sample_counts(self) -> tuple[int, int]:
+        """(loads attempted, loads failed) on this rank; the engine bounds their sum over the ranks."""
+        return self._stream().bad_sample_counts()
+
     def sample_batches(self) -> dict[str, dict]:
         """One batch of each media type of the stream, on the device (for `--dry-run`)."""
         stream = self._stream()

@@ -617,7 +617,8 @@ class Trainer:
         """The next step's micro-batches, agreed by every rank: an exception in one rank's data path (a decoder
         crash, the bad-sample bound) stops every rank now with a message naming it, instead of leaving the healthy
         ranks blocked in the step's gradient all-reduce. The task's bad-sample counts (optional hook
-        `bad_samples() -> (failures, loads)` on this rank) are summed in the same all-reduce and bounded globally."""
+        `bad_sample_counts() -> (loads attempted, loads failed)` on this rank, its loader workers included) are
+        summed in the same all-reduce and bounded over the whole run."""
         from stmvl.data.quarantine import TooManyBadSamples
 
         micro, error = [], None
@@ -625,16 +626,16 @@ class Trainer:
             micro = self._micro_batches(it, count)
         except Exception as exc:  # noqa: BLE001 - every kind of failure must reach the other ranks
             error = exc
-        hook = getattr(self.task, "bad_samples", None)
+        hook = getattr(self.task, "bad_sample_counts", None)
         counts = tuple(hook()) if hook is not None and error is None else (0, 0)
-        failures, loads = D.raise_if_any_failed(error, f"step {self.global_step + 1} (loading its batches)",
+        loads, failures = D.raise_if_any_failed(error, f"step {self.global_step + 1} (loading its batches)",
                                                 self.device, counts=counts,
                                                 user_errors=(UserError, TooManyBadSamples))
         if hook is not None:
-            self._check_bad_samples(int(failures), int(loads))
+            self._check_bad_samples(int(loads), int(failures))
         return micro
 
-    def _check_bad_samples(self, failures: int, loads: int) -> None:
+    def _check_bad_samples(self, loads: int, failures: int) -> None:
         """data.max_bad_fraction over every rank's loads (the same totals, so the same decision, on every rank)."""
         bound = self.cfg.data.max_bad_fraction
         if loads >= MIN_LOADS_FOR_BOUND and failures / loads > bound:
