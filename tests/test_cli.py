@@ -181,11 +181,26 @@ def test_the_library_never_imports_the_command_layer():
     ("optim.eps=2", "optim.eps: 2.0 is outside the allowed range (0.0, 1.0]"),
     ("model.vision.width=1000000", "model.vision.width: 1000000 is outside the allowed range [1, 8192]"),
     ("optim.lrr=1", "unknown key 'optim.lrr' (did you mean 'lr'?); allowed keys under optim: "),
+    ("model.teacher.return_layers=5", "model.teacher.return_layers (5) exceeds model.teacher.layers (4)"),
+    ("model.vision.depth=1", "model.teacher.return_layers (2) exceeds the student depth model.vision.depth (1): one "
+                             "decoder per returned layer sits on a student block"),
+    ("model.decoder=linear", "model.decoder 'linear' only predicts visible tokens: set model.mvm_tokens=visible or "
+                             "model.decoder=st"),
 ])
 def test_bad_values_are_refused_before_anything_runs(override, message, capsys):
     assert main(["pretrain", "demo", override, "--dry-run"]) == 2
     got = _one_error(capsys, "pretrain")
     assert got == message if not message.endswith(": ") else got.startswith(message), got
+
+
+def test_training_flags_become_runtime_keys():
+    from stmvl.commands.recipes import recipe_parser, run_config
+
+    args = recipe_parser("pretrain", "").parse_intermixed_args(["demo", "--overwrite", "--out", "runs/x",
+                                                                "optim.max_steps=3"])
+    cfg = run_config(args)
+    assert (cfg.runtime.overwrite, cfg.runtime.resume, cfg.runtime.out_dir, cfg.optim.max_steps) == (
+        True, False, "runs/x", 3)
 
 
 def test_sizes_whose_product_is_absurd_are_refused_by_name(capsys):
@@ -439,3 +454,26 @@ def test_library_notes_are_logged_and_shown_by_the_command(model_dir, tmp_path, 
     assert main(["search", "--checkpoint", str(slim), "--videos", str(videos), "a query"]) == 0
     err = capsys.readouterr().err.splitlines()
     assert f"stmvl search: {slim}: " in err[0] and "'teacher' tensors not in the checkpoint" in err[0], err
+
+
+def test_finetune_initialisation_from_a_corrupt_model_file_is_a_user_error(corrupt_dir):
+    """finetune reads the checkpoint's weights in load_pretrained: a torn file is a CorruptWeightsError naming it,
+    which every command turns into one line and exit 2."""
+    from stmvl.commands.rule import user_error_message
+    from stmvl.tasks.finetune import load_pretrained
+
+    with pytest.raises(CorruptWeightsError) as error:
+        load_pretrained(corrupt_dir, _tiny(), drop={})
+    assert user_error_message(error.value).startswith(f"{corrupt_dir / 'model.safetensors'}: not a readable "
+                                                      "safetensors file (")
+
+
+def test_data_commands_follow_the_rule(tmp_path, capsys):
+    latin = tmp_path / "latin.json"
+    latin.write_bytes('[{"video": "a.mp4", "caption": "caf\xe9"}]'.encode("latin-1"))
+    for name, argv in (("check-data", [str(latin), "--media-root", str(tmp_path)]),
+                       ("check-data", [str(tmp_path / "absent.json"), "--media-root", str(tmp_path)]),
+                       ("shards", ["write", str(tmp_path / "absent.json"), "--media-root", str(tmp_path), "--out",
+                                   str(tmp_path / "shards")])):
+        assert main([name, *argv]) == 2
+        assert str(tmp_path) in _one_error(capsys, name)

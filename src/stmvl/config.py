@@ -773,6 +773,21 @@ def validate_model(model: ModelConfig, prefix: str = "model") -> None:
     if teacher.return_layers > teacher.layers:
         raise ConfigError(f"{prefix}.teacher.return_layers ({teacher.return_layers}) exceeds {prefix}.teacher.layers "
                           f"({teacher.layers})")
+    # a teacher (and one decoder per returned layer, on the student's blocks) is built for MVM and for the masks
+    # that need its attention (stmvl.models.stm.needs_teacher)
+    score_masks = ("attention", "attention_inverse", "stm")
+    builds_teacher = (model.loss.mvm > 0 or model.mask.video_strategy in score_masks
+                      or model.mask.image_strategy in score_masks)
+    if builds_teacher and teacher.return_layers > v.depth:
+        raise ConfigError(f"{prefix}.teacher.return_layers ({teacher.return_layers}) exceeds the student depth "
+                          f"{prefix}.vision.depth ({v.depth}): one decoder per returned layer sits on a student block")
+    if model.decoder == "linear" and model.mvm_tokens == "all":
+        raise ConfigError(f"{prefix}.decoder 'linear' only predicts visible tokens: set {prefix}.mvm_tokens=visible or "
+                          f"{prefix}.decoder=st")
+    # with text weights the layer count comes from the weights folder, checked when it is loaded
+    if t.weights is None and (model.loss.vtm > 0 or model.loss.mlm > 0) and t.fusion_start >= t.layers:
+        raise ConfigError(f"{prefix}.loss: VTM and MLM need fusion layers: set {prefix}.text.fusion_start below "
+                          f"{prefix}.text.layers ({t.layers}), or {prefix}.loss.vtm=0 and {prefix}.loss.mlm=0")
     counts = estimated_parameters(model)
     total = sum(counts.values())
     if total > MAX_PARAMETERS:

@@ -8,7 +8,7 @@ from typing import Any, Iterable
 
 import torch
 
-from stmvl.config import CorpusConfig, RunConfig
+from stmvl.config import ConfigError, CorpusConfig, RunConfig
 from stmvl.data.annotations import id_offsets, load_annotations
 from stmvl.data.datasets import ProbeDataset, RetrievalDataset, VideoTextCollator, VideoTextDataset
 from stmvl.data.mixing import MediaSource, MixedBatchStream
@@ -68,7 +68,7 @@ def pretrain_datasets(cfg: RunConfig, run_dir: Path, seed: int) -> dict[str, lis
     quarantine = Quarantine(run_dir)
     corpora = [c for c in cfg.data.corpora if c.kind == "pretrain"]
     if not corpora:
-        raise ValueError("data.corpora has no corpus of kind 'pretrain'")
+        raise ConfigError("data.corpora has no corpus of kind 'pretrain'")
     records = []
     for c in corpora:
         if c.shards:

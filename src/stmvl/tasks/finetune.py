@@ -133,8 +133,8 @@ def load_pretrained(checkpoint: str | Path, cfg: ModelConfig,
     present = {key.split(".", 1)[0] for key in model.state_dict()}
     clash = sorted(set(drop) & present)
     if clash:
-        raise ValueError(f"the finetuning model still has the groups {clash} it was asked to drop: check model.loss "
-                         "and the masking settings")
+        raise ConfigError(f"the finetuning model still has the groups {clash} it was asked to drop: check model.loss "
+                          "and the masking settings")
     state, dropped = _split_groups(read_state_dict(directory / MODEL_FILE), drop)
     load_state_dict_strict(model, state)
     report = InitReport(str(directory), dropped, {g: drop[g] for g in dropped}, loaded=len(state))

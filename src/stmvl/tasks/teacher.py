@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stmvl.config import RunConfig
+from stmvl.config import ConfigError, RunConfig
 from stmvl.models.teacher import CLIPTeacher
 from stmvl.models.weights import load_bert, save_model
 from stmvl.models.stm import text_weights_folder
@@ -39,8 +39,8 @@ class LockedTextCLIP(nn.Module):
         self.image = teacher.requires_grad_(True)
         self.text = text.requires_grad_(False)
         if teacher.cfg.embed_dim != text.hidden:
-            raise ValueError(f"teacher.embed_dim ({teacher.cfg.embed_dim}) must equal the text width ({text.hidden}) "
-                             "for locked-text training")
+            raise ConfigError(f"model.teacher.embed_dim ({teacher.cfg.embed_dim}) must equal the text width "
+                              f"({text.hidden}) for locked-text training")
         self.logit_scale = nn.Parameter(torch.tensor(float(torch.log(torch.tensor(1 / 0.07)))))
         self._cache: dict[bytes, torch.Tensor] = {}
 
@@ -84,7 +84,7 @@ def teacher_data_config(cfg: RunConfig) -> RunConfig:
     """The run config restricted to the image-text corpora (the teacher is an image tower)."""
     images = [c for c in cfg.data.corpora if c.kind == "pretrain" and c.media_type == "image"]
     if not images:
-        raise ValueError("train-teacher needs at least one image corpus (media_type: image) in data.corpora")
+        raise ConfigError("train-teacher needs at least one image corpus (media_type: image) in data.corpora")
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, corpora=images))
 
 
@@ -102,7 +102,7 @@ class TeacherTask(StreamTask):
         tcfg = dataclasses.replace(self.cfg.model.teacher, weights=None)
         folder = text_weights_folder(self.cfg.model.text)
         if folder is None:
-            raise ValueError("train-teacher needs pretrained text weights (model.text.weights, e.g. 'minilm')")
+            raise ConfigError("train-teacher needs pretrained text weights (model.text.weights, e.g. 'minilm')")
         return LockedTextCLIP(CLIPTeacher(tcfg), load_bert(folder))
 
     def build_stream(self):
