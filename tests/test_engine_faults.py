@@ -209,8 +209,13 @@ def _free_port() -> int:
 
 
 def _two_ranks(run_dir: Path, *args: str, steps: int = 6, limit: float = 90.0) -> tuple[list[tuple[int, str]], float]:
-    """Start rank 0 and rank 1 of the worker as separate processes (as a cluster launcher would, so that no agent
-    kills the survivors for us): [(exit code, stderr)] per rank and the seconds until both had exited."""
+    """Start rank 0 and rank 1 of the engine worker as separate processes (as a cluster launcher would, so that no
+    agent kills the survivors for us): [(exit code, stderr)] per rank and the seconds until both had exited."""
+    return _launch_two([str(WORKER), "--run-dir", str(run_dir), "--steps", str(steps), "--precision", "fp32",
+                        "--dropout", "0", *args], limit)
+
+
+def _launch_two(command: list[str], limit: float) -> tuple[list[tuple[int, str]], float]:
     port = _free_port()
     procs = []
     started = time.monotonic()
@@ -218,9 +223,8 @@ def _two_ranks(run_dir: Path, *args: str, steps: int = 6, limit: float = 90.0) -
         env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1", "RANK": str(rank),
                "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
                "MASTER_PORT": str(port)}
-        procs.append(subprocess.Popen([sys.executable, str(WORKER), "--run-dir", str(run_dir), "--steps", str(steps),
-                                       "--precision", "fp32", "--dropout", "0", *args], cwd=ROOT, env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        procs.append(subprocess.Popen([sys.executable, *command], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
     try:
         results = []
         for proc in procs:
@@ -267,6 +271,15 @@ def test_the_bad_sample_bound_counts_the_loads_of_every_rank(tmp_path):
             f"broken files are listed in {tmp_path / 'over' / 'quarantine.jsonl'}; run `stmvl check-data` on the "
             "annotations")
     assert [(code, err.rstrip().splitlines()[-1]) for code, err in over] == [(2, line), (2, line)]
+
+
+@pytest.mark.ddp
+def test_a_corrupt_evaluation_clip_on_one_rank_stops_both_with_the_same_line():
+    results, seconds = _launch_two([str(ROOT / "tests" / "eval_failure_worker.py")], 60.0)
+    line = ("stmvl: error: rank 1 at reading the evaluation clips: test/clip6.mp4: undecodable (moov atom not "
+            "found)")
+    assert [(code, err.rstrip().splitlines()[-1]) for code, err in results] == [(2, line), (2, line)], results
+    assert seconds < 30  # at once, not after the 30 s process-group timeout
 
 
 @pytest.mark.ddp
