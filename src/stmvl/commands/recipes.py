@@ -29,7 +29,8 @@ def recipe_parser(prog: str, description: str, checkpoint: bool = False) -> Comm
 
 
 def run_config(args: argparse.Namespace) -> RunConfig:
-    """The recipe with its overrides, ``--out``, ``--resume`` and ``--overwrite`` applied, validated (ConfigError names the key)."""
+    """The recipe with its overrides, ``--out``, ``--resume`` and ``--overwrite`` applied, validated (a
+    ConfigError names the key)."""
     from stmvl.tasks.pretrain import load_run_config
 
     overrides = list(args.overrides)

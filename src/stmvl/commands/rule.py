@@ -84,8 +84,21 @@ def run_command(name: str, main: Main, argv: Sequence[str]) -> int:
             return EXIT_USER_ERROR
         traceback.print_exc()
         print(f"stmvl {name}: internal error: this is a bug in stmvl, not a problem with your input; please report "
-              f"it to {REPORT_BUGS_TO} with the traceback above and the command line", file=sys.stderr)
+              f"it to {REPORT_BUGS_TO} with the traceback above and the command line ({_versions()})", file=sys.stderr)
         return EXIT_BUG
+
+
+def _versions() -> str:
+    """What a bug report needs to reproduce: stmvl's, Python's and (when loaded) torch's versions."""
+    import platform
+
+    from stmvl import __version__
+
+    torch = sys.modules.get("torch")
+    parts = [f"stmvl {__version__}", f"Python {platform.python_version()}"]
+    if torch is not None:
+        parts.append(f"torch {torch.__version__}")
+    return ", ".join(parts)
 
 
 def command(name: str) -> Callable[[Main], Callable[[Sequence[str] | None], int]]:

@@ -115,11 +115,12 @@ def _checked_kwargs(config_type: str, kwargs, where: str) -> dict:
     allowed = _BUILD_KWARGS.get(config_type, set())
     unknown = sorted(set(kwargs) - allowed)
     if unknown:
-        raise FolderConfigError(f"{where}: unknown kwargs {unknown} for a {config_type} (allowed: {sorted(allowed)})")
+        raise FolderConfigError(f"{where}: unknown kwargs {unknown} for a {config_type} "
+                                f"(allowed: {sorted(allowed)})")
     width = kwargs.get("cross_width")
     if width is not None and (type(width) is not int or not 1 <= width <= _MAX_CROSS_WIDTH):
-        raise FolderConfigError(f"{where}: kwargs.cross_width must be null or an integer in [1, {_MAX_CROSS_WIDTH}], "
-                          f"got {width!r}")
+        raise FolderConfigError(f"{where}: kwargs.cross_width must be null or an integer in "
+                                f"[1, {_MAX_CROSS_WIDTH}], got {width!r}")
     return dict(kwargs)
 
 
