@@ -1,7 +1,9 @@
 """Datasets, collate, broken-media replacement + quarantine, and worker-count independence."""
 
 import json
+import re
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -147,3 +149,158 @@ def test_probe_qa_mc_datasets(corpus):
     assert len(choice["options"]) == 5 and 0 <= choice["answer"] < 5
     test_captions = [r["caption"] for r in json.loads((ann / "test_video.json").read_text())]
     assert choice["options"][choice["answer"]] == test_captions[2]
+
+
+# ------------------------------------------------------------------------- the broken-media guard, hostile input
+
+
+def _as_list(samples):
+    return samples
+
+
+def _image_records(corpus):
+    return json.loads((corpus / "annotations" / "train_image.json").read_text())
+
+
+def test_every_exception_of_a_sample_is_quarantined_with_its_reason(corpus, tmp_path, monkeypatch):
+    from PIL import Image
+
+    from stmvl.data import datasets
+
+    records = _image_records(corpus)
+    hostile = {records[1]["image"]: OverflowError("cannot convert float infinity to integer"),
+               records[2]["image"]: TypeError("unsupported operand type(s) for *: 'int' and 'NoneType'"),
+               records[3]["image"]: Image.DecompressionBombError("Image size (400000000 pixels) exceeds limit")}
+    real = datasets.read_media
+
+    def read(path, *args, **kwargs):
+        if str(path).endswith(records[4]["image"]):
+            return torch.zeros(1, 3, 8, 8)  # float frames: the transform raises ValueError
+        for name, err in hostile.items():
+            if str(path).endswith(name):
+                raise err
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(datasets, "read_media", read)
+    quarantine = Quarantine(tmp_path / "run")
+    ds = VideoTextDataset(corpus / "annotations" / "train_image.json", corpus, media_type="image", img_size=16,
+                          quarantine=quarantine, max_bad_fraction=0.9, corpus="images")
+    used = [ds[i]["index"] for i in range(len(ds))]
+    assert not {1, 2, 3, 4} & set(used)  # every broken sample was replaced; loading went on
+    listed = {e["path"].removeprefix(str(corpus) + "/"): (e["reason"], e["detail"]) for e in quarantine.entries()}
+    assert listed == {
+        records[1]["image"]: ("error", "OverflowError: cannot convert float infinity to integer"),
+        records[2]["image"]: ("error", "TypeError: unsupported operand type(s) for *: 'int' and 'NoneType'"),
+        records[3]["image"]: ("too_large", "DecompressionBombError: Image size (400000000 pixels) exceeds limit"),
+        records[4]["image"]: ("error", "ValueError: expected a uint8 clip [T, 3, H, W], got torch.float32 "
+                                       "(1, 3, 8, 8)"),
+    }
+    attempts, failures = ds.guard.counts()  # a replacement may fall on another broken sample: more than 4
+    assert attempts == len(ds) + failures and failures >= 4
+
+
+def test_interrupts_and_memory_errors_are_not_broken_samples(corpus, tmp_path, monkeypatch):
+    from stmvl.data import datasets
+
+    quarantine = Quarantine(tmp_path / "run")
+    ds = VideoTextDataset(corpus / "annotations" / "train_image.json", corpus, media_type="image", img_size=16,
+                          quarantine=quarantine)
+    for error in (MemoryError, KeyboardInterrupt, SystemExit):
+        monkeypatch.setattr(datasets, "read_media", lambda *a, **k: (_ for _ in ()).throw(error()))
+        with pytest.raises(error):
+            ds[0]
+    assert quarantine.entries() == [] and ds.guard.failures == 0
+
+
+def test_image_bombs_in_loader_workers_are_quarantined_and_training_goes_on(corpus, tmp_path):
+    from broken_media import forged_png
+
+    records = _image_records(corpus)
+    (tmp_path / "bomb.png").write_bytes(forged_png(20000, 20000))
+    (tmp_path / "big.png").write_bytes(forged_png(9000, 9000))
+    hostile = records + [{"image": str(tmp_path / "bomb.png"), "caption": "bomb"},
+                         {"image": str(tmp_path / "big.png"), "caption": "big"}]
+    annotation = tmp_path / "hostile.json"
+    annotation.write_text(json.dumps(hostile))
+    quarantine = Quarantine(tmp_path / "run")
+    ds = VideoTextDataset(annotation, corpus, media_type="image", img_size=16, quarantine=quarantine,
+                          max_bad_fraction=0.5)
+    batches = list(DataLoader(ds, batch_size=2, num_workers=2, collate_fn=_as_list))
+    assert sum(len(b) for b in batches) == len(hostile)
+    assert not {"bomb", "big"} & {s["caption"] for b in batches for s in b}
+    assert sorted((Path(e["path"]).name, e["reason"]) for e in quarantine.entries()) == [("big.png", "too_large"),
+                                                                                          ("bomb.png", "too_large")]
+
+
+def _half_broken_images(corpus, tmp_path, **kwargs):
+    """20 image records; records 3, 7, 11, 15, 19 name a missing file. With batch_size=1 and 2 loader workers,
+    worker 1 loads the odd indices: every failure happens in worker 1."""
+    records = _image_records(corpus)
+    hostile = [{"image": "missing.png", "caption": f"broken {i}"} if i % 4 == 3 else records[i % len(records)]
+               for i in range(20)]
+    annotation = tmp_path / "half.json"
+    annotation.write_text(json.dumps(hostile))
+    return VideoTextDataset(annotation, corpus, media_type="image", img_size=16, corpus="half", **kwargs)
+
+
+def _first_error(dataset) -> str:
+    """The message of the TooManyBadSamples that iterating ``dataset`` with 2 workers raises. The workers are stopped
+    here: the re-raised error's traceback holds the loader iterator in cyclic garbage, and the collector, whenever
+    it runs, would wait seconds for workers whose queues it has already closed."""
+    batches = iter(DataLoader(dataset, batch_size=1, num_workers=2, collate_fn=_as_list))
+    try:
+        for _ in batches:
+            pass
+    except TooManyBadSamples as err:
+        return str(err).splitlines()[-1].split("TooManyBadSamples: ")[-1]
+    finally:
+        batches._shutdown_workers()
+    raise AssertionError("the bound was not reached")
+
+
+def test_the_bad_sample_bound_is_global_across_loader_workers(corpus, tmp_path):
+    from stmvl.data.quarantine import bad_sample_counts
+
+    # the loads of worker 1 on their own, in this process: how far its own counts would go
+    alone = _half_broken_images(corpus, tmp_path, max_bad_fraction=1.0)
+    for i in range(1, 20, 2):
+        alone[i]
+    worker_attempts, worker_failures = alone.guard.counts()
+    assert worker_failures >= 5
+    # a bound that no single worker reaches (worker 0 never fails, worker 1 stays under min_attempts) ...
+    ds = _half_broken_images(corpus, tmp_path, max_bad_fraction=0.01)
+    ds.guard.min_attempts = worker_attempts + 1
+    assert re.fullmatch(r"corpus 'half': \d+ of \d+ media loads failed .*", _first_error(ds))
+    # ... is reached by the two workers together; and the process that built the dataset sees their counts
+    counted = _half_broken_images(corpus, tmp_path, max_bad_fraction=1.0)
+    list(DataLoader(counted, batch_size=1, num_workers=2, collate_fn=_as_list))
+    assert bad_sample_counts(counted) == (10 + worker_attempts, worker_failures)
+
+
+def test_the_stream_reports_a_workers_bound_as_one_line_and_its_counts(corpus, tmp_path):
+    from stmvl.data.mixing import MediaSource, MixedBatchStream
+
+    ds = _half_broken_images(corpus, tmp_path, max_bad_fraction=1.0)
+    stream = MixedBatchStream({"image": MediaSource(ds, 2, _as_list)}, seed=3, num_workers=2)
+    assert sum(len(batch) for batch in stream) == 20
+    attempts, failures = stream.bad_sample_counts()  # the engine all-reduces these over ranks
+    assert attempts == 20 + failures and failures >= 5
+    strict = _half_broken_images(corpus, tmp_path, max_bad_fraction=0.01)
+    strict.guard.min_attempts = 1
+    stream = MixedBatchStream({"image": MediaSource(strict, 2, _as_list)}, seed=3, num_workers=2)
+    with pytest.raises(TooManyBadSamples) as info:
+        list(stream)
+    message = str(info.value)
+    assert "\n" not in message and message.startswith("corpus 'half': ")
+    assert message.endswith("Run `stmvl check-data` on the annotation to list the broken files.")
+
+
+def test_training_datasets_refuse_a_non_utf8_annotation_as_a_user_error(tmp_path):
+    from stmvl.errors import UserError
+
+    annotation = tmp_path / "train.json"
+    annotation.write_bytes('[{"video": "a.mp4", "caption": "naïve"}]'.encode("latin-1"))
+    with pytest.raises(UserError) as info:
+        VideoTextDataset(annotation, tmp_path)
+    assert str(info.value) == (f"{annotation}: annotation file is not UTF-8 text: byte 0xef at offset 34 (line 1); "
+                               f"save it as UTF-8")

@@ -89,3 +89,14 @@ def test_check_data_and_index_accept_shards(sharded, tmp_path, capsys):
     assert check.cli_main([str(broken / "index.json"), "--report", str(tmp_path / "r.json")]) == 1
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["counts"]["undecodable"] >= 1 and report["index_mismatch"][0]["url"].endswith("shard-000001.tar")
+
+
+def test_writing_shards_refuses_hostile_clip_bounds_naming_the_record(tmp_path):
+    from stmvl.errors import UserError
+
+    annotation = tmp_path / "a.jsonl"
+    annotation.write_text('{"video": "a.mp4", "caption": "x"}\n{"video": "b.mp4", "caption": "y", "end": Infinity}\n')
+    with pytest.raises(UserError) as info:
+        shards.write_shards(annotation, tmp_path, tmp_path / "out", 2)
+    assert str(info.value) == (f"{annotation}: record 1: field 'end' must be a finite number of seconds in "
+                               f"(0, 1e+06], got inf")

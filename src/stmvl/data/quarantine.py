@@ -64,7 +64,8 @@ def unwrap_worker_error(err: TooManyBadSamples) -> TooManyBadSamples:
 
 
 class Quarantine:
-    """Append-only JSONL list of broken media: one line ``{path, reason, corpus, index}`` per distinct path.
+    """Append-only JSONL list of broken media: one line ``{path, reason, corpus, index, detail}`` per distinct path
+    (``detail``: what failed, e.g. the exception of reason ``error``).
 
     Each instance (one per process once DataLoader workers copy it) keeps the listed paths in memory and the byte
     offset up to which it has read the file: a report reads only the lines other processes appended since (each
@@ -81,14 +82,15 @@ class Quarantine:
         self.torn_lines = 0
         self.bytes_read = 0  # bytes of the file this instance has read (reports must not re-read the file)
 
-    def report(self, path: str, reason: str, corpus: str = "", index: int = -1) -> bool:
+    def report(self, path: str, reason: str, corpus: str = "", index: int = -1, detail: str = "") -> bool:
         """Record a failure; returns False when this path was already listed (by any process)."""
         if reason not in FAILURE_REASONS:
             raise ValueError(f"unknown failure reason {reason!r}; expected one of {FAILURE_REASONS}")
         path = str(path)
         if path in self._known:
             return False
-        line = (json.dumps({"path": path, "reason": reason, "corpus": corpus, "index": int(index)}) + "\n").encode()
+        entry = {"path": path, "reason": reason, "corpus": corpus, "index": int(index), "detail": detail}
+        line = (json.dumps(entry) + "\n").encode()
         with open(self.path, "a+b") as handle:
             # the read-check-append must be atomic across worker processes, or two workers list the same file twice
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
@@ -231,7 +233,7 @@ class BrokenMediaGuard:
         """Count a failed load (the caller counted the attempt), list it, and stop when over the bound."""
         err = as_media_error(err, f"{self.corpus}: sample {index}")
         self._counts[self._row(), 1] += 1
-        if self.quarantine is None or self.quarantine.report(err.path, err.reason, self.corpus, index):
+        if self.quarantine is None or self.quarantine.report(err.path, err.reason, self.corpus, index, err.detail):
             log.warning("quarantined %s", err)
         self._check_budget(err)
 
