@@ -181,7 +181,7 @@ def _check_stream(name: str, stream, info: VideoInfo, limits: MediaLimits) -> No
 
 def _check_seconds(name: str, seconds: float, limits: MediaLimits) -> None:
     if seconds > limits.max_video_seconds:
-        raise MediaError(name, "too_large", f"{seconds:.0f} s long, over the cap of {limits.max_video_seconds:g} s "
+        raise MediaError(name, "too_large", f"{round(seconds, 2):g} s long, over the cap of {limits.max_video_seconds:g} s "
                                             f"(data.max_video_seconds)")
 
 

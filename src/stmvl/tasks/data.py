@@ -14,6 +14,7 @@ from stmvl.data.datasets import ProbeDataset, RetrievalDataset, VideoTextCollato
 from stmvl.data.mixing import MediaSource, MixedBatchStream
 from stmvl.data.quarantine import Quarantine
 from stmvl.data.transforms import to_float
+from stmvl.data.video import MediaLimits
 
 SYNTHETIC_MARKER = "manifest.json"
 
@@ -81,7 +82,8 @@ def pretrain_datasets(cfg: RunConfig, run_dir: Path, seed: int) -> dict[str, lis
     for c, recs, offset in zip(corpora, records, offsets):
         common = dict(media_type=c.media_type, num_frames=cfg.data.num_frames, img_size=cfg.data.img_size,
                       sampling=cfg.data.sampling, train=True, hflip=cfg.data.flip, seed=seed, corpus=c.name,
-                      quarantine=quarantine, max_bad_fraction=cfg.data.max_bad_fraction)
+                      quarantine=quarantine, max_bad_fraction=cfg.data.max_bad_fraction,
+                      limits=MediaLimits.from_config(cfg.data))
         if isinstance(recs, ShardIndex):
             ds = ShardStream(recs, id_offset=offset, **common)
         else:
@@ -153,7 +155,7 @@ def eval_datasets(cfg: RunConfig, kinds: tuple[str, ...] = ("retrieval", "probe"
         c = local_eval_corpus(cfg, c)
         _require(c.annotation, f"eval corpus {c.name!r} annotation")
         common = dict(num_frames=ev.num_frames, img_size=img_size, sampling=ev.sampling, train=False,
-                      corpus=c.name, seed=cfg.runtime.seed)
+                      corpus=c.name, seed=cfg.runtime.seed, limits=MediaLimits.from_config(cfg.data))
         if c.kind == "retrieval":
             ds = RetrievalDataset(c.annotation, c.media_root, mode=c.caption_mode, **common)
         else:

@@ -34,6 +34,7 @@ from stmvl.data.datasets import MCDataset, QADataset, RetrievalDataset, VideoTex
 from stmvl.data.mixing import MediaSource, MixedBatchStream
 from stmvl.data.quarantine import Quarantine
 from stmvl.data.transforms import to_float
+from stmvl.data.video import MediaLimits
 from stmvl.models.config import ModelConfig
 from stmvl.models.qa import QA_UNUSED_GROUPS, VideoQAModel
 from stmvl.models.stm import STMModel
@@ -239,7 +240,7 @@ def _train_dataset_kwargs(cfg: RunConfig, run_dir: Path, corpus: CorpusConfig) -
     d = cfg.data
     return dict(num_frames=d.num_frames, img_size=d.img_size, sampling=d.sampling, train=True, hflip=d.flip,
                 seed=cfg.runtime.seed, corpus=corpus.name, quarantine=Quarantine(run_dir),
-                max_bad_fraction=d.max_bad_fraction)
+                max_bad_fraction=d.max_bad_fraction, limits=MediaLimits.from_config(d))
 
 
 def retrieval_train_dataset(cfg: RunConfig, run_dir: Path):
@@ -265,7 +266,7 @@ def qa_train_dataset(cfg: RunConfig, run_dir: Path):
 def _eval_common(cfg: RunConfig, corpus: CorpusConfig) -> dict[str, Any]:
     ev = cfg.eval
     return dict(num_frames=ev.num_frames, img_size=ev.img_size or cfg.data.img_size, sampling=ev.sampling,
-                train=False, corpus=corpus.name, seed=cfg.runtime.seed)
+                train=False, corpus=corpus.name, seed=cfg.runtime.seed, limits=MediaLimits.from_config(cfg.data))
 
 
 def evaluate_downstream(model: nn.Module, cfg: RunConfig, device: torch.device | str,
