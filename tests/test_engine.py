@@ -219,3 +219,25 @@ def test_bf16_gradient_compression_needs_nccl():
                            dist=SimpleNamespace(backend="gloo", is_main=True))
     with pytest.raises(UserError, match="grad_compression=bf16 needs the NCCL backend"):
         Trainer._register_grad_compression(fake, ddp=None)
+
+
+def test_a_tasks_prepare_hook_runs_once_before_training_and_its_flops_are_counted(tmp_path):
+    """prepare(model): one-off work (the teacher's caption encoding) counted into the training FLOPs exactly."""
+
+    class Prepared(RegressionTask):
+        def __init__(self) -> None:
+            super().__init__()
+            self.prepared = 0
+
+        def prepare(self, model):
+            assert not torch.is_grad_enabled() and isinstance(model, Regression)
+            self.prepared += 1
+            model.teacher(torch.ones(10, 4))  # 10 x 4 x 4 multiply-adds = 320 FLOPs
+
+    cfg = _cfg(tmp_path, "optim.lr=0.1", "optim.max_steps=4", "eval.every_epochs=0")
+    plain = Trainer(_cfg(tmp_path / "plain", "optim.lr=0.1", "optim.max_steps=4", "eval.every_epochs=0"),
+                    RegressionTask()).fit()
+    task = Prepared()
+    result = Trainer(cfg, task).fit()
+    assert task.prepared == 1
+    assert result["flops"]["train"] == plain["flops"]["train"] + 320

