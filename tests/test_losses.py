@@ -131,6 +131,37 @@ def test_vtm_loss_scores_3b_pairs_with_labels():
     assert loss.item() > 0 and loss.requires_grad
 
 
+def test_vtm_on_the_first_rows_scores_their_pairs_with_negatives_from_the_whole_batch():
+    """loss.fusion_samples: the first `rows` samples' pairs only, the same pairs the full loss scores for them."""
+    pairs = {}
+
+    def fuse(states, mask, video):
+        pairs["text"], pairs["video"] = states[:, 0, 0].tolist(), video[:, 0, 0].tolist()
+        return states + video.mean(1, keepdim=True)
+
+    b, rows = 6, 2
+    torch.manual_seed(0)
+    video = torch.arange(b, dtype=torch.float32).view(b, 1, 1).expand(b, 3, 4).clone()  # video i: all i
+    text = (10 + torch.arange(b, dtype=torch.float32)).view(b, 1, 1).expand(b, 2, 4).clone()  # text i: all 10 + i
+    foil = text + 100
+    sim = torch.zeros(b, b)
+    sim[0, 5] = sim[1, 4] = 9.0  # texts 0 and 1: hardest video in the other half of the batch
+    sim[3, 0] = sim[5, 1] = 9.0  # videos 0 and 1: hardest texts 3 and 5
+    head = torch.nn.Linear(4, 2)
+    mask = torch.ones(b, 2, dtype=torch.long)
+    args = dict(foil_states=foil, foil_mask=mask, temp=0.01, reversed_tokens=-video)
+    sub = vtm_loss(fuse, head, video, text, mask, sim, torch.arange(b), rows=rows, **args)
+    # positives, the drawn negatives (from the whole batch), reversed clips, foils: of samples 0 and 1 only
+    assert pairs["text"] == [10, 11, 10, 11, 13, 15, 10, 11, 110, 111]
+    assert pairs["video"] == [0, 1, 5, 4, 0, 1, -0.0, -1, 0, 1]
+    fused = torch.tensor(pairs["text"]).view(-1, 1) + torch.tensor(pairs["video"]).view(-1, 1)
+    labels = torch.tensor([1, 1] + [0] * 8)
+    expected = torch.nn.functional.cross_entropy(head(fused.expand(-1, 4)), labels)
+    assert torch.allclose(sub, expected)
+    vtm_loss(fuse, head, video, text, mask, sim, torch.arange(b), **args)
+    assert len(pairs["text"]) == 5 * b  # without rows: every sample
+
+
 def test_mlm_masking_statistics_over_10000_tokens():
     g = torch.Generator().manual_seed(0)
     vocab, special = 1000, {0, 101, 102, 103}

@@ -310,3 +310,28 @@ def test_pretraining_without_mvm_builds_no_teacher_and_freezes_nothing():
     assert PretrainTask(cfg).frozen_submodules() == ()
     cfg.model = apply_preset(cfg.model, "stm")  # attention-based masks need the teacher again
     assert PretrainTask(cfg).frozen_submodules() == ("teacher",)
+
+
+def test_fusion_samples_run_vtm_and_mlm_on_the_first_samples_only():
+    """loss.fusion_samples: VTC and MVM see the whole batch; VTM and MLM the first N samples, for fewer FLOPs."""
+    from stmvl.train.flops import count_flops
+
+    torch.manual_seed(0)
+    base = tiny_config("stm")
+    cut = dataclasses.replace(base, loss=dataclasses.replace(base.loss, fusion_samples=2))
+    torch.manual_seed(1)
+    full_model = STMModel(base).eval()
+    torch.manual_seed(1)
+    cut_model = STMModel(cut).eval()
+    batch = make_batch(full_model, b=4)
+    with torch.no_grad():
+        full, part = full_model(batch, step=3), cut_model(batch, step=3)
+        torch.testing.assert_close(full["vtc"], part["vtc"])
+        torch.testing.assert_close(full["mvm"], part["mvm"])
+        # MLM over samples 0-1 is MLM of the 2-sample batch, masked by the same per-sample hash
+        small = {k: v[:2] if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        torch.testing.assert_close(part["mlm"], full_model(small, step=3)["mlm"])
+        assert torch.isfinite(part["vtm"])
+        flops_full = count_flops(lambda: full_model(batch, step=3))
+        flops_cut = count_flops(lambda: cut_model(batch, step=3))
+    assert flops_cut < flops_full

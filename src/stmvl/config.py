@@ -344,6 +344,7 @@ _EXTERNAL_METADATA: dict[type, dict[str, dict[str, Any]]] = {
         "mlm": _range(0.0, None),
         "mvm": _range(0.0, None),
         "mlm_prob": _range(0.0, 1.0),
+        "fusion_samples": _range(0, None),
     },
 }
 

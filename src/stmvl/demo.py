@@ -72,7 +72,8 @@ def run_teacher(out: Path, overrides: list[str]) -> dict[str, float]:
         _log(f"teacher found at {out / 'teacher'}: reusing it (its compute is not counted again)")
         return {"seconds": 0.0, "flops": 0}
     started = time.perf_counter()
-    cfg = load_run_config("teacher/demo", _paths(out) + overrides)
+    # a demo run starts afresh: a teacher run killed earlier leaves a folder the engine would otherwise refuse
+    cfg = load_run_config("teacher/demo", _paths(out) + ["runtime.overwrite=true"] + overrides)
     result = train_teacher(cfg)
     return {"seconds": time.perf_counter() - started, "flops": sum(result["flops"].values())}
 
@@ -82,7 +83,9 @@ def run_pretrain(out: Path, name: str, overrides: list[str], recipe: str = "demo
     from stmvl.tasks.pretrain import load_run_config
     from stmvl.tasks.runs import pretrain
 
-    cfg = load_run_config(recipe, _paths(out) + [f"runtime.out_dir={out / name}"] + overrides)
+    # rerunning the demo replaces its earlier pretraining run (the corpus and teacher are reused, see run_demo)
+    cfg = load_run_config(recipe, _paths(out) + [f"runtime.out_dir={out / name}", "runtime.overwrite=true"]
+                          + overrides)
     started = time.perf_counter()
     result = pretrain(cfg)
     result["seconds"] = time.perf_counter() - started

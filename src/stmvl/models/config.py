@@ -132,6 +132,10 @@ class LossConfig:
     foil_negatives: bool = False  # corpus-provided foil captions as extra text negatives
     # VTM hard negatives drawn from softmax(cos / temp) (temperature, UMT/STM) or softmax(cos) (cosine, near uniform)
     vtm_negatives: str = field(default="temperature", metadata={"choices": ("temperature", "cosine")})
+    # VTM and MLM score the first N samples of each batch only (0 = all, the reference). Their fusion layers run
+    # on 3-5 text-video pairs per sample (positive, hard negatives, reversed clip, foil), more than the student
+    # costs; the samples are in random order, and VTM's negatives are still drawn from the whole batch.
+    fusion_samples: int = 0
 
 
 @dataclass

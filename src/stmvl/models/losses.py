@@ -197,6 +197,7 @@ def vtm_loss(
     foil_mask: Tensor | None = None,
     temp: Tensor | float = 1.0,
     gumbel: Tensor | None = None,
+    rows: int | None = None,
 ) -> Tensor:
     """Video-text matching: positives, one hard negative video per text and one hard negative text per video.
 
@@ -210,16 +211,27 @@ def vtm_loss(
         reversed_tokens: optional [B, n, D] tokens of the time-reversed clips (extra negative for their caption).
         foil_states, foil_mask: optional [B, L, H] / [B, L] foil captions (extra negative for their video).
         gumbel: optional [2, B, B] noise of the negative draw (see sample_hard_negatives).
+        rows: score the pairs of the first `rows` samples only (their negatives are still drawn from the whole
+            batch); None = every sample. The fusion layers run on 3-5 pairs per sample, so this is the knob that
+            makes VTM cheap (loss.fusion_samples).
 
     Returns:
-        scalar 2-way cross entropy over all pairs (3B without the options). A row without any negative (its
+        scalar 2-way cross entropy over all pairs (3B without the options, 3 * rows with them). A row without any negative (its
         sample id fills the batch) keeps a placeholder pair whose label is ignored: fixed shapes, nothing read back.
     """
     neg_video, neg_text = sample_hard_negatives(sim, sample_ids, generator, temp, gumbel)
+    # the negatives index the whole batch; the scored pairs may be those of the first `rows` samples only
+    all_video, all_text, all_mask = video_tokens, text_states, text_mask
+    if rows is not None and rows < video_tokens.shape[0]:
+        neg_video, neg_text = neg_video[:rows], neg_text[:rows]
+        video_tokens, text_states, text_mask = video_tokens[:rows], text_states[:rows], text_mask[:rows]
+        reversed_tokens = None if reversed_tokens is None else reversed_tokens[:rows]
+        foil_states = None if foil_states is None else foil_states[:rows]
+        foil_mask = None if foil_mask is None else foil_mask[:rows]
     video_of_text, text_of_video = neg_video.clamp_min(0), neg_text.clamp_min(0)
-    pair_text = [text_states, text_states, text_states[text_of_video]]
-    pair_mask = [text_mask, text_mask, text_mask[text_of_video]]
-    pair_video = [video_tokens, video_tokens[video_of_text], video_tokens]
+    pair_text = [text_states, text_states, all_text[text_of_video]]
+    pair_mask = [text_mask, text_mask, all_mask[text_of_video]]
+    pair_video = [video_tokens, all_video[video_of_text], video_tokens]
     if reversed_tokens is not None:
         pair_text.append(text_states)
         pair_mask.append(text_mask)

@@ -418,9 +418,11 @@ class STMModel(nn.Module):
                 foil_states=None if foil is None else foil[0],
                 foil_mask=None if foil is None else foil[1],
                 temp=self.negative_temperature(),
+                rows=self.cfg.loss.fusion_samples or None,
             )
         if weights["mlm"] > 0:
-            losses["mlm"] = self.masked_language_loss(ids, mask_ids, tokens2, step, sample_ids)
+            n = self.cfg.loss.fusion_samples or b
+            losses["mlm"] = self.masked_language_loss(ids[:n], mask_ids[:n], tokens2[:n], step, sample_ids[:n])
 
         total = sum(weights[name] * value for name, value in losses.items())
         out = {"loss": total, **losses}
