@@ -12,7 +12,10 @@ Partial failure (`--fail-rank R --fail-batch B --fail-kind K`): rank R's data pa
 - `bound`: loads through a real BrokenMediaGuard whose every load fails, until it raises TooManyBadSamples;
 - `hang`: sleeps for 10 minutes (a stuck file system);
 - `count`: reports 2 failed loads per batch through the task's `bad_sample_counts()` hook (the others report
-  none), so that the bound is reached on the sum over the ranks.
+  none), so that the bound is reached on the sum over the ranks;
+- `local`: the run's task is a StreamTask whose MixedBatchStream loads every sample through a real BrokenMediaGuard;
+  on rank R every third load fails (rank R's own fraction is 1/3, the others' 0), so the bound (0.25, say) is over
+  on rank R alone and under over all ranks.
 Like the commands, the worker prints a user error as one line `stmvl: error: ...` and exits with code 2.
 """
 
@@ -28,9 +31,11 @@ import torch
 from torch import nn
 
 from stmvl.config import load_config
+from stmvl.data.mixing import MediaSource, MixedBatchStream
 from stmvl.data.quarantine import BrokenMediaGuard, TooManyBadSamples
 from stmvl.data.video import MediaError
 from stmvl.errors import UserError
+from stmvl.tasks.data import StreamTask
 from stmvl.train.distributed import cleanup_distributed, get_rank, get_world_size
 from stmvl.train.engine import Trainer
 from stmvl.train.logging import console_logging
@@ -117,6 +122,50 @@ class CountingToyTask(ToyTask):
         return self.batches_loaded * local + self.failed_loads, self.failed_loads
 
 
+class GuardedSamples(torch.utils.data.Dataset):
+    """The toy samples, each loaded through a real BrokenMediaGuard; on ``fail_rank`` every third load fails."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, fails: bool, max_bad_fraction: float) -> None:
+        self.x, self.y, self.fails, self.loads = x, y, fails, 0
+        self.guard = BrokenMediaGuard(None, "toy", max_bad_fraction=max_bad_fraction)
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def _load(self, index: int) -> int:
+        self.loads += 1
+        if self.fails and self.loads % 3 == 0:
+            raise MediaError(f"clip{index}.mp4", "undecodable", "test")
+        return index
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        used, _ = self.guard.load(index, len(self), self._load)
+        return {"x": self.x[used], "y": self.y[used]}
+
+
+class GuardedStreamTask(StreamTask):
+    """The toy regression through the tasks' own stream plumbing (StreamTask: a MixedBatchStream, its
+    ``bad_sample_counts()`` hook and, under DDP, the bound left to the engine)."""
+
+    def __init__(self, cfg, toy: ToyTask, fail_rank: int) -> None:
+        self.cfg, self.toy, self.fail_rank = cfg, toy, fail_rank
+
+    def setup(self, ctx) -> None:
+        self.ctx = ctx  # no corpus to look for
+
+    def build_model(self) -> nn.Module:
+        return self.toy.build_model()
+
+    def build_stream(self) -> MixedBatchStream:
+        ctx = self.ctx
+        samples = GuardedSamples(self.toy.x, self.toy.y, ctx.rank == self.fail_rank, self.cfg.data.max_bad_fraction)
+        source = MediaSource(samples, self.toy.global_batch // ctx.world_size, torch.utils.data.default_collate)
+        return MixedBatchStream({"toy": source}, seed=self.toy.seed, rank=ctx.rank, world_size=ctx.world_size)
+
+    def train_step(self, model: nn.Module, batch, step: int) -> dict[str, torch.Tensor]:
+        return self.toy.train_step(model, (batch["x"], batch["y"]), step)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--run-dir", required=True)
@@ -131,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dist-timeout", type=float, default=60.0)
     ap.add_argument("--fail-rank", type=int)
     ap.add_argument("--fail-batch", type=int, default=1)
-    ap.add_argument("--fail-kind", choices=("error", "bound", "hang", "count"), default="error")
+    ap.add_argument("--fail-kind", choices=("error", "bound", "hang", "count", "local"), default="error")
     ap.add_argument("--max-bad-fraction", type=float, default=0.01)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -155,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     fail = None if args.fail_rank is None else (args.fail_rank, args.fail_batch, args.fail_kind)
     task = (CountingToyTask if args.fail_kind == "count" else ToyTask)(cfg.runtime.seed, args.global_batch,
                                                                         args.dropout, fail)
+    if args.fail_kind == "local":
+        task = GuardedStreamTask(cfg, ToyTask(cfg.runtime.seed, args.global_batch, args.dropout), args.fail_rank)
     try:
         summary = Trainer(cfg, task, callbacks=[die_after]).fit()
     except (UserError, TooManyBadSamples) as exc:  # as the commands do: one line, exit code 2

@@ -1,11 +1,18 @@
 """quarantine.jsonl: torn and garbage lines are skipped and counted, reports read each byte of the file once per
-process (no re-read per report) and still list a path once across processes."""
+process (no re-read per report) and still list a path once across processes. The bad-sample bound: checked by each
+process alone, or left to the engine (which sums the counts over the ranks) in a distributed run."""
 
 import builtins
 import json
 import logging
+from types import SimpleNamespace
 
-from stmvl.data.quarantine import Quarantine
+import pytest
+import torch
+
+from stmvl.data.mixing import MediaSource, MixedBatchStream
+from stmvl.data.quarantine import BrokenMediaGuard, Quarantine, TooManyBadSamples, guards
+from stmvl.data.video import MediaError
 
 
 def test_a_torn_line_does_not_break_later_reports(tmp_path, caplog):
@@ -53,3 +60,65 @@ def test_a_truncated_quarantine_file_is_read_again(tmp_path):
     assert quarantine.report("/data/b.mp4", "empty")
     assert not quarantine.report("/data/z.mp4", "empty")
     assert [e["path"] for e in quarantine.entries()] == ["/data/z.mp4", "/data/b.mp4"]
+
+
+# ------------------------------------------------------------------------------ the bound: local or left to the engine
+
+
+class _Samples(torch.utils.data.Dataset):
+    """Ten samples behind a real guard (bound 0.25 after 4 loads); every load of an odd index fails."""
+
+    def __init__(self):
+        self.guard = BrokenMediaGuard(None, "toy", max_bad_fraction=0.25, min_attempts=4, seed=1)
+
+    def __len__(self):
+        return 10
+
+    def _load(self, index):
+        if index % 2:
+            raise MediaError(f"clip{index}.mp4", "undecodable", "test")
+        return index
+
+    def __getitem__(self, index):
+        return self.guard.load(index, len(self), self._load)[0]
+
+
+def _stream(samples):
+    return MixedBatchStream({"toy": MediaSource(samples, 2, list)}, seed=0)
+
+
+def test_a_single_process_stream_stops_on_its_own_fraction():
+    with pytest.raises(TooManyBadSamples, match=r"^corpus 'toy': \d+ of \d+ media loads failed .* > max_bad_fraction "
+                                                r"25\.0%\)"):
+        list(_stream(_Samples()))
+
+
+def test_a_deferred_stream_counts_every_failure_and_leaves_the_bound_to_its_caller():
+    stream = _stream(_Samples())
+    stream.defer_bad_sample_bound()
+    samples = [x for batch in stream for x in batch]
+    assert len(samples) == 10 and all(x % 2 == 0 for x in samples)  # the odd ones were replaced, none stopped it
+    attempts, failures = stream.bad_sample_counts()  # what the engine sums over the ranks and bounds
+    assert failures == attempts - 10 and failures >= 5
+    with pytest.raises(RuntimeError, match="after the loader workers started"):
+        stream.defer_bad_sample_bound()
+
+
+def test_a_sample_whose_replacements_all_fail_still_stops_a_deferred_guard():
+    guard = BrokenMediaGuard(None, "toy", max_replacements=2, local_bound=False)
+    with pytest.raises(TooManyBadSamples, match=r"^corpus 'toy': 2 replacements for sample 0 all failed \(3 failures "
+                                                r"in 3 loads\)$"):
+        guard.load(0, 5, lambda i: (_ for _ in ()).throw(MediaError(f"c{i}.mp4", "missing")))
+
+
+@pytest.mark.parametrize("world_size, local_bound", [(1, True), (2, False)])
+def test_stream_tasks_leave_the_bound_to_the_engine_only_in_a_distributed_run(world_size, local_bound):
+    from stmvl.tasks.data import StreamTask
+
+    class Task(StreamTask):
+        def build_stream(self):
+            return _stream(_Samples())
+
+    task = Task()
+    task.ctx = SimpleNamespace(world_size=world_size)
+    assert [g.local_bound for g in guards(task._stream())] == [local_bound]

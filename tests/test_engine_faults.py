@@ -274,6 +274,16 @@ def test_the_bad_sample_bound_counts_the_loads_of_every_rank(tmp_path):
 
 
 @pytest.mark.ddp
+def test_one_rank_over_the_bound_does_not_stop_a_run_under_it_over_all_ranks(tmp_path):
+    # rank 1 fails every third of its loads (33% > 25% on its own, from its 20th load on); rank 0 fails none: over
+    # both ranks 12 of 60 loads (20%). The guards of a distributed stream leave the bound to the engine.
+    results, _ = _two_ranks(tmp_path / "run", "--fail-rank", "1", "--fail-kind", "local", "--max-bad-fraction",
+                            "0.25")
+    assert [code for code, _ in results] == [0, 0], results[1][1][-2000:]
+    assert _steps(tmp_path / "run") == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.ddp
 def test_a_corrupt_evaluation_clip_on_one_rank_stops_both_with_the_same_line():
     results, seconds = _launch_two([str(ROOT / "tests" / "eval_failure_worker.py")], 60.0)
     line = ("stmvl: error: rank 1 at reading the evaluation clips: test/clip6.mp4: undecodable (moov atom not "

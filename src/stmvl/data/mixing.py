@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .quarantine import TooManyBadSamples, bad_sample_counts, unwrap_worker_error
+from .quarantine import TooManyBadSamples, bad_sample_counts, defer_bound, unwrap_worker_error
 
 
 def one_thread_per_worker(worker_id: int) -> None:
@@ -223,6 +223,14 @@ class MixedBatchStream:
         included (the broken-media guards' shared counts). The engine adds them up over ranks to bound the fraction
         of broken samples of the whole run."""
         return bad_sample_counts(self.sources)
+
+    def defer_bad_sample_bound(self) -> None:
+        """Leave ``max_bad_fraction`` to the caller, who bounds :meth:`bad_sample_counts` summed over the ranks (the
+        engine, in a distributed run): no guard of this stream stops on its own process's fraction any more. Must be
+        called before the first iteration, whose loader workers copy the guards."""
+        if self._loaders:
+            raise RuntimeError("defer_bad_sample_bound() after the loader workers started: they keep the local bound")
+        defer_bound(self.sources)
 
     def first_batch(self, name: str) -> Any:
         """The first batch of media ``name`` in the current epoch (for a dry run; the stream position is unchanged)."""

@@ -10,7 +10,9 @@ taken for a broken sample: they propagate.
 
 The counts behind the bound live in shared memory, one row per process (the one that built the dataset and each of
 its DataLoader workers, each writing only its own row), so the bound holds for all workers of a process together.
-:func:`bad_sample_counts` gives this process's totals, for the engine to add up over ranks.
+:func:`bad_sample_counts` gives this process's totals, for the engine to add up over ranks. In a distributed run the
+engine bounds those sums and each process's own check is switched off (:func:`defer_bound`): one rank whose shard
+holds more of the broken files must not stop a run whose fraction over all ranks is within the bound.
 """
 
 from __future__ import annotations
@@ -167,16 +169,19 @@ class BrokenMediaGuard:
     recorded with its reason in the quarantine. Counts are kept in shared memory (see the module doc), so
     ``attempts`` and ``failures`` are those of the process and all its DataLoader workers together, and the bound
     applies to their sum. It is checked only after ``min_attempts`` loads so that one early failure does not stop a
-    run.
+    run. With ``local_bound=False`` (see :func:`defer_bound`) the guard still replaces, records and counts, but leaves
+    the bound to whoever adds its counts up over the ranks; a sample whose ``max_replacements`` replacements all
+    fail still stops the run.
     """
 
     def __init__(self, quarantine: Quarantine | None = None, corpus: str = "", max_bad_fraction: float = 0.1,
-                 min_attempts: int = 20, max_replacements: int = 50, seed: int = 0):
+                 min_attempts: int = 20, max_replacements: int = 50, seed: int = 0, local_bound: bool = True):
         if not 0 <= max_bad_fraction <= 1:
             raise ValueError(f"max_bad_fraction must be in [0, 1], got {max_bad_fraction}")
         self.quarantine, self.corpus = quarantine, corpus
         self.max_bad_fraction, self.min_attempts = max_bad_fraction, min_attempts
         self.max_replacements, self.seed = max_replacements, seed
+        self.local_bound = local_bound
         # [row, (attempts, failures)]; each process adds only to its own row, so no update is lost without a lock
         self._counts = torch.zeros((COUNT_ROWS, 2), dtype=torch.int64).share_memory_()
 
@@ -238,6 +243,8 @@ class BrokenMediaGuard:
         self._check_budget(err)
 
     def _check_budget(self, last: MediaError) -> None:
+        if not self.local_bound:  # the caller bounds the counts of every rank together (defer_bound)
+            return
         attempts, failures = self.counts()
         if attempts >= self.min_attempts and failures / attempts > self.max_bad_fraction:
             where = f" (see {self.quarantine.path})" if self.quarantine is not None else ""
@@ -248,11 +255,10 @@ class BrokenMediaGuard:
             )
 
 
-def bad_sample_counts(source: Any) -> tuple[int, int]:
-    """(attempts, failures) of every broken-media guard in ``source`` in this process (its DataLoader workers
-    included): a dataset or stream with a ``guard``, a ConcatDataset, a :class:`~stmvl.data.mixing.MixedBatchStream`
-    (its sources), or a list of these. Each guard is counted once. For the engine to all-reduce over ranks."""
-    guards: dict[int, BrokenMediaGuard] = {}
+def guards(source: Any) -> list[BrokenMediaGuard]:
+    """Every broken-media guard in ``source``, each once: a dataset or stream with a ``guard``, a ConcatDataset, a
+    :class:`~stmvl.data.mixing.MixedBatchStream` (its sources), a wrapper with a ``dataset``, or a list of these."""
+    found: dict[int, BrokenMediaGuard] = {}
     seen: dict[int, Any] = {}  # holds every visited object, so that no id is reused while walking
     stack = [source]
     while stack:
@@ -261,7 +267,7 @@ def bad_sample_counts(source: Any) -> tuple[int, int]:
             continue
         seen[id(item)] = item
         if isinstance(item, BrokenMediaGuard):
-            guards[id(item)] = item
+            found[id(item)] = item
         elif isinstance(item, (list, tuple)):
             stack += list(item)
         elif isinstance(item, dict):
@@ -270,8 +276,24 @@ def bad_sample_counts(source: Any) -> tuple[int, int]:
             for attribute in ("guard", "datasets", "dataset", "sources"):
                 if hasattr(item, attribute):
                     stack.append(getattr(item, attribute))
+    return list(found.values())
+
+
+def bad_sample_counts(source: Any) -> tuple[int, int]:
+    """(attempts, failures) of every broken-media guard in ``source`` (see :func:`guards`) in this process, its
+    DataLoader workers included. For the engine to all-reduce over ranks."""
     attempts = failures = 0
-    for guard in guards.values():
+    for guard in guards(source):
         a, f = guard.counts()
         attempts, failures = attempts + a, failures + f
     return attempts, failures
+
+
+def defer_bound(source: Any) -> int:
+    """Switch off the per-process ``max_bad_fraction`` check of every guard in ``source``: the caller bounds the
+    :func:`bad_sample_counts` of all ranks together (the engine does, in a distributed run). Call it before the
+    DataLoader workers start (they copy the guards). Returns the number of guards changed."""
+    found = guards(source)
+    for guard in found:
+        guard.local_bound = False
+    return len(found)

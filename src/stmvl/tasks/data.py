@@ -196,6 +196,10 @@ class StreamTask:
     def _stream(self) -> MixedBatchStream:
         if self.stream is None:
             self.stream = self.build_stream()
+            if self.ctx is not None and self.ctx.world_size > 1:
+                # the engine bounds the bad-sample fraction over every rank (bad_sample_counts below): a rank whose
+                # share holds more broken files must not stop the run on its own fraction
+                self.stream.defer_bad_sample_bound()
         return self.stream
 
     @property
