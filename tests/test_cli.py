@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
+import importlib
 import json
 import logging
 import platform
@@ -137,10 +138,17 @@ def test_argument_errors_are_one_line_for_every_command(capsys):
         "search": (["a query"], "the following arguments are required: --checkpoint, --videos"),
         "show-masks": (["--checkpoint", "m"], "the following arguments are required: --video, --out"),
         "convert": (["umt"], "the following arguments are required: src, out"),
+        "synth": ([], "the following arguments are required: --out"),
+        "check-data": (["--workers", "2"], "the following arguments are required: annotation"),
+        "shards": ([], "the following arguments are required: action"),
     }
     for name, (argv, message) in cases.items():
         assert main([name, *argv]) == 2, name
         assert _one_error(capsys, name) == f"{message} (see `stmvl {name} --help`)"
+    # a sub-command's parser follows the rule too, naming itself
+    assert main(["shards", "write", "a.json", "--out", "o"]) == 2
+    assert _one_error(capsys, "shards") == ("the following arguments are required: --media-root (see `stmvl shards "
+                                            "write --help`)")
     assert main(["search", "--checkpoint", "m", "--videos", "v", "q", "--top", "many"]) == 2
     assert _one_error(capsys, "search") == ("argument --top: invalid int value: 'many' (see `stmvl search --help`)")
 
@@ -167,8 +175,10 @@ def test_the_library_never_imports_the_command_layer():
     assert offenders == []
     assert not (SRC / "train" / "commands.py").exists()
     for name, (module, func, _) in COMMANDS.items():
-        if name not in ("demo", "synth", "check-data", "shards"):  # demo and the data commands keep their modules
+        if name != "demo":  # the demo keeps its module (a pipeline of the other commands' library functions)
             assert module.startswith("stmvl.commands."), name
+    for module in ("synth", "check", "shards"):  # the data modules keep plain library functions only
+        assert not hasattr(importlib.import_module(f"stmvl.data.{module}"), "cli_main"), module
 
 
 # ----------------------------------------------------------------------------- recipes: pretrain / train-teacher
@@ -417,13 +427,13 @@ def test_demo_follows_the_rule(capsys):
 
 
 def test_library_modules_report_through_logging_not_print():
-    """No print() in the library outside the command layer (data/ and train/ report through their own loggers and
-    progress streams; demo.py is a command)."""
+    """No print() in the library outside the command layer (train/ reports through its own loggers and progress
+    streams; demo.py is a command)."""
     skip = ("cli.py", "demo.py")
     printing = []
     for path in SRC.rglob("*.py"):
         rel = path.relative_to(SRC).as_posix()
-        if rel in skip or rel.startswith(("commands/", "data/", "train/")):
+        if rel in skip or rel.startswith(("commands/", "train/")):
             continue
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "print":
@@ -469,6 +479,41 @@ def test_finetune_initialisation_from_a_corrupt_model_file_is_a_user_error(corru
         load_pretrained(corrupt_dir, _tiny(), drop={})
     assert user_error_message(error.value).startswith(f"{corrupt_dir / 'model.safetensors'}: not a readable "
                                                       "safetensors file (")
+
+
+@pytest.mark.parametrize("name, argv, message", [
+    ("synth", ["--size", "31"], "--size must be an even number in [32, 4096], got 31"),
+    ("synth", ["--frames", "1"], "--frames must lie in [2, 10000], got 1"),
+    ("synth", ["--train", "-1"], "--train must lie in [0, 10000000], got -1"),
+    ("synth", ["--workers", "0"], "--workers must lie in [1, 1024], got 0"),
+    ("check-data", ["--workers", "0"], "--workers must lie in [1, 1024], got 0"),
+    ("check-data", ["--min-frames", "0"], "--min-frames must be at least 1, got 0"),
+    ("check-data", ["--max-video-seconds", "nan"], "--max-video-seconds must be a positive number, got nan"),
+    ("check-data", ["--max-image-pixels", "0"],
+     "--max-image-pixels and --max-video-pixels must be at least 1, got 0 and 33177600"),
+    ("shards", ["--shard-size", "0"], "--shard-size must be at least 1, got 0"),
+    ("shards", ["--quality", "101"], "--quality must lie in [1, 100], got 101"),
+    ("shards", ["--predecode", "0"], "--predecode must lie in [1, 1024], got 0"),
+    ("shards", ["--short-side", "4"], "--short-side must lie in [16, 4096], got 4"),
+])
+def test_data_commands_refuse_bad_numbers_before_any_work(tmp_path, capsys, name, argv, message):
+    required = {"synth": ["--out", str(tmp_path / "out")],
+                "check-data": [str(tmp_path / "a.json"), "--media-root", str(tmp_path)],
+                "shards": ["write", str(tmp_path / "a.json"), "--media-root", str(tmp_path), "--out",
+                           str(tmp_path / "out")]}[name]
+    assert main([name, *required, *argv]) == 2
+    assert _one_error(capsys, name) == message
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing written, nothing read
+
+
+def test_data_commands_refuse_an_output_folder_that_is_a_file(tmp_path, capsys):
+    (tmp_path / "taken").write_text("not a folder")
+    assert main(["synth", "--out", str(tmp_path / "taken"), "--train", "1"]) == 2
+    assert _one_error(capsys, "synth") == f"--out {tmp_path / 'taken'}: exists and is not a folder"
+    assert main(["shards", "write", str(tmp_path / "a.json"), "--media-root", str(tmp_path), "--out",
+                 str(tmp_path / "taken")]) == 2
+    assert _one_error(capsys, "shards") == f"--out {tmp_path / 'taken'}: exists and is not a folder"
+    assert (tmp_path / "taken").read_text() == "not a folder"
 
 
 def test_data_commands_follow_the_rule(tmp_path, capsys):

@@ -5,6 +5,7 @@ import shutil
 
 import pytest
 
+from stmvl.commands.data import check_data_main
 from stmvl.data import check, synth
 
 from broken_media import forged_png, write_broken_media
@@ -32,7 +33,7 @@ def _mixed_corpus(corpus, tmp_path):
 def test_check_data_reports_each_bad_file_with_its_reason(corpus, tmp_path, capsys, workers):
     annotation, bad = _mixed_corpus(corpus, tmp_path)
     report_path = tmp_path / "report.json"
-    code = check.cli_main([str(annotation), "--media-root", str(tmp_path), "--report", str(report_path),
+    code = check_data_main([str(annotation), "--media-root", str(tmp_path), "--report", str(report_path),
                            "--min-frames", "4", "--workers", str(workers)])
     assert code == 1
     report = json.loads(report_path.read_text())
@@ -46,8 +47,8 @@ def test_check_data_reports_each_bad_file_with_its_reason(corpus, tmp_path, caps
 
 
 def test_clean_corpus_exits_zero_and_images_are_checked(corpus, capsys):
-    assert check.cli_main([str(corpus / "annotations" / "train_video.json"), "--media-root", str(corpus)]) == 0
-    assert check.cli_main([str(corpus / "annotations" / "train_image.json"), "--media-root", str(corpus),
+    assert check_data_main([str(corpus / "annotations" / "train_video.json"), "--media-root", str(corpus)]) == 0
+    assert check_data_main([str(corpus / "annotations" / "train_image.json"), "--media-root", str(corpus),
                            "--media-type", "image"]) == 0
     assert "ok          3" in capsys.readouterr().out
 
@@ -55,7 +56,7 @@ def test_clean_corpus_exits_zero_and_images_are_checked(corpus, capsys):
 def test_annotation_without_media_field_is_an_error(tmp_path, capsys):
     annotation = tmp_path / "a.json"
     annotation.write_text(json.dumps([{"video": "a.mp4", "caption": "x"}, {"caption": "y"}]))
-    assert check.cli_main([str(annotation), "--media-root", str(tmp_path)]) == 2
+    assert check_data_main([str(annotation), "--media-root", str(tmp_path)]) == 2
     assert capsys.readouterr().err == (f"stmvl check-data: error: {annotation}: record 1: missing or invalid field "
                                        f"'video' (expected a media path for --media-type video)\n")
 
@@ -64,7 +65,7 @@ def test_an_annotation_saved_as_latin1_is_one_line_exit_2(tmp_path, capsys):
     annotation = tmp_path / "latin1.jsonl"
     text = '{"video": "a.mp4", "caption": "x"}\n{"video": "b.mp4", "caption": "déjà vu"}\n'
     annotation.write_bytes(text.encode("latin-1"))
-    assert check.cli_main([str(annotation), "--media-root", str(tmp_path)]) == 2
+    assert check_data_main([str(annotation), "--media-root", str(tmp_path)]) == 2
     captured = capsys.readouterr()
     assert captured.err == (f"stmvl check-data: error: {annotation}: annotation file is not UTF-8 text: byte 0xe9 at "
                             f"offset {text.index('é')} (line 2); save it as UTF-8\n")
@@ -87,7 +88,7 @@ def test_image_bombs_are_broken_samples_with_a_reason(corpus, tmp_path, capsys):
     annotation = _image_corpus(tmp_path, corpus, {"bomb.png": forged_png(20000, 20000),
                                                   "big.png": forged_png(9000, 9000)})
     report_path = tmp_path / "report.json"
-    assert check.cli_main([str(annotation), "--media-root", str(tmp_path), "--media-type", "image",
+    assert check_data_main([str(annotation), "--media-root", str(tmp_path), "--media-type", "image",
                            "--report", str(report_path)]) == 1
     report = json.loads(report_path.read_text())
     assert report["counts"] == {"ok": 1, "missing": 0, "empty": 0, "undecodable": 0, "too_short": 0, "too_large": 2,
@@ -107,12 +108,12 @@ def test_size_caps_are_options_and_apply_to_videos(corpus, tmp_path):
     assert frames["bad"][0]["detail"] == ("a video frame is 32x32 = 1024 pixels, over the cap of 1023 "
                                           "(data.max_video_pixels)")
     report = tmp_path / "r.json"
-    assert check.cli_main([str(video_annotation), "--media-root", str(corpus), "--max-video-seconds", "0.1",
+    assert check_data_main([str(video_annotation), "--media-root", str(corpus), "--max-video-seconds", "0.1",
                            "--report", str(report)]) == 1
     bad = json.loads(report.read_text())["bad"]
     assert [e["reason"] for e in bad] == ["too_large"] * 3
     assert bad[0]["detail"].endswith("s long, over the cap of 0.1 s (data.max_video_seconds)")
-    assert check.cli_main([str(image_annotation), "--media-root", str(corpus), "--media-type", "image",
+    assert check_data_main([str(image_annotation), "--media-root", str(corpus), "--media-type", "image",
                            "--max-image-pixels", "100", "--report", str(report)]) == 1
     assert json.loads(report.read_text())["counts"]["too_large"] == 3
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from stmvl.commands.data import shards_main
 from stmvl.data import shards, synth
 from stmvl.data.datasets import VideoTextDataset
 
@@ -17,7 +18,7 @@ def sharded(tmp_path_factory):
     root = tmp_path_factory.mktemp("corpus")
     synth.generate_corpus(root, seed=2, train=7, test=0, probe=0, size=32, frames=8, workers=1)
     out = root / "shards"
-    assert shards.cli_main(["write", str(root / "annotations" / "train_video.json"), "--media-root", str(root),
+    assert shards_main(["write", str(root / "annotations" / "train_video.json"), "--media-root", str(root),
                             "--out", str(out), "--shard-size", "3"]) == 0
     return root, out
 
@@ -72,13 +73,13 @@ def test_writing_fails_on_missing_media(tmp_path):
 
 
 def test_check_data_and_index_accept_shards(sharded, tmp_path, capsys):
-    from stmvl.data import check
+    from stmvl.commands.data import check_data_main
 
     root, out = sharded
-    assert check.cli_main([str(out)]) == 0  # a shard folder: no --media-root
+    assert check_data_main([str(out)]) == 0  # a shard folder: no --media-root
     assert "checked 7 shard samples" in capsys.readouterr().out
     written = json.loads((out / "index.json").read_text())
-    assert shards.cli_main(["index", str(out / "shard-{000000..000002}.tar"), "--out", str(tmp_path / "i.json")]) == 0
+    assert shards_main(["index", str(out / "shard-{000000..000002}.tar"), "--out", str(tmp_path / "i.json")]) == 0
     counted = json.loads((tmp_path / "i.json").read_text())
     assert [s["samples"] for s in counted["shards"]] == [s["samples"] for s in written["shards"]] == [3, 3, 1]
     assert counted["records"] == written["records"] == 7
@@ -86,7 +87,7 @@ def test_check_data_and_index_accept_shards(sharded, tmp_path, capsys):
     shutil.copytree(out, broken)
     data = (broken / "shard-000001.tar").read_bytes()
     (broken / "shard-000001.tar").write_bytes(data[: len(data) // 2])
-    assert check.cli_main([str(broken / "index.json"), "--report", str(tmp_path / "r.json")]) == 1
+    assert check_data_main([str(broken / "index.json"), "--report", str(tmp_path / "r.json")]) == 1
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["counts"]["undecodable"] >= 1 and report["index_mismatch"][0]["url"].endswith("shard-000001.tar")
 

@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 
+from stmvl.commands.data import synth_main
 from stmvl.data import synth
 from stmvl.data.annotations import load_annotations, load_answer_list
 from stmvl.data.video import read_video
@@ -16,7 +17,7 @@ COUNTS = dict(train=8, test=6, probe=6)
 def corpora(tmp_path_factory):
     a, b = tmp_path_factory.mktemp("synth_a"), tmp_path_factory.mktemp("synth_b")
     synth.generate_corpus(a, seed=5, workers=2, **COUNTS)
-    assert synth.cli_main(["--out", str(b), "--seed", "5", "--workers", "1"] +
+    assert synth_main(["--out", str(b), "--seed", "5", "--workers", "1"] +
                           [f"--{k}={v}" for k, v in COUNTS.items()]) == 0
     return a, b
 

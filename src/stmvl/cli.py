@@ -13,9 +13,9 @@ import sys
 # command -> (module, function, one-line help). Modules are imported lazily so `stmvl --help` is instant.
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "demo": ("stmvl.demo", "cli_main", "synthetic corpus -> teacher -> STM pretraining -> evaluation + report"),
-    "synth": ("stmvl.data.synth", "cli_main", "write the synthetic temporal video-text corpus"),
-    "check-data": ("stmvl.data.check", "cli_main", "decode a whole corpus and report missing/corrupt media"),
-    "shards": ("stmvl.data.shards", "cli_main", "write webdataset tar shards from an annotation file"),
+    "synth": ("stmvl.commands.data", "synth_main", "write the synthetic temporal video-text corpus"),
+    "check-data": ("stmvl.commands.data", "check_data_main", "decode a whole corpus and report missing/corrupt media"),
+    "shards": ("stmvl.commands.data", "shards_main", "write webdataset tar shards from an annotation file"),
     "train-teacher": ("stmvl.commands.train", "train_teacher_main", "train the demo's tiny CLIP image teacher"),
     "pretrain": ("stmvl.commands.train", "pretrain_main", "pretrain an STM / UMT model from a recipe"),
     "finetune": ("stmvl.commands.finetune", "finetune_main", "finetune on retrieval, QA or multiple choice"),

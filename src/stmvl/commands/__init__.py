@@ -1,7 +1,7 @@
 """The command layer: every ``stmvl <command>`` entry point, above the library.
 
 One module per command family (``train``: pretrain and train-teacher, ``evaluate``, ``finetune``, ``search``,
-``show_masks``, ``convert``). Each ``*_main(argv) -> int`` parses its arguments, calls plain library functions
+``show_masks``, ``convert``, ``data``: synth, check-data and shards; ``stmvl demo`` keeps its own module). Each ``*_main(argv) -> int`` parses its arguments, calls plain library functions
 (``stmvl.tasks.runs.pretrain(cfg)``, ``stmvl.api.search(...)``, ...) and prints what the user asked for. Only
 ``stmvl.cli`` imports this package; the library never does.
 

@@ -6,20 +6,16 @@ is read sample by sample with the training reader's checks (tar structure, membe
 ``index``), every sample decoded completely, and each shard's sample count compared with the index. Media over
 the size caps (``--max-image-pixels``, ``--max-video-pixels``, ``--max-video-seconds``; the ``data.max_*`` defaults
 of a recipe) are reported as ``too_large`` from their headers, and any other failure of a file as ``error`` with the
-exception named: one file never stops the check. Exit code 0 when everything decodes, 1 otherwise, 2 for a user
-error (an annotation that is not UTF-8 or not JSON, a missing field: one line naming the file).
+exception named: one file never stops the check. An annotation that is not UTF-8 or not JSON, or a record without
+its media field, is an AnnotationError naming the file (a user error). The command (``stmvl.commands.data``) exits 0
+when everything decodes, 1 otherwise, 2 for a user error.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import multiprocessing
-import sys
 from pathlib import Path
 from typing import Any, Sequence
-
-from stmvl.errors import UserError
 
 from .annotations import AnnotationError, read_records
 from .quarantine import as_media_error
@@ -177,51 +173,3 @@ def check_shards(source: str | Sequence[str], index: ShardIndex | None = None, m
             mismatch.append({"url": url, "index": expected[url], "found": seen})
     return {"shards": str(source) if isinstance(source, str) else len(urls), "media_type": media_type,
             "samples": sum(r[2] for r in results), "counts": counts, "bad": bad, "index_mismatch": mismatch}
-
-
-def cli_main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="stmvl check-data", description=__doc__.splitlines()[0])
-    parser.add_argument("annotation", help="annotation file (JSON list or JSONL); without --media-root, a shard "
-                                           "corpus: its index.json, the folder holding it, or a webdataset pattern")
-    parser.add_argument("--media-root", help="folder the records' media paths are relative to (annotation files)")
-    parser.add_argument("--media-type", choices=("video", "image"), default=None, help="default: video, or the "
-                                                                                        "shard index's")
-    parser.add_argument("--report", help="write the JSON report here")
-    parser.add_argument("--workers", type=int, default=1, help="decode with this many processes")
-    parser.add_argument("--min-frames", type=int, default=1, help="videos with fewer frames are 'too_short'")
-    defaults = MediaLimits()
-    parser.add_argument("--max-image-pixels", type=int, default=defaults.max_image_pixels,
-                        help="images with more pixels are 'too_large' (default: data.max_image_pixels's)")
-    parser.add_argument("--max-video-pixels", type=int, default=defaults.max_video_pixels,
-                        help="videos whose frames have more pixels are 'too_large' (default: data.max_video_pixels's)")
-    parser.add_argument("--max-video-seconds", type=float, default=defaults.max_video_seconds,
-                        help="longer videos are 'too_large' (default: data.max_video_seconds's)")
-    args = parser.parse_args(argv)
-    limits = MediaLimits(args.max_image_pixels, args.max_video_pixels, args.max_video_seconds)
-    try:
-        if args.media_root is None:
-            report = check_shards(args.annotation, media_type=args.media_type, min_frames=args.min_frames,
-                                  workers=args.workers, limits=limits)
-            what, total = "shard samples", report["samples"]
-        else:
-            report = check_corpus(args.annotation, args.media_root, args.media_type or "video", args.min_frames,
-                                  args.workers, limits)
-            what, total = f"{report['media_type']} files", report["files"]
-    except UserError as err:  # the command rule: a user error is one line naming the file, exit 2
-        print(f"stmvl check-data: error: {' '.join(str(err).split())}", file=sys.stderr)
-        return 2
-    counts = report["counts"]
-    print(f"checked {total} {what} of {args.annotation}")
-    for status, count in counts.items():
-        print(f"  {status:<12}{count}")
-    for entry in report["bad"][:20]:
-        print(f"  BAD {entry['reason']:<12}{entry['path']}  {entry['detail']}")
-    if len(report["bad"]) > 20:
-        print(f"  ... and {len(report['bad']) - 20} more (see the report)")
-    for entry in report.get("index_mismatch", []):
-        print(f"  INDEX {entry['url']}: the index lists {entry['index']} samples, the shard holds {entry['found']}")
-    if args.report:
-        Path(args.report).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.report).write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
-        print(f"report: {args.report}")
-    return 0 if counts["ok"] == total and not report.get("index_mismatch") else 1

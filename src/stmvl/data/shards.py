@@ -14,12 +14,10 @@ counts; training (stmvl.data.stream) derives the steps per epoch from it. See do
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import logging
 import os
-import sys
 import tarfile
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
@@ -33,13 +31,13 @@ from stmvl.errors import UserError
 from .annotations import read_records, validate_optional_fields
 from .datasets import sample_generators
 from .quarantine import BrokenMediaGuard, Quarantine, as_media_error
-from .stream import (IMAGE_EXTENSIONS, INDEX_FILE, INDEX_FORMAT, VIDEO_EXTENSIONS, ShardIndex, iter_raw_samples,
+from .stream import (IMAGE_EXTENSIONS, INDEX_FILE, INDEX_FORMAT, VIDEO_EXTENSIONS, iter_raw_samples,
                      media_member)
 from .transforms import build_transform
 from .video import MediaError, MediaLimits, read_media, read_video, resolve_media_path
 
 __all__ = ["IMAGE_EXTENSIONS", "VIDEO_EXTENSIONS", "write_shards", "write_index", "iter_tar_samples",
-           "ShardDataset", "cli_main"]
+           "ShardDataset"]
 
 log = logging.getLogger(__name__)
 PARTIAL_SUFFIX = ".partial"
@@ -349,40 +347,3 @@ class ShardDataset(IterableDataset):
                     self.guard.record_failure(as_media_error(err, f"{shard}:{sample.get('__key__')}"), position)
                     continue
                 yield decoded
-
-
-def cli_main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="stmvl shards", description="webdataset tar shards (docs/data.md)")
-    sub = parser.add_subparsers(dest="action", required=True)
-    write = sub.add_parser("write", help="write shards and index.json from an annotation file (atomic, resumable)")
-    write.add_argument("annotation")
-    write.add_argument("--media-root", required=True)
-    write.add_argument("--out", required=True)
-    write.add_argument("--shard-size", type=int, default=1000, help="records per shard")
-    write.add_argument("--media-type", choices=("video", "image"), default="video")
-    write.add_argument("--prefix", default="shard")
-    write.add_argument("--predecode", type=int, default=None, metavar="T",
-                       help="store T JPEG frames per video instead of the video file")
-    write.add_argument("--short-side", type=int, default=256, help="pre-decoded frames: resize to this short side")
-    write.add_argument("--quality", type=int, default=90, help="pre-decoded frames: JPEG quality")
-    write.add_argument("--workers", type=int, default=1, help="write this many shards in parallel")
-    index = sub.add_parser("index", help="count the samples of existing shards and write an index file")
-    index.add_argument("shards", help="webdataset pattern, e.g. '/data/webvid/{000000..002499}.tar'")
-    index.add_argument("--out", required=True, help="the index file to write (index.json)")
-    index.add_argument("--media-type", choices=("video", "image"), default="video")
-    args = parser.parse_args(argv)
-    # progress goes through the `stmvl` loggers, which the command layer (stmvl.commands.rule) sends to stderr
-    try:
-        if args.action == "write":
-            paths = write_shards(args.annotation, args.media_root, args.out, args.shard_size, args.media_type,
-                                 args.prefix, predecode=args.predecode, short_side=args.short_side,
-                                 quality=args.quality, workers=args.workers)
-            data = ShardIndex.from_file(str(Path(args.out) / INDEX_FILE))
-            print(f"wrote {len(paths)} shards ({data.samples} samples) and {Path(args.out) / INDEX_FILE}")
-        else:
-            data = write_index(args.shards, args.out, args.media_type)
-            print(f"indexed {len(data['shards'])} shards ({data['samples']} samples) in {args.out}")
-    except (UserError, FileNotFoundError) as err:  # the command rule: one line naming the file, exit 2
-        print(f"stmvl shards: error: {' '.join(str(err).split())}", file=sys.stderr)
-        return 2
-    return 0

@@ -11,7 +11,6 @@ caption. See docs/synthetic_corpus.md for the vocabulary and templates.
 
 from __future__ import annotations
 
-import argparse
 import json
 import multiprocessing
 import os
@@ -486,22 +485,3 @@ def _write_annotations(folder: Path, by_split: dict[str, list[dict]], seed: int)
         _dump(folder / f"{name}.json", data)
         files[name] = f"annotations/{name}.json"
     return files
-
-
-def cli_main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="stmvl synth", description="write the synthetic temporal video-text corpus")
-    parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--train", type=int, default=3000, help="train clips (each also gives one image-text pair)")
-    parser.add_argument("--test", type=int, default=500)
-    parser.add_argument("--probe", type=int, default=500)
-    parser.add_argument("--size", type=int, default=64, help="frame side in pixels")
-    parser.add_argument("--frames", type=int, default=16)
-    parser.add_argument("--workers", type=int, default=None, help="processes (default: all CPUs)")
-    args = parser.parse_args(argv)
-    manifest = generate_corpus(args.out, seed=args.seed, train=args.train, test=args.test, probe=args.probe,
-                               size=args.size, frames=args.frames, workers=args.workers)
-    counts = manifest["counts"]
-    print(f"wrote {counts['train']} train / {counts['test']} test / {counts['probe']} probe clips "
-          f"({args.size}px, {args.frames} frames) to {args.out} in {manifest['seconds']:.1f}s")
-    return 0
