@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader
 from stmvl.data import synth
 from stmvl.data.datasets import (MCDataset, ProbeDataset, QADataset, RetrievalDataset, VideoTextCollator,
                                  VideoTextDataset, collate_eval)
+from stmvl.data.annotations import AnnotationError
 from stmvl.data.quarantine import Quarantine, TooManyBadSamples
 from stmvl.data.text import Tokenizer
 
@@ -132,8 +133,10 @@ def test_retrieval_modes_and_ground_truth(tmp_path, corpus):
     assert batch["video"].shape == (2, 2, 3, 16, 16) and batch["index"].tolist() == [0, 1]
     records[2]["gt"] = [[7]]
     path.write_text(json.dumps(records))
-    with pytest.raises(ValueError, match="record 2: field 'gt'"):
+    with pytest.raises(AnnotationError) as info:  # a user error: one line naming file, record and field
         RetrievalDataset(path, corpus, mode="multi")
+    assert str(info.value) == (f"{path}: record 2: field 'gt' must be a non-empty list of video indices in [0, 3), "
+                               "got [7]")
 
 
 def test_probe_qa_mc_datasets(corpus):

@@ -1,8 +1,11 @@
 """Retrieval metrics against hand-computed ranks (ties, several ground truths, -inf, errors)."""
 
+import json
+
 import pytest
 import torch
 
+from stmvl.data.annotations import AnnotationError
 from stmvl.eval.metrics import query_ranks, rank_summary, retrieval_metrics
 
 # 3 texts x 4 videos. Hand ranks (pessimistic ties, best ground truth, other ground truths never count):
@@ -83,3 +86,28 @@ def test_invalid_inputs_are_rejected():
         query_ranks(torch.zeros(1, 2), [[2]])
     with pytest.raises(ValueError, match=r"\[Nt, Nv\]"):
         retrieval_metrics(torch.zeros(2, 2), [[0]], [[0], [0]])
+
+
+def test_ground_truth_that_cannot_be_ranked_is_an_annotation_error_naming_the_file():
+    with pytest.raises(AnnotationError) as info:
+        retrieval_metrics(torch.zeros(2, 2), [[0], [1]], [[0], []], source="ret.json")
+    assert str(info.value) == ("ret.json: the video of record 1 has no ground truth (every query needs at least one; "
+                               "check the records' 'gt' fields)")
+    with pytest.raises(AnnotationError) as info:
+        retrieval_metrics(torch.zeros(2, 2), [[0], [5]], [[0], [1]], source="ret.json")
+    assert str(info.value) == "ret.json: text query 1: ground truth 5 is outside the gallery of 2"
+
+
+def test_a_video_no_text_matches_stops_the_evaluation_before_any_clip_is_read(tmp_path):
+    from stmvl.data.datasets import RetrievalDataset
+    from stmvl.eval.retrieval import evaluate_retrieval
+
+    # both texts name video 0 as their match ("gt"): video 1 has no text to be retrieved by
+    path = tmp_path / "ret.json"
+    path.write_text(json.dumps([{"video": "a.mp4", "caption": "a dog", "gt": [0]},
+                                {"video": "b.mp4", "caption": "a cat", "gt": [0]}]))
+    dataset = RetrievalDataset(path, tmp_path / "absent")  # no clip exists: reading one would fail differently
+    with pytest.raises(AnnotationError) as info:
+        evaluate_retrieval(object(), dataset)  # the model is never reached either
+    assert str(info.value) == (f"{path}: the video of record 1 has no ground truth (every query needs at least one; "
+                               "check the records' 'gt' fields)")

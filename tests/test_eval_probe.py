@@ -1,10 +1,12 @@
 """Temporal probe (with the shuffled-frame control) and multiple-choice scoring, with fake models."""
 
+import json
 import math
 
 import pytest
 import torch
 
+from stmvl.data.annotations import AnnotationError
 from stmvl.eval.mc import combine_option_scores, evaluate_mc
 from stmvl.eval.probe import ShuffledFrames, evaluate_probe, frame_permutation
 
@@ -169,5 +171,20 @@ def test_mc_rejects_ragged_options():
             item["options"] = item["options"][: 5 - index]
             return item
 
-    with pytest.raises(ValueError, match="same number of options"):
+    with pytest.raises(AnnotationError) as info:
         evaluate_mc(OptionModel(), Ragged(), batch_size=3)
+    assert str(info.value) == ("record 1: 4 options, but record 0 has 5; every multiple-choice item needs the same "
+                               "number of options")
+
+
+def test_mc_annotation_with_ragged_options_is_refused_before_any_clip_is_read(tmp_path):
+    from stmvl.data.datasets import MCDataset as FileMCDataset
+
+    path = tmp_path / "mc.json"
+    path.write_text(json.dumps([{"video": f"{i}.mp4", "caption": ["a", "b", "c"][: 3 - (i == 2)], "answer": 0}
+                                for i in range(4)]))
+    dataset = FileMCDataset(path, tmp_path / "absent")  # no clip exists: reading one would fail differently
+    with pytest.raises(AnnotationError) as info:
+        evaluate_mc(OptionModel(), dataset)
+    assert str(info.value) == (f"{path}: record 2: 2 options, but record 0 has 3; every multiple-choice item needs "
+                               "the same number of options")

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .annotations import PackedRecords, load_annotations, load_answer_list, media_key
+from .annotations import AnnotationError, PackedRecords, load_annotations, load_answer_list, media_key
 from .quarantine import BrokenMediaGuard, Quarantine, as_media_error
 from .transforms import EvalTransform, TrainTransform, build_transform, to_float
 from .video import MediaLimits, read_media, resolve_media_path
@@ -180,7 +180,7 @@ class RetrievalDataset(MediaDataset):
             if self.mode == "multi":
                 gts = gt if gt is not None else [[v]] * len(captions)
                 if len(gts) != len(captions) or not all(isinstance(g, list) for g in gts):
-                    raise ValueError(f"{self.records.source}: record {v}: field 'gt' must be one list of video "
+                    raise AnnotationError(f"{self.records.source}: record {v}: field 'gt' must be one list of video "
                                      f"indices per caption in multi mode")
                 texts += captions
                 txt2vid += [self._check_gt(g, v) for g in gts]
@@ -191,7 +191,7 @@ class RetrievalDataset(MediaDataset):
 
     def _check_gt(self, gt: Any, record_index: int) -> list[int]:
         if not isinstance(gt, list) or not gt or not all(isinstance(g, int) and 0 <= g < len(self) for g in gt):
-            raise ValueError(f"{self.records.source}: record {record_index}: field 'gt' must be a non-empty list of "
+            raise AnnotationError(f"{self.records.source}: record {record_index}: field 'gt' must be a non-empty list of "
                              f"video indices in [0, {len(self)}), got {gt!r}")
         return sorted(set(gt))
 

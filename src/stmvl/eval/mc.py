@@ -12,6 +12,7 @@ from typing import Any, Sequence
 
 import torch
 
+from stmvl.data.annotations import AnnotationError
 from stmvl.eval.features import describe_protocol, evaluation_mode, map_clips, score_texts_per_clip
 
 ITM_WEIGHT = 0.7
@@ -34,11 +35,33 @@ def combine_option_scores(itm_prob: torch.Tensor, itc: torch.Tensor, temp: float
     return ITM_WEIGHT * itm_prob.float() + ITC_WEIGHT * (itc.float() / temp).softmax(dim=-1)
 
 
-def _option_count(options: Sequence[Sequence[str]]) -> int:
-    counts = {len(item_options) for item_options in options}
-    if len(counts) != 1:
-        raise ValueError(f"every multiple-choice item needs the same number of options, got counts {sorted(counts)}")
-    return counts.pop()
+def _different_counts(source: str, index: int, count: int, first_index: int, first_count: int) -> AnnotationError:
+    where = f"{source}: " if source else ""
+    return AnnotationError(f"{where}record {index}: {count} options, but record {first_index} has {first_count}; every "
+                           "multiple-choice item needs the same number of options")
+
+
+def check_option_counts(dataset: Any) -> None:
+    """Every record of an stmvl MC dataset (its ``records``, options in ``caption``) has as many options as the first:
+    checked before any clip is read. An AnnotationError names the file and the first record that differs."""
+    records = getattr(dataset, "records", None)
+    if records is None:  # another dataset: its batches are checked as they come (_option_count)
+        return
+    first = None
+    for index, record in enumerate(records):
+        count = len(record["caption"])
+        first = count if first is None else first
+        if count != first:
+            raise _different_counts(str(getattr(records, "source", "")), index, count, 0, first)
+
+
+def _option_count(options: Sequence[Sequence[str]], indices: Sequence[int], source: str = "") -> int:
+    """The number of options of a batch's items; an AnnotationError naming the first item that differs."""
+    counts = [len(item_options) for item_options in options]
+    for position, count in enumerate(counts):
+        if count != counts[0]:
+            raise _different_counts(source, int(indices[position]), count, int(indices[0]), counts[0])
+    return counts[0]
 
 
 def evaluate_mc(
@@ -66,9 +89,12 @@ def evaluate_mc(
     device = torch.device(device)
     max_len = max_text_len or getattr(dataset, "max_text_len", None) or DEFAULT_MC_TEXT_LEN
     temp = model.temp
+    check_option_counts(dataset)
+    source = str(getattr(getattr(dataset, "records", None), "source", "") or "")
 
     def score(batch: dict[str, Any]) -> tuple[torch.Tensor, ...]:
-        _option_count(batch["options"])  # raises unless every clip has the same number of options
+        # the options of a batch are scored as one [B, K] tensor: every clip needs the same K
+        _option_count(batch["options"], batch.get("index", range(len(batch["options"]))), source)
         itm, itc = score_texts_per_clip(model, batch["video"], batch["options"], max_len, device, autocast)
         combined = combine_option_scores(itm, itc, temp)
         answer = torch.as_tensor(batch["answer"], dtype=torch.long)

@@ -26,7 +26,7 @@ from stmvl.eval.features import (
     rank_and_world,
     shard_range,
 )
-from stmvl.eval.metrics import retrieval_metrics
+from stmvl.eval.metrics import TEXT_QUERY, VIDEO_QUERY, ground_truth_mask, retrieval_metrics
 
 DEFAULT_TEXT_MAX_LEN = 32
 
@@ -140,6 +140,10 @@ def evaluate_retrieval(
         ``{"itc": metrics, "itm": metrics, "protocol": {...}}`` (see :func:`stmvl.eval.metrics.retrieval_metrics`).
     """
     max_len = max_text_len or getattr(dataset, "max_text_len", None) or DEFAULT_TEXT_MAX_LEN
+    source = str(getattr(getattr(dataset, "records", None), "source", "") or "")
+    # ground truth that cannot be ranked is the annotation's fault: say so before any clip is encoded
+    ground_truth_mask(dataset.txt2vid, len(dataset), source=source, query=TEXT_QUERY)
+    ground_truth_mask(dataset.vid2txt, len(dataset.texts), source=source, query=VIDEO_QUERY)
     video_tokens, frame_embeds = extract_video_features(
         model, dataset, batch_size=batch_size, num_workers=num_workers, device=device, autocast=autocast
     )
@@ -147,7 +151,7 @@ def evaluate_retrieval(
         model, dataset.texts, max_length=max_len, batch_size=batch_size, device=device, autocast=autocast
     )
     sim = itc_similarity(text_embeds, frame_embeds)
-    result: dict[str, Any] = {"itc": retrieval_metrics(sim, dataset.txt2vid, dataset.vid2txt)}
+    result: dict[str, Any] = {"itc": retrieval_metrics(sim, dataset.txt2vid, dataset.vid2txt, source=source)}
     k = min(k_test, max(sim.shape))
     if itm:
         pairs, t2v_top, v2t_top = top_k_pairs(sim, k)
@@ -155,7 +159,7 @@ def evaluate_retrieval(
             model, pairs, video_tokens, text_states, text_mask, batch_size=batch_size, device=device, autocast=autocast
         )
         t2v, v2t = rerank_matrices(sim, pairs, pair_scores, t2v_top, v2t_top)
-        result["itm"] = retrieval_metrics(t2v, dataset.txt2vid, dataset.vid2txt, v2t_sim=v2t)
+        result["itm"] = retrieval_metrics(t2v, dataset.txt2vid, dataset.vid2txt, v2t_sim=v2t, source=source)
     result["protocol"] = describe_protocol(
         dataset,
         task="retrieval",
