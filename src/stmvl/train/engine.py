@@ -72,8 +72,11 @@ class ResumeError(UserError):
     changed with the number of ranks), or a checkpoint that this rank cannot read. A user error: exit code 2."""
 
 
-class NonFiniteLossError(RuntimeError):
-    """Raised when more than `optim.max_nonfinite_steps` steps had a non-finite loss or gradient."""
+class NonFiniteLossError(UserError, RuntimeError):
+    """Raised when more than `optim.max_nonfinite_steps` steps had a non-finite loss or gradient.
+
+    A user error under the command rule (one line, exit 2): a run diverges because of its settings (learning rate,
+    precision, data), and the message says which to change; a RuntimeError too, for callers that catch that."""
 
 
 class GradScalerError(NonFiniteLossError):
