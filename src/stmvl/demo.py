@@ -227,8 +227,9 @@ def run_demo(out: Path, compare: bool = False, overrides: list[str] | None = Non
     stages["teacher"] = run_teacher(out, shared)
     runs: dict[str, dict] = {}
     per_seed: dict[str, list[dict]] = {}
-    for name in (COMPARE_VARIANTS if compare else ["stm"]):
-        for seed in range(seeds if compare else 1):
+    # seed-major, so that a comparison cut short still holds every variant for the seeds it finished
+    for seed in range(seeds if compare else 1):
+        for name in (COMPARE_VARIANTS if compare else ["stm"]):
             tag = name if not compare else f"{name}_seed{seed}"
             _log(f"pretraining {tag!r} ({recipe})")
             seed_overrides = [f"runtime.seed={seed}", f"model.mask.seed={seed}"] if compare else []
