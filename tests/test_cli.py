@@ -175,8 +175,7 @@ def test_the_library_never_imports_the_command_layer():
     assert offenders == []
     assert not (SRC / "train" / "commands.py").exists()
     for name, (module, func, _) in COMMANDS.items():
-        if name != "demo":  # the demo keeps its module (a pipeline of the other commands' library functions)
-            assert module.startswith("stmvl.commands."), name
+        assert module.startswith("stmvl.commands."), name
     for module in ("synth", "check", "shards"):  # the data modules keep plain library functions only
         assert not hasattr(importlib.import_module(f"stmvl.data.{module}"), "cli_main"), module
 
@@ -428,8 +427,8 @@ def test_demo_follows_the_rule(capsys):
 
 def test_library_modules_report_through_logging_not_print():
     """No print() in the library outside the command layer (train/ reports through its own loggers and progress
-    streams; demo.py is a command)."""
-    skip = ("cli.py", "demo.py")
+    streams)."""
+    skip = ("cli.py",)
     printing = []
     for path in SRC.rglob("*.py"):
         rel = path.relative_to(SRC).as_posix()

@@ -12,7 +12,7 @@ import sys
 
 # command -> (module, function, one-line help). Modules are imported lazily so `stmvl --help` is instant.
 COMMANDS: dict[str, tuple[str, str, str]] = {
-    "demo": ("stmvl.demo", "cli_main", "synthetic corpus -> teacher -> STM pretraining -> evaluation + report"),
+    "demo": ("stmvl.commands.demo", "demo_main", "synthetic corpus -> teacher -> STM pretraining -> evaluation + report"),
     "synth": ("stmvl.commands.data", "synth_main", "write the synthetic temporal video-text corpus"),
     "check-data": ("stmvl.commands.data", "check_data_main", "decode a whole corpus and report missing/corrupt media"),
     "shards": ("stmvl.commands.data", "shards_main", "write webdataset tar shards from an annotation file"),

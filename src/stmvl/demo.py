@@ -12,10 +12,9 @@ seeds (default 3), and reports mean and spread of each number.
 
 from __future__ import annotations
 
-import argparse
 import json
+import logging
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -59,8 +58,11 @@ def _paths(out: Path) -> list[str]:
     return [f"paths.data={out / 'data'}", f"paths.models={out}"]
 
 
+logger = logging.getLogger(__name__)
+
+
 def _log(message: str) -> None:
-    print(f"[demo] {message}", flush=True)
+    logger.info("[demo] %s", message)
 
 
 def run_teacher(out: Path, overrides: list[str]) -> dict[str, float]:
@@ -248,25 +250,3 @@ def run_demo(out: Path, compare: bool = False, overrides: list[str] | None = Non
                             for name, rs in per_seed.items()}
     (out / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     return summary
-
-
-def cli_main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="stmvl demo", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default="runs/demo", help="output folder (corpus, teacher, runs, report)")
-    parser.add_argument("--full", action="store_true", help="the full tier (recipe demo_full): longer, better")
-    parser.add_argument("--compare", action="store_true", help="also pretrain umt and random masking, same budget")
-    parser.add_argument("--seeds", type=int, default=3, help="seeds per variant with --compare (default 3)")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides of the demo recipe, e.g. optim.max_steps=50")
-    args = parser.parse_args(argv)
-    if args.seeds < 1:
-        print("stmvl demo: error: --seeds must be at least 1", file=sys.stderr)
-        return 2
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    summary = run_demo(Path(args.out), compare=args.compare, overrides=args.overrides, full=args.full,
-                       seeds=args.seeds)
-    _log(f"report: {summary['report']}")
-    for name, numbers in summary["results"].items():
-        _log(f"{name}: " + ", ".join(f"{k}={v:.1f}" for k, v in numbers.items() if v is not None))
-    _log("stages (s / TFLOP): " + ", ".join(f"{k}={v['seconds']:.0f}/{v['flops'] / 1e12:.2f}"
-                                           for k, v in summary["stages"].items()))
-    return 0
