@@ -227,3 +227,21 @@ def test_vtc_ddp_gradients_equal_single_process():
     run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
     assert run.returncode == 0, run.stdout + run.stderr
     assert run.stdout.count("max |grad diff|") == 2
+
+
+def test_vtc_temporal_pair_terms_add_a_two_way_loss_per_sample():
+    """pair_weight: the batch-wide loss plus w x the mean of the (positive vs reversed clip) and (positive vs foil)
+    two-way cross entropies, computed here by hand."""
+    torch.manual_seed(0)
+    b, e, temp = 4, 8, 0.1
+    video, text, rev, foil = (torch.randn(b, e) for _ in range(4))
+    ids = torch.arange(b)
+    kwargs = dict(reversed_video=rev, foil_text=foil, gather=False)
+    base = vtc_loss(video, text, ids, temp, **kwargs)
+    with_pairs = vtc_loss(video, text, ids, temp, pair_weight=0.5, **kwargs)
+    cos = lambda a, c: (F.normalize(a, dim=-1) * F.normalize(c, dim=-1)).sum(-1) / temp  # noqa: E731
+    pos = cos(text, video)
+    t2v = -F.log_softmax(torch.stack([pos, cos(text, rev)], 1), 1)[:, 0].mean()
+    v2t = -F.log_softmax(torch.stack([pos, cos(foil, video)], 1), 1)[:, 0].mean()
+    torch.testing.assert_close(with_pairs, base + 0.5 * (t2v + v2t) / 2)
+    assert torch.equal(vtc_loss(video, text, ids, temp, pair_weight=0.0, **kwargs), base)

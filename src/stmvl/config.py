@@ -345,6 +345,7 @@ _EXTERNAL_METADATA: dict[type, dict[str, dict[str, Any]]] = {
         "mvm": _range(0.0, None),
         "mlm_prob": _range(0.0, 1.0),
         "fusion_samples": _range(0, None),
+        "temporal_pair_weight": _range(0.0, None),
     },
 }
 

@@ -136,6 +136,9 @@ class LossConfig:
     # on 3-5 text-video pairs per sample (positive, hard negatives, reversed clip, foil), more than the student
     # costs; the samples are in random order, and VTM's negatives are still drawn from the whole batch.
     fusion_samples: int = 0
+    # weight of VTC's two-way terms between each positive and its own temporal negative (reversed clip, foil), on
+    # top of the batch-wide softmax where they are one column among B (stmvl.models.losses.vtc_loss); 0 = off
+    temporal_pair_weight: float = 0.0
 
 
 @dataclass

@@ -109,6 +109,7 @@ def vtc_loss(
     reversed_video: Tensor | None = None,
     foil_text: Tensor | None = None,
     gather: bool = True,
+    pair_weight: float = 0.0,
 ) -> Tensor:
     """Video-text contrastive loss over the global batch with multi-positive soft targets.
 
@@ -120,9 +121,14 @@ def vtc_loss(
         reversed_video: optional [B, (T',) E] time-reversed clips: an extra negative for their own caption.
         foil_text: optional [B, E] foil captions: an extra negative text for their own video.
         gather: gather across ranks (set False to compute the local-batch loss under torch.distributed).
+        pair_weight: weight of an extra two-way term per sample between the positive and its own temporal
+            negative (caption vs reversed clip, clip vs foil). In the batch-wide softmax these negatives are one
+            column among B, and their gradient only dominates once every static difference (colour, shape) is
+            learnt; the pair term gives frame order its own share of the loss from the first step. 0 = off.
 
     Returns:
-        scalar: mean of the text-to-video and video-to-text soft-target cross entropies.
+        scalar: mean of the text-to-video and video-to-text soft-target cross entropies (plus the weighted pair
+        terms).
     """
     gather_fn = gather_with_grad if gather else (lambda x: x)
     ids_fn = gather_no_grad if gather else (lambda x: x)
@@ -131,13 +137,20 @@ def vtc_loss(
     targets = positive_targets(ids_all, ids_all)
     t2v_logits, t2v_targets = t2v, targets
     v2t_logits, v2t_targets = t2v.t(), targets.t()
+    pairs: list[Tensor] = []  # two-way (positive, own temporal negative) logits per sample
     if reversed_video is not None:
         extra = paired_similarity(text_all, gather_fn(reversed_video)) / temp
         t2v_logits, t2v_targets = with_negative_column(t2v_logits, t2v_targets, extra)
+        pairs.append(torch.stack([paired_similarity(text_all, video_all) / temp, extra], 1))
     if foil_text is not None:
         extra = paired_similarity(gather_fn(foil_text), video_all) / temp
         v2t_logits, v2t_targets = with_negative_column(v2t_logits, v2t_targets, extra)
-    return 0.5 * (soft_cross_entropy(t2v_logits, t2v_targets) + soft_cross_entropy(v2t_logits, v2t_targets))
+        pairs.append(torch.stack([paired_similarity(text_all, video_all) / temp, extra], 1))
+    loss = 0.5 * (soft_cross_entropy(t2v_logits, t2v_targets) + soft_cross_entropy(v2t_logits, v2t_targets))
+    if pair_weight > 0 and pairs:
+        zeros = torch.zeros(pairs[0].shape[0], dtype=torch.long, device=pairs[0].device)
+        loss = loss + pair_weight * sum(F.cross_entropy(p, zeros) for p in pairs) / len(pairs)
+    return loss
 
 
 # ----------------------------------------------------------------------------------------------------------- VTM

@@ -402,6 +402,7 @@ class STMModel(nn.Module):
                 self.clamped_temp(),
                 reversed_video=None if reversed_tokens is None else self.embed_video(reversed_tokens),
                 foil_text=None if foil is None else self.text_class(*foil),
+                pair_weight=self.cfg.loss.temporal_pair_weight,
             )
         if weights["vtm"] > 0:
             sim = frame_similarity(text_embed.detach(), video_embed.detach())
