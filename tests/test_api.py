@@ -11,28 +11,16 @@ from safetensors.torch import load_file, save_file
 import stmvl
 from stmvl.config import ConfigError
 from stmvl.api import ModelDirError, encode_text, encode_video, load_model, video_features
-from stmvl.models.config import LossConfig, MaskConfig, ModelConfig, TeacherConfig, TextConfig
 from stmvl.models.losses import frame_similarity
 from stmvl.models.stm import STMModel
-from stmvl.models.vit import vit_config
 from stmvl.models.weights import WeightLoadError, save_model
-
-
-def _cfg() -> ModelConfig:
-    return ModelConfig(
-        vision=vit_config("tiny", drop_path=0.0),
-        teacher=TeacherConfig(img_size=32, patch_size=8, width=32, layers=1, heads=2, embed_dim=16, return_layers=1),
-        text=TextConfig(hidden=32, layers=2, heads=2, intermediate=64, fusion_start=1, max_length=16, dropout=0.0),
-        mask=MaskConfig(video_strategy="random", image_strategy="random"),
-        loss=LossConfig(mlm=0.0, mvm=0.0),
-        embed_dim=24,
-    )
+from tiny_recipe import tiny_inference_config
 
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     torch.manual_seed(0)
-    model = STMModel(_cfg()).eval()
+    model = STMModel(tiny_inference_config()).eval()
     run = tmp_path_factory.mktemp("run")
     save_model(model, model.cfg, run / "model", extra={"inference": {"num_frames": 3, "img_size": 32}})
     return model, run

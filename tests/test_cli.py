@@ -24,29 +24,18 @@ from stmvl.cli import COMMANDS, main
 from stmvl.commands.rule import command, configure_logging, run_command
 from stmvl.config import ConfigError
 from stmvl.errors import CorruptWeightsError, UserError
-from stmvl.models.config import LossConfig, MaskConfig, ModelConfig, TeacherConfig, TextConfig
+from stmvl.models.config import LossConfig, ModelConfig
 from stmvl.models.stm import STMModel
-from stmvl.models.vit import vit_config
 from stmvl.models.weights import save_model
+from tiny_recipe import tiny_inference_config
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "stmvl"
-
-
-def _tiny() -> ModelConfig:
-    return ModelConfig(
-        vision=vit_config("tiny", drop_path=0.0),
-        teacher=TeacherConfig(img_size=32, patch_size=8, width=32, layers=1, heads=2, embed_dim=16, return_layers=1),
-        text=TextConfig(hidden=32, layers=2, heads=2, intermediate=64, fusion_start=1, max_length=16, dropout=0.0),
-        mask=MaskConfig(video_strategy="random", image_strategy="random"),
-        loss=LossConfig(mlm=0.0, mvm=0.0),
-        embed_dim=24,
-    )
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     torch.manual_seed(0)
-    model = STMModel(_tiny())
+    model = STMModel(tiny_inference_config())
     return save_model(model, model.cfg, tmp_path_factory.mktemp("cli") / "model",
                       extra={"inference": {"num_frames": 2, "img_size": 32}})
 
@@ -402,7 +391,7 @@ def test_inference_settings_and_build_kwargs_are_checked(model_dir, tmp_path, ca
     assert _one_error(capsys, "search") == (f"{folder / 'config.json'}: inference.num_frames must be an integer in "
                                             "[1, 1024], got 'four'")
     text_dir = tmp_path / "text"
-    save_model(STMModel(_tiny()).text, _tiny().text, text_dir)
+    save_model(STMModel(tiny_inference_config()).text, tiny_inference_config().text, text_dir)
     meta = json.loads((text_dir / "config.json").read_text())
     (text_dir / "config.json").write_text(json.dumps(dict(meta, kwargs={"cross_width": 10**6})))
     with pytest.raises(ConfigError, match=r"kwargs.cross_width must be null or an integer in \[1, 8192\], got "
@@ -447,7 +436,7 @@ def test_library_notes_are_logged_and_shown_by_the_command(model_dir, tmp_path, 
 
     from stmvl.api import load_model
 
-    cfg = dataclasses.replace(_tiny(), loss=LossConfig(mlm=0.0))  # MVM on: a teacher is built
+    cfg = dataclasses.replace(tiny_inference_config(), loss=LossConfig(mlm=0.0))  # MVM on: a teacher is built
     full = save_model(STMModel(cfg), cfg, tmp_path / "full", extra={"inference": {"num_frames": 2, "img_size": 32}})
     slim = tmp_path / "slim"
     slim.mkdir()
@@ -475,7 +464,7 @@ def test_finetune_initialisation_from_a_corrupt_model_file_is_a_user_error(corru
     from stmvl.tasks.finetune import load_pretrained
 
     with pytest.raises(CorruptWeightsError) as error:
-        load_pretrained(corrupt_dir, _tiny(), drop={})
+        load_pretrained(corrupt_dir, tiny_inference_config(), drop={})
     assert user_error_message(error.value).startswith(f"{corrupt_dir / 'model.safetensors'}: not a readable "
                                                       "safetensors file (")
 

@@ -1,4 +1,21 @@
-"""The tiny STM pretraining recipe shared by the pretraining tests (a str.format template: braces doubled)."""
+"""The tiny STM pretraining recipe shared by the pretraining tests (a str.format template: braces doubled), and the
+tiny model config of the inference and command tests."""
+
+from stmvl.models.config import LossConfig, MaskConfig, ModelConfig, TeacherConfig, TextConfig
+from stmvl.models.vit import vit_config
+
+
+def tiny_inference_config() -> ModelConfig:
+    """A model small enough to build and save in milliseconds: VTC + VTM, random masks, no MVM/MLM."""
+    return ModelConfig(
+        vision=vit_config("tiny", drop_path=0.0),
+        teacher=TeacherConfig(img_size=32, patch_size=8, width=32, layers=1, heads=2, embed_dim=16, return_layers=1),
+        text=TextConfig(hidden=32, layers=2, heads=2, intermediate=64, fusion_start=1, max_length=16, dropout=0.0),
+        mask=MaskConfig(video_strategy="random", image_strategy="random"),
+        loss=LossConfig(mlm=0.0, mvm=0.0),
+        embed_dim=24,
+    )
+
 
 TEMPLATE = """
 task: pretrain
