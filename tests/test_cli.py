@@ -24,7 +24,7 @@ from stmvl.cli import COMMANDS, main
 from stmvl.commands.rule import command, configure_logging, run_command
 from stmvl.config import ConfigError
 from stmvl.errors import CorruptWeightsError, UserError
-from stmvl.models.config import LossConfig, ModelConfig
+from stmvl.models.config import LossConfig
 from stmvl.models.stm import STMModel
 from stmvl.models.weights import save_model
 from tiny_recipe import tiny_inference_config
