@@ -10,11 +10,17 @@ import torch
 from stmvl.train import precision as P
 
 
-@pytest.mark.parametrize("native, expected", [(True, "bf16"), (False, "fp32")])
-def test_auto_on_cpu_follows_native_bf16(monkeypatch, native, expected):
+@pytest.mark.parametrize("native, slowdown, expected, reason", [
+    (True, 0.5, "bf16", "auto: CPU under test, bf16 matmul 2.0x faster than fp32 here"),
+    (True, 1.8, "fp32", "auto: CPU under test, but a bf16 matmul measured 1.8x the time of fp32 here"),
+    (False, 0.5, "fp32", "auto: CPU under test"),
+])
+def test_auto_on_cpu_takes_bf16_only_where_it_is_native_and_measured_faster(monkeypatch, native, slowdown, expected,
+                                                                             reason):
     monkeypatch.setattr(P, "cpu_bf16_support", lambda: (native, "CPU under test"))
+    monkeypatch.setattr(P, "measured_bf16_slowdown", lambda: slowdown)
     chosen = P.resolve("auto", torch.device("cpu"))
-    assert chosen.name == expected and chosen.reason == "auto: CPU under test"
+    assert chosen.name == expected and chosen.reason == reason
 
 
 def test_explicit_choices_pass_through_and_unknown_names_the_choices(monkeypatch):

@@ -3,7 +3,9 @@
 `optim.precision: auto` (the default) picks:
 - CUDA with bf16 (Ampere and later): bf16 autocast;
 - CUDA without bf16: fp16 autocast with a gradient scaler;
-- a CPU with native bf16 arithmetic (AVX-512 BF16 or AMX tiles): bf16 autocast;
+- a CPU with native bf16 arithmetic (AVX-512 BF16 or AMX tiles): bf16 autocast when a bf16 matmul measures faster
+  than fp32 there, else fp32. Native is not always faster: on an AMD EPYC with AVX-512 BF16 (no AMX) the demo's
+  pretraining step took 3.10 s in bf16 against 1.73 s in fp32 (benchmarks/bench_pretrain.py, 2026-12-02);
 - any other CPU: fp32. Such CPUs emulate bf16 matmuls in software, about 50x slower than fp32 (measured 0.7 against
   38 GFLOP/s on an AVX2 machine), so bf16 would make a laptop demo crawl.
 
@@ -61,6 +63,17 @@ def bf16_slowdown(size: int = 256, repeats: int = 3) -> float:
     return best_time(torch.bfloat16) / max(best_time(torch.float32), 1e-9)
 
 
+BF16_WINS_BELOW = 0.9  # bf16 / fp32 matmul time under which auto takes bf16 on a CPU with native bf16
+_slowdown: list[float] = []
+
+
+def measured_bf16_slowdown() -> float:
+    """bf16_slowdown at a size like the models' matmuls (512^3), measured once per process."""
+    if not _slowdown:
+        _slowdown.append(bf16_slowdown(size=512, repeats=3))
+    return _slowdown[0]
+
+
 def resolve(precision: str, device: torch.device) -> Precision:
     """The precision to compute in for `optim.precision` on `device` (see the module docstring)."""
     if precision not in CHOICES:
@@ -77,7 +90,12 @@ def resolve(precision: str, device: torch.device) -> Precision:
         return Precision(precision, f"set explicitly on {name}")
     native, why = cpu_bf16_support()
     if precision == "auto":
-        return Precision("bf16" if native else "fp32", f"auto: {why}")
+        if not native:
+            return Precision("fp32", f"auto: {why}")
+        ratio = measured_bf16_slowdown()
+        if ratio < BF16_WINS_BELOW:
+            return Precision("bf16", f"auto: {why}, bf16 matmul {1 / ratio:.1f}x faster than fp32 here")
+        return Precision("fp32", f"auto: {why}, but a bf16 matmul measured {ratio:.1f}x the time of fp32 here")
     if precision == "bf16" and not native and "bf16" not in _warned:
         _warned.add("bf16")
         log.warning("optim.precision is bf16 on a %s; a bf16 matmul measured %.0fx slower than fp32 here: "
