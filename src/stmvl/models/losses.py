@@ -137,19 +137,21 @@ def vtc_loss(
     targets = positive_targets(ids_all, ids_all)
     t2v_logits, t2v_targets = t2v, targets
     v2t_logits, v2t_targets = t2v.t(), targets.t()
-    pairs: list[Tensor] = []  # two-way (positive, own temporal negative) logits per sample
+    own_negatives: list[Tensor] = []  # each sample's temporal negative logit(s), for the pair terms
     if reversed_video is not None:
         extra = paired_similarity(text_all, gather_fn(reversed_video)) / temp
         t2v_logits, t2v_targets = with_negative_column(t2v_logits, t2v_targets, extra)
-        pairs.append(torch.stack([paired_similarity(text_all, video_all) / temp, extra], 1))
+        own_negatives.append(extra)
     if foil_text is not None:
         extra = paired_similarity(gather_fn(foil_text), video_all) / temp
         v2t_logits, v2t_targets = with_negative_column(v2t_logits, v2t_targets, extra)
-        pairs.append(torch.stack([paired_similarity(text_all, video_all) / temp, extra], 1))
+        own_negatives.append(extra)
     loss = 0.5 * (soft_cross_entropy(t2v_logits, t2v_targets) + soft_cross_entropy(v2t_logits, v2t_targets))
-    if pair_weight > 0 and pairs:
-        zeros = torch.zeros(pairs[0].shape[0], dtype=torch.long, device=pairs[0].device)
-        loss = loss + pair_weight * sum(F.cross_entropy(p, zeros) for p in pairs) / len(pairs)
+    if pair_weight > 0 and own_negatives:
+        positive = t2v.diagonal()  # each caption with its own clip
+        zeros = torch.zeros_like(positive, dtype=torch.long)
+        pair_losses = [F.cross_entropy(torch.stack([positive, negative], 1), zeros) for negative in own_negatives]
+        loss = loss + pair_weight * sum(pair_losses) / len(pair_losses)
     return loss
 
 
@@ -229,8 +231,9 @@ def vtm_loss(
             makes VTM cheap (loss.fusion_samples).
 
     Returns:
-        scalar 2-way cross entropy over all pairs (3B without the options, 3 * rows with them). A row without any negative (its
-        sample id fills the batch) keeps a placeholder pair whose label is ignored: fixed shapes, nothing read back.
+        scalar 2-way cross entropy over all pairs (3 per scored sample, one more per option). A row without any
+        negative (its sample id fills the batch) keeps a placeholder pair whose label is ignored: fixed shapes,
+        nothing read back.
     """
     neg_video, neg_text = sample_hard_negatives(sim, sample_ids, generator, temp, gumbel)
     # the negatives index the whole batch; the scored pairs may be those of the first `rows` samples only

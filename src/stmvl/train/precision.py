@@ -15,6 +15,7 @@ has no native bf16.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from dataclasses import dataclass
@@ -64,14 +65,12 @@ def bf16_slowdown(size: int = 256, repeats: int = 3) -> float:
 
 
 BF16_WINS_BELOW = 0.9  # bf16 / fp32 matmul time under which auto takes bf16 on a CPU with native bf16
-_slowdown: list[float] = []
 
 
+@functools.cache
 def measured_bf16_slowdown() -> float:
     """bf16_slowdown at a size like the models' matmuls (512^3), measured once per process."""
-    if not _slowdown:
-        _slowdown.append(bf16_slowdown(size=512, repeats=3))
-    return _slowdown[0]
+    return bf16_slowdown(size=512, repeats=3)
 
 
 def resolve(precision: str, device: torch.device) -> Precision:
