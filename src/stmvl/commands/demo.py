@@ -11,8 +11,6 @@ from stmvl.commands.rule import CommandParser, UsageError, command
 @command("demo")
 def demo_main(argv: Sequence[str]) -> int:
     """``stmvl demo [--full] [--compare [--seeds N]] [--out DIR] [key=value ...]``."""
-    import torch
-
     from stmvl.demo import __doc__ as demo_doc
     from stmvl.demo import run_demo
 
@@ -25,7 +23,6 @@ def demo_main(argv: Sequence[str]) -> int:
     args = parser.parse_intermixed_args(argv)
     if args.seeds < 1:
         raise UsageError("--seeds must be at least 1")
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     summary = run_demo(Path(args.out), compare=args.compare, overrides=args.overrides, full=args.full,
                        seeds=args.seeds)
     print(f"[demo] report: {summary['report']}")
