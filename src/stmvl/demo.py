@@ -176,7 +176,8 @@ def write_demo_report(out: Path, runs: dict[str, dict], stages: dict[str, dict[s
     cfg = main["cfg"]
     intro = (f"Pretraining: {main['global_step']} optimizer steps ({main['seconds'] / 60:.1f} min), each a batch of "
              f"{cfg.data.video_batch_size} clips or of {cfg.data.image_batch_size} images. Ground truth of a text: "
-             "every test clip whose generating attributes match it. Chance on the probe is 50%: a caption and its foil describe the same frames in opposite orders.")
+             "every test clip whose generating attributes match it. Chance on the probe is 50%: a caption and its "
+             "foil describe the same frames in opposite orders.")
     if retrieval:
         recalls = plot_recalls({k: v for k, v in retrieval.items() if k in ("itc", "itm")}, images_dir / "recall.png",
                                title="zero-shot retrieval")
