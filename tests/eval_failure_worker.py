@@ -31,7 +31,10 @@ def main() -> int:
     except UserError as exc:
         print(f"stmvl: error: {exc}", file=sys.stderr, flush=True)
         return 2
-    cleanup_distributed()
+    finally:
+        # as stmvl.cli does: a gloo group still alive at interpreter exit can abort the process (SIGABRT,
+        # "terminate called without an active exception"), seen on the error path here
+        cleanup_distributed()
     return 0
 
 
