@@ -210,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         summary = Trainer(cfg, task, callbacks=[die_after]).fit()
     except (UserError, TooManyBadSamples) as exc:  # as the commands do: one line, exit code 2
         print(f"stmvl: error: {exc}", file=sys.stderr, flush=True)
+        cleanup_distributed()  # on the error path too: a live gloo group at exit can abort the process
         return 2
     if get_rank() == 0:
         print(json.dumps(summary))
