@@ -17,7 +17,7 @@ def demo_main(argv: Sequence[str]) -> int:
     parser = CommandParser(prog="stmvl demo", description=(demo_doc or "").split("\n\n")[0])
     parser.add_argument("--out", default="runs/demo", help="output folder (corpus, teacher, runs, report)")
     parser.add_argument("--full", action="store_true", help="the full tier (recipe demo_full): longer, better")
-    parser.add_argument("--compare", action="store_true", help="also pretrain umt and random masking, same budget")
+    parser.add_argument("--compare", action="store_true", help="also pretrain umt and random masking, same steps")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per variant with --compare (default 3)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides of the demo recipe, e.g. optim.max_steps=50")
     args = parser.parse_intermixed_args(argv)
