@@ -33,7 +33,7 @@ SIZES = {
               "model.teacher.patch_size=8", "model.teacher.width=64", "model.teacher.layers=2",
               "model.teacher.heads=2", "model.teacher.embed_dim=64", "model.teacher.return_layers=1",
               "model.predictor.dim=32", "model.predictor.hidden=32", "model.predictor.head_hidden=16"], 8, 32),
-    "demo": (["model.teacher.weights=null"], 32, 64),
+    "demo": (["model.teacher.weights=null"], 16, 64),  # the demo recipe's video batch
     "b16": (["model.vision.size=b16", "model.vision.img_size=224", "model.vision.patch_size=16",
              "model.vision.width=768", "model.vision.depth=12", "model.vision.heads=12", "model.vision.stem=rgb",
              "model.teacher.weights=null", "model.teacher.img_size=224", "model.teacher.patch_size=16",
