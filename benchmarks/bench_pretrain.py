@@ -27,13 +27,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # runs fro
 
 RESULTS = Path(__file__).parent / "results" / "pretrain.json"
 SIZES = {
-    # name: (overrides of the demo recipe, video batch)
+    # name: (overrides of the demo recipe, video batch or None for the recipe's own)
     "tiny": (["model.vision.img_size=32", "model.vision.patch_size=8", "model.vision.width=64", "model.vision.depth=2",
               "model.vision.heads=2", "model.teacher.weights=null", "model.teacher.img_size=32",
               "model.teacher.patch_size=8", "model.teacher.width=64", "model.teacher.layers=2",
               "model.teacher.heads=2", "model.teacher.embed_dim=64", "model.teacher.return_layers=1",
               "model.predictor.dim=32", "model.predictor.hidden=32", "model.predictor.head_hidden=16"], 8, 32),
-    "demo": (["model.teacher.weights=null"], 16, 64),  # the demo recipe's video batch
+    "demo": (["model.teacher.weights=null"], None, 64),
     "b16": (["model.vision.size=b16", "model.vision.img_size=224", "model.vision.patch_size=16",
              "model.vision.width=768", "model.vision.depth=12", "model.vision.heads=12", "model.vision.stem=rgb",
              "model.teacher.weights=null", "model.teacher.img_size=224", "model.teacher.patch_size=16",
@@ -58,6 +58,7 @@ def run_one(size: str, precision: str, steps: int, threads: int) -> dict:
     torch.manual_seed(0)
     overrides, batch_size, px = SIZES[size]
     cfg = load_run_config("demo", overrides)
+    batch_size = batch_size or cfg.data.video_batch_size
     model = STMModel(cfg.model).train()
     tok = tokenizer_for(cfg.model.text)
     caption = "a small red circle moves to the left then a large blue square grows"

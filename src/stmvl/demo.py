@@ -95,6 +95,11 @@ def run_pretrain(out: Path, name: str, overrides: list[str], recipe: str = "demo
     return result
 
 
+def _pretrain_flops(run: dict[str, Any]) -> int:
+    """FLOPs one pretraining run spent (all step kinds and evaluations, as the engine counted them)."""
+    return sum(run["flops"].values())
+
+
 def _lookup(results: dict, dotted: str) -> Any:
     node: Any = results
     for part in dotted.split("."):
@@ -204,7 +209,7 @@ def write_demo_report(out: Path, runs: dict[str, dict], stages: dict[str, dict[s
         plot = plot_seed_comparison(stats, keys, images_dir / "compare.png")
         seeds = max(len(v) for v in compare.values())
         # same steps is not same FLOPs: UMT has no second student pass, so its count is stated beside the table
-        spent = ", ".join(f"{name} {sum(sum(r['flops'].values()) for r in rs) / len(rs) / 1e12:.1f}"
+        spent = ", ".join(f"{name} {sum(_pretrain_flops(r) for r in rs) / len(rs) / 1e12:.1f}"
                           for name, rs in compare.items())
         text = (f"Every variant runs the same steps, batches, stem and seeds; pretraining TFLOP per run (mean): "
                 f"{spent}.\n\n" + seed_table(stats, keys))
@@ -242,7 +247,7 @@ def run_demo(out: Path, compare: bool = False, overrides: list[str] | None = Non
             seed_overrides = [f"runtime.seed={seed}", f"model.mask.seed={seed}"] if compare else []
             run = run_pretrain(out, tag if compare else "pretrain", COMPARE_VARIANTS[name] + seed_overrides + overrides,
                                recipe)
-            stages[f"pretrain {tag}"] = {"seconds": run["seconds"], "flops": sum(run["flops"].values())}
+            stages[f"pretrain {tag}"] = {"seconds": run["seconds"], "flops": _pretrain_flops(run)}
             per_seed.setdefault(name, []).append(run)
             runs.setdefault(name, run)
     report = write_demo_report(out, runs, stages, per_seed if compare else None)
@@ -252,7 +257,7 @@ def run_demo(out: Path, compare: bool = False, overrides: list[str] | None = Non
                            for name, r in runs.items()}}
     if compare:
         summary["seeds"] = {name: [{**{k: _lookup(_as_percent(r["results"]), k) for k in COMPARE_KEYS},
-                                    "pretrain_tflop": sum(r["flops"].values()) / 1e12} for r in rs]
+                                    "pretrain_tflop": _pretrain_flops(r) / 1e12} for r in rs]
                             for name, rs in per_seed.items()}
     (out / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     return summary
