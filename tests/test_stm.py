@@ -188,6 +188,22 @@ def test_param_groups_decay_and_learning_rates():
     assert groups["predictor_decay"]["lr"] == 3e-3
 
 
+def test_text_lr_scale_slows_the_pretrained_text_but_not_the_new_cross_attention():
+    cfg = tiny_config("stm")
+    model = STMModel(dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, lr_scale=0.1)))
+    groups = {g["name"]: g for g in model.param_groups(1e-3, 0.05)}
+    assert groups["text_decay"]["lr"] == pytest.approx(1e-4) and groups["text_no_decay"]["weight_decay"] == 0.0
+    text_ids = {id(p) for p in groups["text_decay"]["params"] + groups["text_no_decay"]["params"]}
+    fusion = model.text.layers[cfg.text.fusion_start]
+    assert id(model.text.layers[0].self_attn.q.weight) in text_ids and id(fusion.ffn.fc1.weight) in text_ids
+    assert id(fusion.cross_attn.q.weight) in {id(p) for p in groups["decay"]["params"]}
+    assert id(model.text_proj.weight) in {id(p) for p in groups["decay"]["params"]}  # new head: base lr
+    # every trainable parameter still in exactly one group; lr_scale 1 makes no text group at all
+    grouped = [p for g in groups.values() for p in g["params"]]
+    assert len(grouped) == len({id(p) for p in grouped}) == len(model.pretrain_parameters())
+    assert not any(g["name"].startswith("text") for g in STMModel(cfg).param_groups(1e-3, 0.05))
+
+
 def test_temporal_and_foil_negatives_raise_the_contrastive_loss():
     torch.manual_seed(0)
     base_cfg = tiny_config("stm")

@@ -78,6 +78,10 @@ class TextConfig:
     dropout: float = 0.1  # hidden and attention dropout (BERT's hidden_dropout_prob)
     freeze_below: int = 0  # text-only layers below this index (and embeddings if > 0) get no gradient
     pooling: str = "cls"  # caption embedding for VTC / the decoder: cls (BERT, UMT) | mean (sentence encoders)
+    # multiplies the base lr for the text encoder's own (pretrained) parameters; the fusion layers' cross-attention
+    # is new and keeps the base lr. 1 = one lr for all (UMT); below 1 when the vision side trains from scratch at an
+    # lr that would wash out the pretrained text layers
+    lr_scale: float = 1.0
 
 
 @dataclass

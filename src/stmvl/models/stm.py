@@ -105,6 +105,8 @@ def validate_config(cfg: ModelConfig) -> None:
         raise ValueError(f"mvm_tokens must be 'all' or 'visible', got {cfg.mvm_tokens!r}")
     if cfg.decoder == "linear" and cfg.mvm_tokens == "all":
         raise ValueError("the linear decoder only predicts visible tokens: use mvm_tokens 'visible' or decoder 'st'")
+    if cfg.text.lr_scale < 0:
+        raise ValueError(f"text.lr_scale must be >= 0, got {cfg.text.lr_scale}")
     if cfg.mask.logits not in ("log", "reference"):
         raise ValueError(f"mask.logits must be 'log' or 'reference', got {cfg.mask.logits!r}")
     for key, value, allowed in (
@@ -191,6 +193,11 @@ def is_no_decay(name: str, param: nn.Parameter) -> bool:
     return param.ndim <= 1 or name.endswith(".bias") or ".position." in name or name in ("temp", "lam")
 
 
+def is_pretrained_text(name: str) -> bool:
+    """The text encoder's own parameters: all of ``text.*`` but the fusion layers' cross-attention (new layers)."""
+    return name.startswith("text.") and ".cross_" not in name
+
+
 class STMModel(nn.Module):
     """STM (or UMT, by preset) video-language model. See the module docstring for the data flow.
 
@@ -274,8 +281,10 @@ class STMModel(nn.Module):
 
     def param_groups(self, base_lr: float, weight_decay: float) -> list[dict]:
         """AdamW parameter groups: decay / no decay (biases, norms, temp, lam); lam at cfg.mask.lam_lr; the
-        predictor (masking and decoder copies) at cfg.mask.predictor_lr when set. Empty groups are dropped."""
+        predictor (masking and decoder copies) at cfg.mask.predictor_lr when set; the text encoder's own parameters
+        at cfg.text.lr_scale x the base lr. Empty groups are dropped."""
         predictor_lr = self.cfg.mask.predictor_lr
+        text_scale = self.cfg.text.lr_scale
         groups: dict[str, dict] = {}
 
         def add(key: str, lr: float, wd: float, p: nn.Parameter) -> None:
@@ -287,6 +296,8 @@ class STMModel(nn.Module):
                 add("lam", self.cfg.mask.lam_lr, 0.0, p)
             elif predictor_lr is not None and ("predictor." in name or name.startswith("predictor")):
                 add(f"predictor_{'decay' if decay else 'no_decay'}", predictor_lr, decay, p)
+            elif text_scale != 1.0 and is_pretrained_text(name):
+                add(f"text_{'decay' if decay else 'no_decay'}", base_lr * text_scale, decay, p)
             else:
                 add("decay" if decay else "no_decay", base_lr, decay, p)
         return list(groups.values())
