@@ -27,12 +27,15 @@ def test_scaled_down_demo_reports_the_compute_of_every_stage(tmp_path):
 
     summary = run_demo(tmp_path / "demo", overrides=SMALL)
     stages = summary["stages"]
-    assert list(stages) == ["corpus", "teacher", "pretrain stm"]
+    assert list(stages) == ["corpus", "teacher", "pretrain stm", "attribute check"]
     assert stages["teacher"]["flops"] > 0 and stages["pretrain stm"]["flops"] > stages["teacher"]["flops"] / 100
     assert summary["total"]["flops"] == sum(v["flops"] for v in stages.values())
     report = json.loads((tmp_path / "demo" / "report.json").read_text())
     compute = next(s for s in report["sections"] if s["title"] == "Compute")
     assert compute["numbers"]["total"]["TFLOP"] == pytest.approx(summary["total"]["flops"] / 1e12, abs=0.01)
+    attributes = next(s for s in report["sections"] if s["title"].startswith("What the top-ranked clip"))
+    assert attributes["numbers"]["captions"] >= 1 and 0 <= attributes["numbers"]["shape"] <= 100
+    assert stages["attribute check"]["flops"] > 0
     for key in ("synth_test.itc.t2v_r1", "synth_probe.itc_acc", "synth_probe_shuffled.itc_acc"):
         assert summary["results"]["stm"][key] is not None
 
@@ -48,3 +51,23 @@ def test_scaled_down_demo_reports_the_compute_of_every_stage(tmp_path):
     model = STMModel(cfg.model).train()
     here = count_flops(lambda: model(batch, step=counted[0]["step"] - 1)["loss"].backward())
     assert counted[0]["flops_counted"] == here
+
+
+def test_attribute_accuracy_scores_the_top_clip_of_one_object_captions_only():
+    from stmvl.demo import attribute_accuracy
+
+    def clip(*objects):
+        return {"objects": [dict(zip(("color", "shape", "motion"), o)) for o in objects]}
+
+    clips = [clip(("red", "circle", "left")), clip(("red", "square", "left")), clip(("blue", "circle", "grows")),
+             clip(("red", "circle", "left"), ("blue", "star", "up"))]
+    sim = torch.tensor([[0.1, 0.9, 0.0, 0.0],   # wants red circle left, gets red square left: shape wrong
+                        [0.0, 0.1, 0.8, 0.0],   # wants red square left, gets blue circle grows: all wrong
+                        [0.0, 0.0, 0.9, 0.1],   # wants blue circle grows, gets it: all right
+                        [0.9, 0.0, 0.0, 0.1]])  # a two-object caption: not scored
+    out = attribute_accuracy(sim, clips, clips)
+    assert out["captions"] == 3
+    assert out["color"] == pytest.approx(200 / 3) and out["shape"] == pytest.approx(100 / 3)
+    assert out["motion"] == pytest.approx(200 / 3) and out["all three"] == pytest.approx(100 / 3)
+    with pytest.raises(ValueError, match="sim must be"):
+        attribute_accuracy(sim[:2], clips, clips)
