@@ -170,6 +170,7 @@ def attribute_section(model_dir: Path, cfg) -> tuple["Section", dict[str, float]
     """The attribute check of the final model on the synthetic test clips (ITC similarities, all tokens), with
     the seconds and FLOPs it cost; None without the synthetic corpus' test annotations."""
     from stmvl.api import encode_text, encode_video, load_model, read_clip
+    from stmvl.data.annotations import read_records
     from stmvl.report import Section
     from stmvl.train.flops import count_flops
 
@@ -177,8 +178,7 @@ def attribute_section(model_dir: Path, cfg) -> tuple["Section", dict[str, float]
     clips_file, captions_file = root / "annotations" / "test_video.json", root / "annotations" / "retrieval_test.json"
     if not (clips_file.is_file() and captions_file.is_file()):
         return None
-    clips = json.loads(clips_file.read_text(encoding="utf-8"))
-    captions = json.loads(captions_file.read_text(encoding="utf-8"))
+    clips, captions = read_records(clips_file), read_records(captions_file)
     started = time.perf_counter()
     model = load_model(model_dir).eval()
     box: dict[str, torch.Tensor] = {}
@@ -190,7 +190,7 @@ def attribute_section(model_dir: Path, cfg) -> tuple["Section", dict[str, float]
         box["sim"] = torch.cat(texts) @ torch.cat(videos).t()
 
     flops = count_flops(embed)
-    # caption i is written from test clip i (retrieval_test.json keeps the order of test_video.json)
+    # a caption's own attributes are those of the clip it was written from (the same "video" in both files)
     by_video = {c["video"]: c["attributes"] for c in clips}
     numbers = attribute_accuracy(box["sim"], [by_video[c["video"]] for c in captions], [c["attributes"] for c in clips])
     text = ("For each one-object test caption, whether the clip ranked first (ITC) has the caption's colour, shape and "
