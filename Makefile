@@ -26,7 +26,7 @@ test: install
 	$(PY) -m pytest -q -m "not slow" --durations=10
 
 # The heavier end-to-end checks (a real pretraining run feeding finetuning and VideoQA, exact resume after a kill,
-# the tiny STM overfit); CI runs them after `make test`.
+# the tiny STM overfit, the scaled-down demo, four of the 2-rank checks); CI runs them after `make test`.
 test-slow: install
 	$(PY) -m pytest -q -m slow --durations=10
 

@@ -26,6 +26,7 @@ import json
 import os
 import sys
 import time
+import traceback
 
 import torch
 from torch import nn
@@ -212,6 +213,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"stmvl: error: {exc}", file=sys.stderr, flush=True)
         cleanup_distributed()  # on the error path too: a live gloo group at exit can abort the process
         return 2
+    except Exception:  # noqa: BLE001 - as the commands do: the traceback (a bug report), exit code 1
+        traceback.print_exc()
+        sys.stderr.flush()
+        cleanup_distributed()
+        return 1
     if get_rank() == 0:
         print(json.dumps(summary))
     cleanup_distributed()  # ranks leave together; a live gloo group at exit can abort the process

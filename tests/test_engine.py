@@ -193,6 +193,7 @@ def test_resume_after_kill_reproduces_losses_exactly(tmp_path):
 
 
 @pytest.mark.ddp
+@pytest.mark.slow  # CI runs it (make test-slow); the default run keeps a shorter 2-rank check
 def test_two_rank_gloo_run_matches_one_rank_with_the_same_global_batch(tmp_path):
     common = ["--steps", "4", "--dropout", "0", "--precision", "fp32", "--global-batch", "8"]
     single = _run([sys.executable, str(WORKER), "--run-dir", str(tmp_path / "one"), *common])

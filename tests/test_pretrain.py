@@ -65,6 +65,7 @@ def test_resume_after_kill_reproduces_the_uninterrupted_losses_exactly(recipe, t
 
 
 @pytest.mark.ddp
+@pytest.mark.slow  # CI runs it (make test-slow); the default run keeps a shorter 2-rank check
 def test_two_rank_gloo_pretraining_gives_the_one_rank_vtc_curve(recipe, tmp_path):
     # VTC only with random masking: the other losses use batch-local draws (VTM negatives, BatchNorm statistics of
     # the predictor) that legitimately differ with the per-rank batch, while VTC must not
@@ -133,6 +134,7 @@ def test_two_rank_mixed_media_gives_the_one_rank_curves(recipe, tmp_path):
 
 
 @pytest.mark.ddp
+@pytest.mark.slow  # CI runs it (make test-slow); the default run keeps a shorter 2-rank check
 def test_a_two_rank_checkpoint_resumes_on_one_rank_with_the_same_global_batch_and_refuses_another(recipe, tmp_path,
                                                                                                  capsys):
     """2 ranks x 4 clips, killed after step 2, resumed on 1 rank x 8 clips: the same samples per step and schedule,

@@ -90,6 +90,7 @@ def test_resume_from_shards_reproduces_the_uninterrupted_losses(tmp_path):
 
 
 @pytest.mark.ddp
+@pytest.mark.slow  # CI runs it (make test-slow); the default run keeps a shorter 2-rank check
 def test_two_rank_gloo_pretraining_from_shards_with_image_files(tmp_path):
     """torchrun, 2 gloo ranks: video shards split over the ranks, mixed with an image file corpus; both ranks run the
     same media type at every step (DDP would hang or fail otherwise) and the run completes."""

@@ -120,9 +120,15 @@ def init_distributed(backend: str = "auto", device: str = "auto",
 
 
 def cleanup_distributed() -> None:
-    """Wait for every rank, then destroy the process group (if there is one)."""
-    if dist.is_available() and dist.is_initialized():
+    """Wait for every rank, then destroy the process group (if there is one). Call it on the error paths too: a
+    gloo group still alive at interpreter exit can abort the process (SIGABRT, "terminate called without an active
+    exception") instead of letting it exit with its code; and a rank that leaves without the barrier can abort a
+    peer that is still destroying its group. The group is destroyed even when the barrier fails (a peer is gone)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    try:
         dist.barrier()
+    finally:
         dist.destroy_process_group()
 
 
