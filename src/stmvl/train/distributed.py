@@ -12,6 +12,7 @@ and raises at once, instead of waiting in the next collective.
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -122,10 +123,15 @@ def init_distributed(backend: str = "auto", device: str = "auto",
 def cleanup_distributed() -> None:
     """Wait for every rank, then destroy the process group (if there is one). Call it on the error paths too: a
     gloo group still alive at interpreter exit can abort the process (SIGABRT, "terminate called without an active
-    exception") instead of letting it exit with its code; and a rank that leaves without the barrier can abort a
-    peer that is still destroying its group. The group is destroyed even when the barrier fails (a peer is gone)."""
+    exception") instead of letting it exit with its code. The same happens when an object that holds the group
+    (a DDP wrapper left in a reference cycle by an exception) is freed only at exit, after a peer has gone: so
+    garbage is collected first, while every rank is still there. The group is destroyed even when the barrier
+    fails (a peer is gone)."""
     if not (dist.is_available() and dist.is_initialized()):
         return
+    # objects left unreachable by the error (a DDP wrapper in a reference cycle) still hold the group: free them
+    # while every peer is alive, not at interpreter exit after a peer has gone
+    gc.collect()
     try:
         dist.barrier()
     finally:
