@@ -3,6 +3,7 @@ the counted FLOPs of a pretraining step equal an independent count of the same s
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
@@ -71,3 +72,43 @@ def test_attribute_accuracy_scores_the_top_clip_of_one_object_captions_only():
     assert out["motion"] == pytest.approx(200 / 3) and out["all three"] == pytest.approx(100 / 3)
     with pytest.raises(ValueError, match="sim must be"):
         attribute_accuracy(sim[:2], clips, clips)
+
+
+def test_equal_compute_steps_follow_the_media_schedule():
+    from stmvl.data.mixing import media_schedule
+    from stmvl.demo import equal_compute_steps, media_steps
+
+    counts = {"video": 3, "image": 1}
+    stm = {"video": 10, "image": 4}
+    # the same FLOPs per step: the same steps, wherever the run stops in an epoch
+    for ref_steps in (1, 5, 9):
+        assert equal_compute_steps(counts, 0, stm, stm, ref_steps) == ref_steps
+    # half the FLOPs of every step: twice the steps (one epoch of the reference = 34 FLOPs = two epochs of 17)
+    assert equal_compute_steps(counts, 0, stm, {"video": 5, "image": 2}, 4) == 8
+    # the schedule is the stream's, epoch after epoch, and differs between seeds
+    steps = list(itertools.islice(media_steps(counts, 3), 8))
+    assert steps == media_schedule(counts, 3, 0) + media_schedule(counts, 3, 1)
+    # cheaper video steps only: where the image step falls decides the count; 2 steps of the reference at seed s
+    for seed in range(4):
+        first_two = list(itertools.islice(media_steps(counts, seed), 2))
+        budget = sum(stm[m] for m in first_two)
+        got = equal_compute_steps(counts, seed, stm, {"video": 1, "image": 4}, 2)
+        cheap = {"video": 1, "image": 4}
+        taken = [cheap[m] for m in itertools.islice(media_steps(counts, seed), got + 1)]
+        spent, last, nxt = sum(taken[:-1]), taken[-2], taken[-1]
+        # the closest count: the last step overshoots by at most half of it, the next would by more than half
+        assert spent - budget <= last / 2 and spent + nxt / 2 > budget, (seed, first_two, got)
+
+
+@pytest.mark.slow
+def test_scaled_down_compare_gives_every_variant_the_training_flops_of_stm(tmp_path):
+    from stmvl.demo import run_demo
+
+    summary = run_demo(tmp_path / "demo", compare=True, seeds=1, overrides=SMALL + ["optim.max_steps=4"])
+    assert summary["compare_at"] == "flops" and "equal-compute steps" in summary["stages"]
+    stm, umt, rnd = (summary["seeds"][name][0] for name in ("stm", "umt", "random"))
+    assert stm["steps"] == 4 and umt["steps"] > 4  # UMT has no second student pass: more steps for the same work
+    for run in (umt, rnd):  # within half a step of STM's training FLOPs
+        assert abs(run["train_tflop"] - stm["train_tflop"]) <= 0.5 * stm["train_tflop"] / 4 + 1e-9, summary["seeds"]
+    report = (tmp_path / "demo" / "report.md").read_text()
+    assert "Masking strategies compared: equal training FLOPs, 1 seed(s)" in report

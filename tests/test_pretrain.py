@@ -191,6 +191,7 @@ def test_dry_run_runs_one_step_of_each_media_type_and_writes_nothing(recipe, tmp
     lines = [line for line in out.splitlines() if line.startswith("[dry-run]")]
     assert lines[0].startswith("[dry-run] image: one step") and lines[1].startswith("[dry-run] video: one step")
     assert "peak memory" in lines[1] and "loss_video_mvm=" in lines[1] and "loss_image_vtc=" in lines[0]
+    assert " GFLOP, peak memory" in lines[0] and " GFLOP, peak memory" in lines[1]
     assert not (tmp_path / "run").exists()
 
 

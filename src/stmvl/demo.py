@@ -6,22 +6,25 @@ with the numbers, loss curves, recall plots, a picture of the masks and the comp
 FLOPs counted by torch's FlopCounterMode).
 
 Two tiers: the quick one (recipe `demo`, `make demo`) and `--full` (recipe `demo_full`, `make demo-full`).
-`--compare` also pretrains the `umt` preset and `random` masking with the same steps and stem, over `--seeds`
-seeds (default 3), and reports mean and spread of each number with each variant's pretraining FLOPs.
+`--compare` also pretrains the `umt` preset and `random` masking with the same stem over `--seeds` seeds (default 3)
+at equal training compute: each variant's step count is set so that its training FLOPs match STM's (one counted
+step per media type and variant, then the run's media schedule); `--compare-at steps` holds the steps equal
+instead. It reports mean and spread of each number with each variant's steps and pretraining FLOPs.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator, Mapping
 
 import torch
 
-# Variants for --compare: the same recipe and steps, only the masking method changes.
+# Variants for --compare: the same recipe, only the masking method changes (and, at equal compute, the steps).
 COMPARE_VARIANTS: dict[str, list[str]] = {
     "stm": [],
     "umt": ["model.preset=umt", "model.mask.video_strategy=attention", "model.mask.video_ratio=0.8",
@@ -93,6 +96,63 @@ def run_pretrain(out: Path, name: str, overrides: list[str], recipe: str = "demo
     result["seconds"] = time.perf_counter() - started
     result["cfg"] = cfg
     return result
+
+
+def media_step_flops(recipe: str, overrides: list[str]) -> tuple[dict[str, int], dict[str, int]]:
+    """FLOPs of one optimizer step of each media type of a pretraining config, counted by FlopCounterMode on a dry
+    run (one step each, as a training run counts its steps), and the stream's steps per epoch of each media type.
+    The teacher must exist (the dry run builds everything)."""
+    from stmvl.tasks.pretrain import load_run_config
+    from stmvl.tasks.runs import dry_run, pretrain_task
+
+    cfg = load_run_config(recipe, overrides + ["runtime.count_flops=true"])
+    rows, trainer = dry_run(cfg, pretrain_task)
+    return {row["media"]: int(row["flops"]) for row in rows}, dict(trainer.task.stream.counts)
+
+
+def media_steps(counts: Mapping[str, int], seed: int) -> Iterator[str]:
+    """The media type of every training step, epoch after epoch, as the pretraining stream orders them."""
+    from stmvl.data.mixing import media_schedule
+
+    for epoch in itertools.count():
+        yield from media_schedule(counts, seed, epoch)
+
+
+def equal_compute_steps(counts: Mapping[str, int], seed: int, ref_flops: Mapping[str, int],
+                        flops: Mapping[str, int], ref_steps: int) -> int:
+    """Steps of a variant whose training FLOPs come closest to those of `ref_steps` steps of the reference, both
+    following the same media schedule (`media_steps(counts, seed)`); `*flops`: FLOPs of one step per media type."""
+    budget = sum(ref_flops[m] for m in itertools.islice(media_steps(counts, seed), ref_steps))
+    spent, steps = 0, 0
+    for media in media_steps(counts, seed):
+        if spent + flops[media] / 2 > budget:  # the next step would overshoot by more than it falls short
+            break
+        spent += flops[media]
+        steps += 1
+    return max(1, steps)
+
+
+def compare_steps(out: Path, recipe: str, overrides: list[str], seeds: int
+                  ) -> tuple[dict[tuple[str, int], int], dict[str, dict[str, int]], dict[str, float]]:
+    """optim.max_steps of every (variant, seed) of --compare at STM's training compute; the FLOPs of one step of
+    each media type per variant; and this stage's seconds and FLOPs (the counted dry-run steps)."""
+    from stmvl.tasks.pretrain import load_run_config
+
+    started = time.perf_counter()
+    per_media: dict[str, dict[str, int]] = {}
+    counts: dict[str, int] = {}
+    for name, variant in COMPARE_VARIANTS.items():
+        per_media[name], counts = media_step_flops(recipe, _paths(out) + variant + overrides)
+    optim = load_run_config(recipe, _paths(out) + overrides).optim
+    ref_steps = optim.max_steps or optim.epochs * sum(counts.values())
+    steps = {(name, seed): equal_compute_steps(counts, seed, per_media["stm"], flops, ref_steps)
+             for name, flops in per_media.items() for seed in range(seeds)}
+    for name, flops in per_media.items():
+        _log(f"--compare at equal compute: {name} " + ", ".join(f"{m} {f / 1e9:.1f} GFLOP/step"
+                                                                  for m, f in sorted(flops.items()))
+             + f"; steps per seed {[steps[name, seed] for seed in range(seeds)]}")
+    spent = {"seconds": time.perf_counter() - started, "flops": sum(sum(f.values()) for f in per_media.values())}
+    return steps, per_media, spent
 
 
 def _pretrain_flops(run: dict[str, Any]) -> int:
@@ -231,7 +291,7 @@ def learning_curve(run_dir: Path, out_png: Path, clips_per_step: int) -> Path | 
 
 
 def write_demo_report(out: Path, runs: dict[str, dict], stages: dict[str, dict[str, float]],
-                      compare: dict[str, list[dict]] | None = None) -> Path:
+                      compare: dict[str, list[dict]] | None = None, compare_at: str = "flops") -> Path:
     from stmvl.report import (Section, plot_loss_curves, plot_recalls, plot_seed_comparison, seed_statistics,
                               seed_table, write_report)
 
@@ -276,20 +336,30 @@ def write_demo_report(out: Path, runs: dict[str, dict], stages: dict[str, dict[s
                                  for name, per_seed in compare.items()}, keys)
         plot = plot_seed_comparison(stats, keys, images_dir / "compare.png")
         seeds = max(len(v) for v in compare.values())
-        # same steps is not same FLOPs: UMT has no second student pass, so its count is stated beside the table
-        spent = ", ".join(f"{name} {sum(_pretrain_flops(r) for r in rs) / len(rs) / 1e12:.1f}"
+        # the work of each variant is stated beside the table: at equal steps UMT (no second student pass) spends
+        # less; at equal FLOPs it takes more steps
+        spent = ", ".join(f"{name} {sum(r['global_step'] for r in rs) / len(rs):.0f} steps / "
+                          f"{sum(r['flops']['train'] for r in rs) / len(rs) / 1e12:.1f} training TFLOP"
                           for name, rs in compare.items())
-        text = (f"Every variant runs the same steps, batches, stem and seeds; pretraining TFLOP per run (mean): "
-                f"{spent}.\n\n" + seed_table(stats, keys))
-        sections.append(Section(f"Masking strategies compared: same steps and stem, {seeds} seed(s)",
-                                text=text, images=[plot]))
+        held = ("the training FLOPs equal (each variant's steps set from one counted step per media type and the "
+                "run's media schedule)" if compare_at == "flops" else "the steps equal")
+        text = (f"Every variant runs the same batches, stem and seeds, with {held}; per run (mean): {spent}.\n\n"
+                + seed_table(stats, keys))
+        title = "equal training FLOPs" if compare_at == "flops" else "same steps"
+        sections.append(Section(f"Masking strategies compared: {title}, {seeds} seed(s)", text=text, images=[plot]))
     md, _ = write_report(out, *sections, title="stmvl demo report")
     return md
 
 
+COMPARE_AT = ("flops", "steps")
+
+
 def run_demo(out: Path, compare: bool = False, overrides: list[str] | None = None, full: bool = False,
-             seeds: int = 3) -> dict[str, Any]:
-    """The demo end to end; returns {report, stages (seconds, flops), results per variant}."""
+             seeds: int = 3, compare_at: str = "flops") -> dict[str, Any]:
+    """The demo end to end; returns {report, stages (seconds, flops), results per variant}. With `compare`, every
+    variant runs `seeds` seeds at equal training FLOPs (`compare_at="flops"`) or equal steps (`"steps"`)."""
+    if compare_at not in COMPARE_AT:
+        raise ValueError(f"compare_at must be one of {', '.join(COMPARE_AT)}, got {compare_at!r}")
     from stmvl.tasks.data import ensure_synthetic_corpus
     from stmvl.tasks.pretrain import load_run_config
 
@@ -305,6 +375,9 @@ def run_demo(out: Path, compare: bool = False, overrides: list[str] | None = Non
     if only_pretrain:
         _log("overrides for the pretraining stage only: " + " ".join(only_pretrain))
     stages["teacher"] = run_teacher(out, shared)
+    steps_of: dict[tuple[str, int], int] = {}
+    if compare and compare_at == "flops":
+        steps_of, _, stages["equal-compute steps"] = compare_steps(out, recipe, overrides, seeds)
     runs: dict[str, dict] = {}
     per_seed: dict[str, list[dict]] = {}
     # seed-major, so that a comparison cut short still holds every variant for the seeds it finished
@@ -313,19 +386,22 @@ def run_demo(out: Path, compare: bool = False, overrides: list[str] | None = Non
             tag = name if not compare else f"{name}_seed{seed}"
             _log(f"pretraining {tag!r} ({recipe})")
             seed_overrides = [f"runtime.seed={seed}", f"model.mask.seed={seed}"] if compare else []
-            run = run_pretrain(out, tag if compare else "pretrain", COMPARE_VARIANTS[name] + seed_overrides + overrides,
-                               recipe)
+            steps = [f"optim.max_steps={steps_of[name, seed]}"] if (name, seed) in steps_of else []
+            run = run_pretrain(out, tag if compare else "pretrain",
+                               COMPARE_VARIANTS[name] + seed_overrides + overrides + steps, recipe)
             stages[f"pretrain {tag}"] = {"seconds": run["seconds"], "flops": _pretrain_flops(run)}
             per_seed.setdefault(name, []).append(run)
             runs.setdefault(name, run)
-    report = write_demo_report(out, runs, stages, per_seed if compare else None)
+    report = write_demo_report(out, runs, stages, per_seed if compare else None, compare_at)
     total = {"seconds": sum(v["seconds"] for v in stages.values()), "flops": sum(v["flops"] for v in stages.values())}
     summary = {"report": str(report), "tier": "full" if full else "quick", "stages": stages, "total": total,
                "results": {name: {k: _lookup(_as_percent(r["results"]), k) for k in COMPARE_KEYS}
                            for name, r in runs.items()}}
     if compare:
+        summary["compare_at"] = compare_at
         summary["seeds"] = {name: [{**{k: _lookup(_as_percent(r["results"]), k) for k in COMPARE_KEYS},
-                                    "pretrain_tflop": _pretrain_flops(r) / 1e12} for r in rs]
+                                    "steps": r["global_step"], "pretrain_tflop": _pretrain_flops(r) / 1e12,
+                                    "train_tflop": r["flops"]["train"] / 1e12} for r in rs]
                             for name, rs in per_seed.items()}
     (out / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     return summary

@@ -28,7 +28,8 @@ def dry_run_lines(rows: list[dict[str, Any]], device: str, precision: str) -> li
     lines = []
     for row in rows:
         losses = " ".join(f"{k}={v:.4f}" for k, v in row["losses"].items())
-        lines.append(f"[dry-run] {row['media']}: one step {row['seconds']:.2f}s, peak memory "
+        flops = f", {row['flops'] / 1e9:.1f} GFLOP" if row.get("flops") else ""
+        lines.append(f"[dry-run] {row['media']}: one step {row['seconds']:.2f}s{flops}, peak memory "
                      f"{row['peak_memory_bytes'] / 2**30:.2f} GiB ({device}, {precision}) {losses}")
     lines.append("[dry-run] every path exists and every media type ran one step; nothing was saved")
     return lines

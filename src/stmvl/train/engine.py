@@ -854,8 +854,10 @@ class Trainer:
         """Build everything (model, optimizer, data), then run one optimizer step on one batch of each media type the
         task offers (`task.sample_batches() -> {media: batch}`). Nothing is checkpointed.
 
-        Returns one row per media type: {media, seconds (the first step, so it includes one-off kernel set-up),
-        peak_memory_bytes (CUDA: allocated by tensors; CPU: the process's peak resident set), losses}.
+        Returns one row per media type: {media, seconds (the first step, so it includes one-off kernel set-up and,
+        with runtime.count_flops, the FLOP counting), peak_memory_bytes (CUDA: allocated by tensors; CPU: the
+        process's peak resident set), flops (of that optimizer step, as a training run counts its steps; 0 without
+        runtime.count_flops), losses}.
         """
         self._setup()
         if not hasattr(self.task, "sample_batches"):
@@ -867,7 +869,7 @@ class Trainer:
                 torch.cuda.synchronize(self.device)
                 torch.cuda.reset_peak_memory_stats(self.device)
             started = time.perf_counter()
-            metrics = self._optimizer_step([batch])
+            metrics, flops, _ = self._counted_step([batch])
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
                 peak = torch.cuda.max_memory_allocated(self.device)
@@ -876,7 +878,7 @@ class Trainer:
 
                 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
             rows.append({"media": media, "seconds": time.perf_counter() - started, "peak_memory_bytes": int(peak),
-                         "losses": {k: v for k, v in metrics.items() if k == "loss" or k.startswith("loss_")}})
+                         "flops": int(flops), "losses": {k: v for k, v in metrics.items() if k == "loss" or k.startswith("loss_")}})
         if self.writer is not None:
             self.writer.close()
         return rows
