@@ -32,6 +32,7 @@ COMPARE_VARIANTS: dict[str, list[str]] = {
             "model.mvm_tokens=visible"],
     "random": ["model.mask.video_strategy=random", "model.mask.image_strategy=random"],
 }
+COMPARE_AT = ("flops", "steps")  # what --compare holds equal between the variants
 TIERS = {"quick": "demo", "full": "demo_full"}
 COMPARE_KEYS = ("synth_test.itm.t2v_r1", "synth_test.itc.t2v_r1", "synth_test.itc.v2t_r1", "synth_probe.itc_acc",
                 "synth_probe.itm_acc", "synth_probe_shuffled.itc_acc")
@@ -349,9 +350,6 @@ def write_demo_report(out: Path, runs: dict[str, dict], stages: dict[str, dict[s
         sections.append(Section(f"Masking strategies compared: {title}, {seeds} seed(s)", text=text, images=[plot]))
     md, _ = write_report(out, *sections, title="stmvl demo report")
     return md
-
-
-COMPARE_AT = ("flops", "steps")
 
 
 def run_demo(out: Path, compare: bool = False, overrides: list[str] | None = None, full: bool = False,
