@@ -133,27 +133,38 @@ def equal_compute_steps(counts: Mapping[str, int], seed: int, ref_flops: Mapping
     return max(1, steps)
 
 
+def seed_overrides(seed: int) -> list[str]:
+    """What changes between the seeds of --compare: the run's seed (data order, media schedule) and the mask's."""
+    return [f"runtime.seed={seed}", f"model.mask.seed={seed}"]
+
+
 def compare_steps(out: Path, recipe: str, overrides: list[str], seeds: int
-                  ) -> tuple[dict[tuple[str, int], int], dict[str, dict[str, int]], dict[str, float]]:
-    """optim.max_steps of every (variant, seed) of --compare at STM's training compute; the FLOPs of one step of
-    each media type per variant; and this stage's seconds and FLOPs (the counted dry-run steps)."""
+                  ) -> tuple[dict[tuple[str, int], int], dict[str, float]]:
+    """optim.max_steps of every (variant, seed) of --compare at STM's training compute, and this stage's seconds and
+    FLOPs (the counted dry-run steps).
+
+    The engine counts the first step of each media type and reuses that count; captions are padded to the longest
+    of their batch, so that first batch (which depends on the seed) sets the count. Each (variant, seed) is therefore
+    dry-run on its own first batches, and the variants' counted training FLOPs match STM's to within half a step."""
     from stmvl.tasks.pretrain import load_run_config
 
     started = time.perf_counter()
-    per_media: dict[str, dict[str, int]] = {}
-    counts: dict[str, int] = {}
-    for name, variant in COMPARE_VARIANTS.items():
-        per_media[name], counts = media_step_flops(recipe, _paths(out) + variant + overrides)
-    optim = load_run_config(recipe, _paths(out) + overrides).optim
-    ref_steps = optim.max_steps or optim.epochs * sum(counts.values())
-    steps = {(name, seed): equal_compute_steps(counts, seed, per_media["stm"], flops, ref_steps)
-             for name, flops in per_media.items() for seed in range(seeds)}
-    for name, flops in per_media.items():
-        _log(f"--compare at equal compute: {name} " + ", ".join(f"{m} {f / 1e9:.1f} GFLOP/step"
-                                                                  for m, f in sorted(flops.items()))
-             + f"; steps per seed {[steps[name, seed] for seed in range(seeds)]}")
-    spent = {"seconds": time.perf_counter() - started, "flops": sum(sum(f.values()) for f in per_media.values())}
-    return steps, per_media, spent
+    steps: dict[tuple[str, int], int] = {}
+    spent = 0
+    for seed in range(seeds):
+        per_media: dict[str, dict[str, int]] = {}
+        counts: dict[str, int] = {}
+        for name, variant in COMPARE_VARIANTS.items():
+            per_media[name], counts = media_step_flops(recipe, _paths(out) + variant + overrides
+                                                       + seed_overrides(seed))
+            spent += sum(per_media[name].values())
+        optim = load_run_config(recipe, _paths(out) + overrides).optim
+        ref_steps = optim.max_steps or optim.epochs * sum(counts.values())
+        for name, flops in per_media.items():
+            steps[name, seed] = equal_compute_steps(counts, seed, per_media["stm"], flops, ref_steps)
+            _log(f"--compare at equal compute, seed {seed}: {name} " + ", ".join(
+                f"{m} {f / 1e9:.1f} GFLOP/step" for m, f in sorted(flops.items())) + f" -> {steps[name, seed]} steps")
+    return steps, {"seconds": time.perf_counter() - started, "flops": spent}
 
 
 def _pretrain_flops(run: dict[str, Any]) -> int:
@@ -375,7 +386,7 @@ def run_demo(out: Path, compare: bool = False, overrides: list[str] | None = Non
     stages["teacher"] = run_teacher(out, shared)
     steps_of: dict[tuple[str, int], int] = {}
     if compare and compare_at == "flops":
-        steps_of, _, stages["equal-compute steps"] = compare_steps(out, recipe, overrides, seeds)
+        steps_of, stages["equal-compute steps"] = compare_steps(out, recipe, overrides, seeds)
     runs: dict[str, dict] = {}
     per_seed: dict[str, list[dict]] = {}
     # seed-major, so that a comparison cut short still holds every variant for the seeds it finished
@@ -383,10 +394,10 @@ def run_demo(out: Path, compare: bool = False, overrides: list[str] | None = Non
         for name in (COMPARE_VARIANTS if compare else ["stm"]):
             tag = name if not compare else f"{name}_seed{seed}"
             _log(f"pretraining {tag!r} ({recipe})")
-            seed_overrides = [f"runtime.seed={seed}", f"model.mask.seed={seed}"] if compare else []
+            seeded = seed_overrides(seed) if compare else []
             steps = [f"optim.max_steps={steps_of[name, seed]}"] if (name, seed) in steps_of else []
             run = run_pretrain(out, tag if compare else "pretrain",
-                               COMPARE_VARIANTS[name] + seed_overrides + overrides + steps, recipe)
+                               COMPARE_VARIANTS[name] + seeded + overrides + steps, recipe)
             stages[f"pretrain {tag}"] = {"seconds": run["seconds"], "flops": _pretrain_flops(run)}
             per_seed.setdefault(name, []).append(run)
             runs.setdefault(name, run)
