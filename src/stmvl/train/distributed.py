@@ -129,9 +129,7 @@ def cleanup_distributed() -> None:
     fails (a peer is gone)."""
     if not (dist.is_available() and dist.is_initialized()):
         return
-    # objects left unreachable by the error (a DDP wrapper in a reference cycle) still hold the group: free them
-    # while every peer is alive, not at interpreter exit after a peer has gone
-    gc.collect()
+    gc.collect()  # see above: free what still holds the group while every peer is alive
     try:
         dist.barrier()
     finally:

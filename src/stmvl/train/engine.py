@@ -878,7 +878,8 @@ class Trainer:
 
                 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
             rows.append({"media": media, "seconds": time.perf_counter() - started, "peak_memory_bytes": int(peak),
-                         "flops": int(flops), "losses": {k: v for k, v in metrics.items() if k == "loss" or k.startswith("loss_")}})
+                         "flops": int(flops),
+                         "losses": {k: v for k, v in metrics.items() if k == "loss" or k.startswith("loss_")}})
         if self.writer is not None:
             self.writer.close()
         return rows
