@@ -149,6 +149,7 @@ def compare_steps(out: Path, recipe: str, overrides: list[str], seeds: int
     from stmvl.tasks.pretrain import load_run_config
 
     started = time.perf_counter()
+    optim = load_run_config(recipe, _paths(out) + overrides).optim
     steps: dict[tuple[str, int], int] = {}
     spent = 0
     for seed in range(seeds):
@@ -158,7 +159,6 @@ def compare_steps(out: Path, recipe: str, overrides: list[str], seeds: int
             per_media[name], counts = media_step_flops(recipe, _paths(out) + variant + overrides
                                                        + seed_overrides(seed))
             spent += sum(per_media[name].values())
-        optim = load_run_config(recipe, _paths(out) + overrides).optim
         ref_steps = optim.max_steps or optim.epochs * sum(counts.values())
         for name, flops in per_media.items():
             steps[name, seed] = equal_compute_steps(counts, seed, per_media["stm"], flops, ref_steps)
