@@ -35,6 +35,9 @@ class VisionConfig:
     # Student (and linear decoder) initialisation: a UMT stage-1 checkpoint (encoder.*, clip_decoder.*) or an stmvl
     # model folder; None = random init. Loaded strictly when the model is built (stmvl.models.weights.init_student).
     init: str | None = None
+    # none | teacher: copy the teacher's image tower into the student when the model is built (not in STM/UMT: a
+    # small-budget option, stmvl.models.warm_start); a later init/resume/load overwrites it like any initialisation
+    warm_start: str = "none"
 
 
 @dataclass

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from stmvl.config import ConfigError
 from stmvl.models.config import ModelConfig, TeacherConfig, TextConfig
 from stmvl.models.decoder import LinearDecoder, STDecoder
 from stmvl.models.losses import (
@@ -44,6 +45,7 @@ from stmvl.models.predictor import HEATMAP_FORMS, LAST_FRAME_POINTS, TemporalPoi
 from stmvl.models.teacher import CLIPTeacher, TeacherOutput
 from stmvl.models.text import BertEncoder
 from stmvl.models.vit import VideoViT
+from stmvl.models.warm_start import WARM_START_CHOICES, warm_start_from_teacher
 
 LOSS_NAMES = ("vtc", "vtm", "mlm", "mvm")
 PASS2_CHOICES = ("masked", "visible", "all")
@@ -114,6 +116,7 @@ def validate_config(cfg: ModelConfig) -> None:
         ("loss.vtm_negatives", cfg.loss.vtm_negatives, VTM_NEGATIVE_CHOICES),
         ("predictor.heatmap", cfg.predictor.heatmap, HEATMAP_FORMS),
         ("predictor.last_frame_point", cfg.predictor.last_frame_point, LAST_FRAME_POINTS),
+        ("vision.warm_start", cfg.vision.warm_start, WARM_START_CHOICES),
     ):
         if value not in allowed:
             raise ValueError(f"{key} must be one of {allowed}, got {value!r}")
@@ -228,6 +231,11 @@ class STMModel(nn.Module):
         self.lam = nn.Parameter(torch.tensor(float(cfg.mask.lam_init))) if uses_stm else None
         self.decoders = self._build_decoders(width, text_width) if self.teacher is not None else nn.ModuleList()
         self._tokenizer = None
+        if cfg.vision.warm_start == "teacher":
+            if self.teacher is None or cfg.teacher.weights is None:
+                raise ConfigError("model.vision.warm_start=teacher needs trained teacher weights "
+                                  "(model.teacher.weights) and a run that builds the teacher")
+            warm_start_from_teacher(self.vision, self.teacher)
         if cfg.vision.init:
             from stmvl.models.weights import init_student
 

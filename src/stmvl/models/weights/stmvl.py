@@ -54,13 +54,16 @@ def save_model(module: nn.Module, cfg, directory: str | Path, extra: Mapping | N
 
 
 def _without_student_init(cfg):
-    """``(cfg with vision.init cleared, the cleared path or None)``: the saved tensors already hold the student, so
-    rebuilding the folder's model must not read (and need) the file it was first initialised from."""
-    if isinstance(cfg, ModelConfig) and cfg.vision.init:
-        return dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, init=None)), cfg.vision.init
-    if isinstance(cfg, VisionConfig) and cfg.init:
-        return dataclasses.replace(cfg, init=None), cfg.init
-    return cfg, None
+    """``(cfg with vision.init and vision.warm_start cleared, what was cleared or None)``: the saved tensors already
+    hold the student, so rebuilding the folder's model must not read (and need) what it was first initialised
+    from."""
+    vision = cfg.vision if isinstance(cfg, ModelConfig) else cfg if isinstance(cfg, VisionConfig) else None
+    if vision is None or (not vision.init and vision.warm_start == "none"):
+        return cfg, None
+    # a warm start from the teacher is an initialisation too: rebuilding must not need the teacher's weights
+    source = vision.init or f"{vision.warm_start} (model.vision.warm_start)"
+    cleared = dataclasses.replace(vision, init=None, warm_start="none")
+    return (dataclasses.replace(cfg, vision=cleared) if isinstance(cfg, ModelConfig) else cleared), source
 
 
 def _with_built_teacher(module: nn.Module, cfg):
