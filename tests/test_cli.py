@@ -187,9 +187,16 @@ def test_the_library_never_imports_the_command_layer():
                              "decoder per returned layer sits on a student block"),
     ("model.decoder=linear", "model.decoder 'linear' only predicts visible tokens: set model.mvm_tokens=visible or "
                              "model.decoder=st"),
+    ("model.vision.warm_start=clip", "model.vision.warm_start: 'clip' is not allowed; allowed values: none, teacher"),
+    ("model.vision.warm_start=teacher model.vision.width=192 model.vision.heads=4",
+     "model.vision.warm_start=teacher needs a student shaped like the teacher: model.vision.width 192 != "
+     "model.teacher.width 128; student MLP width 768 != teacher MLP width 512"),
+    ("model.vision.warm_start=teacher model.teacher.weights=null",
+     "model.vision.warm_start=teacher copies the trained teacher into the student: set model.teacher.weights (in a "
+     "run that builds the teacher), or model.vision.warm_start=none"),
 ])
 def test_bad_values_are_refused_before_anything_runs(override, message, capsys):
-    assert main(["pretrain", "demo", override, "--dry-run"]) == 2
+    assert main(["pretrain", "demo", *override.split(), "--dry-run"]) == 2
     got = _one_error(capsys, "pretrain")
     assert got == message if not message.endswith(": ") else got.startswith(message), got
 

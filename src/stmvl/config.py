@@ -284,6 +284,7 @@ _EXTERNAL_METADATA: dict[type, dict[str, dict[str, Any]]] = {
     VisionConfig: {
         "size": _choices("tiny", "demo", "b16", "l16", "custom"),  # custom: converted with other sizes
         "stem": _choices("rgb", "diff", "tubelet2"),
+        "warm_start": _choices("none", "teacher"),
         "drop_path": _range(0.0, 1.0),
         "img_size": _range(1, _MAX_IMG_SIZE),
         "patch_size": _range(1, _MAX_PATCH),
@@ -796,6 +797,17 @@ def validate_model(model: ModelConfig, prefix: str = "model") -> None:
         towers = ", ".join(f"{name} {count:.2g}" for name, count in counts.items())
         raise ConfigError(f"{prefix}: the sizes ask for about {total:.2g} parameters ({towers}), more than the "
                           f"{MAX_PARAMETERS:.0e} stmvl builds; check {prefix}.vision / teacher / text sizes")
+    if v.warm_start == "teacher":
+        from stmvl.models.warm_start import warm_start_problems  # imports torch: only when asked for
+
+        if not (builds_teacher and teacher.weights):
+            raise ConfigError(f"{prefix}.vision.warm_start=teacher copies the trained teacher into the student: set "
+                              f"{prefix}.teacher.weights (in a run that builds the teacher), or "
+                              f"{prefix}.vision.warm_start=none")
+        problems = warm_start_problems(v, teacher, prefix)
+        if problems:
+            raise ConfigError(f"{prefix}.vision.warm_start=teacher needs a student shaped like the teacher: "
+                              + "; ".join(problems))
 
 
 def save_config(cfg: RunConfig, path: str | os.PathLike, header: str | None = None) -> None:

@@ -32,23 +32,26 @@ log = logging.getLogger(__name__)
 WARM_START_CHOICES = ("none", "teacher")
 
 
-def _check_fits(vision: nn.Module, teacher: nn.Module) -> None:
-    """Raise ConfigError naming the sizes that differ (the copy would not be exact)."""
-    v, t = vision.cfg, teacher.cfg
+def warm_start_problems(v, t, prefix: str = "model") -> list[str]:
+    """Why a student of VisionConfig ``v`` cannot be a copy of a teacher of TeacherConfig ``t`` (empty: it can)."""
     mlp_t = t.mlp_width or 4 * t.width
-    problems = []
-    if v.width != t.width:
-        problems.append(f"model.vision.width {v.width} != model.teacher.width {t.width}")
-    if v.heads != t.heads:
-        problems.append(f"model.vision.heads {v.heads} != model.teacher.heads {t.heads}")
-    if v.depth > t.layers:
-        problems.append(f"model.vision.depth {v.depth} > model.teacher.layers {t.layers}")
-    if v.patch_size != t.patch_size:
-        problems.append(f"model.vision.patch_size {v.patch_size} != model.teacher.patch_size {t.patch_size}")
-    if int(v.width * v.mlp_ratio) != mlp_t:
-        problems.append(f"student MLP width {int(v.width * v.mlp_ratio)} != teacher MLP width {mlp_t}")
-    if v.stem not in ("rgb", "diff"):
-        problems.append(f"model.vision.stem {v.stem!r} (warm start supports 'rgb' and 'diff')")
+    checks = [
+        (v.width != t.width, f"{prefix}.vision.width {v.width} != {prefix}.teacher.width {t.width}"),
+        (v.heads != t.heads, f"{prefix}.vision.heads {v.heads} != {prefix}.teacher.heads {t.heads}"),
+        (v.depth > t.layers, f"{prefix}.vision.depth {v.depth} > {prefix}.teacher.layers {t.layers}"),
+        (v.patch_size != t.patch_size,
+         f"{prefix}.vision.patch_size {v.patch_size} != {prefix}.teacher.patch_size {t.patch_size}"),
+        (int(v.width * v.mlp_ratio) != mlp_t, f"student MLP width {int(v.width * v.mlp_ratio)} != teacher MLP width "
+                                               f"{mlp_t}"),
+        (v.stem not in ("rgb", "diff"), f"{prefix}.vision.stem {v.stem!r} (warm start supports 'rgb' and 'diff')"),
+    ]
+    return [message for failed, message in checks if failed]
+
+
+def _check_fits(vision: nn.Module, teacher: nn.Module) -> None:
+    """Raise ConfigError naming the sizes that differ (checked on the built towers: a teacher loaded from weights
+    takes its sizes from the file)."""
+    problems = warm_start_problems(vision.cfg, teacher.cfg)
     if problems:
         raise ConfigError("model.vision.warm_start=teacher needs a student shaped like the teacher: "
                           + "; ".join(problems))
