@@ -80,6 +80,12 @@ def test_stm_model_warm_starts_from_teacher_weights_and_saves_a_folder_that_load
     (teacher_dir / "model.safetensors").unlink()  # the folder must not need the teacher it started from
     loaded = load_model(out)
     torch.testing.assert_close(loaded.vision.blocks[1].mlp.fc2.weight, model.vision.blocks[1].mlp.fc2.weight)
+    # a folder whose config.json still asks for the warm start (written by hand) loads its own tensors too
+    saved["config"]["vision"]["warm_start"] = "teacher"
+    saved["config"]["teacher"]["weights"] = str(teacher_dir)
+    (out / "config.json").write_text(json.dumps(saved))
+    loaded = load_model(out)
+    torch.testing.assert_close(loaded.vision.blocks[1].mlp.fc2.weight, model.vision.blocks[1].mlp.fc2.weight)
 
 
 def test_warm_start_value_is_checked():

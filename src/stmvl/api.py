@@ -119,8 +119,9 @@ def _check_missing_groups(declared, path: Path) -> None:
 
 
 def _config_for_loading(cfg):
-    """The saved config with external weight paths removed: every tensor comes from model.safetensors, so building
-    the model must not read (possibly absent) original BERT/CLIP files. The text vocabulary stays where it was."""
+    """The saved config with external weight paths (and the student's warm start) removed: every tensor comes from
+    model.safetensors, so building the model must not read (possibly absent) original BERT/CLIP files. The text
+    vocabulary stays where it was."""
     from stmvl.models.stm import text_weights_folder
 
     text = cfg.text
@@ -128,8 +129,10 @@ def _config_for_loading(cfg):
         folder = text_weights_folder(text)
         if folder is not None and (folder / "vocab.txt").is_file():
             text = dataclasses.replace(text, vocab=str(folder))
+    # a warm start copies the teacher's weights into the student: here the student's own come from the file
     return dataclasses.replace(cfg, text=dataclasses.replace(text, weights=None),
-                               teacher=dataclasses.replace(cfg.teacher, weights=None))
+                               teacher=dataclasses.replace(cfg.teacher, weights=None),
+                               vision=dataclasses.replace(cfg.vision, warm_start="none"))
 
 
 @dataclass
