@@ -61,7 +61,8 @@ def _check_fits(vision: nn.Module, teacher: nn.Module) -> None:
 def _copy_patch_embedding(vision: nn.Module, teacher: nn.Module) -> None:
     """Teacher Conv2d (no bias) on x_t = (v - m_t) / s_t  ->  student Conv3d on x_s = (v - m_s) / s_s.
 
-    v = x_s * s_s + m_s, so W_t x_t = sum_c W_t[c] * (s_s[c] / s_t[c]) * x_s[c] + sum_c W_t[c] * (m_s[c] - m_t[c]) / s_t[c].
+    v = x_s * s_s + m_s, so W_t x_t = sum_c W_t[c] (s_s[c] / s_t[c]) x_s[c] + sum_c W_t[c] (m_s[c] - m_t[c]) / s_t[c]:
+    a rescaled kernel plus a constant (the bias).
     """
     w_t = teacher.conv1.weight.float()  # [D, 3, p, p]
     m_t, s_t = teacher.mean.view(3).float(), teacher.std.view(3).float()
@@ -77,24 +78,23 @@ def _copy_patch_embedding(vision: nn.Module, teacher: nn.Module) -> None:
 
 @torch.no_grad()
 def _copy_block(student: nn.Module, teacher: nn.Module) -> None:
+    """CLIP ResidualBlock -> student Block (both pre-norm: the same function but for the activation)."""
     width = student.norm1.weight.shape[0]
     student.norm1.load_state_dict(teacher.ln_1.state_dict())
     student.norm2.load_state_dict(teacher.ln_2.state_dict())
     student.attn.qkv.weight.copy_(teacher.attn.qkv.weight)
+    # the student keeps separate q and v biases (UMT layout); CLIP's one qkv bias splits into them, its key part
+    # dropped (it adds one constant to all of a query's scores, which the softmax removes)
     qkv_bias = teacher.attn.qkv.bias
-    if student.attn.qkv_bias_mode == "qv":
-        zeros = torch.zeros(width, dtype=student.attn.q_bias.dtype)
-        student.attn.q_bias.copy_(zeros if qkv_bias is None else qkv_bias[:width])
-        student.attn.v_bias.copy_(zeros if qkv_bias is None else qkv_bias[2 * width:])
-    elif student.attn.qkv_bias_mode == "all" and qkv_bias is not None:
-        student.attn.qkv.bias.copy_(qkv_bias)
+    student.attn.q_bias.copy_(qkv_bias[:width])
+    student.attn.v_bias.copy_(qkv_bias[2 * width:])
     student.attn.proj.load_state_dict(teacher.attn.proj.state_dict())
     student.mlp.fc1.load_state_dict(teacher.mlp.fc1.state_dict())
     student.mlp.fc2.load_state_dict(teacher.mlp.fc2.state_dict())
 
 
-def warm_start_from_teacher(vision: nn.Module, teacher: nn.Module) -> int:
-    """Copy the teacher's image tower into the student ViT (module docstring). Returns the tensors copied.
+def warm_start_from_teacher(vision: nn.Module, teacher: nn.Module) -> None:
+    """Copy the teacher's image tower into the student ViT in place (module docstring).
 
     Args:
         vision: the student VideoViT; teacher: a CLIPTeacher (its weights already loaded).
@@ -107,8 +107,6 @@ def warm_start_from_teacher(vision: nn.Module, teacher: nn.Module) -> int:
     for student_block, teacher_block in zip(vision.blocks, teacher.blocks):
         _copy_block(student_block, teacher_block)
     vision.norm.load_state_dict(teacher.ln_post.state_dict())
-    copied = 2 + 10 * len(vision.blocks) + 2
     log.info("student warm-started from the teacher: patch embedding, %d of %d blocks and the final norm "
              "(position table, pooling head and activation stay the student's own)",
              len(vision.blocks), len(teacher.blocks))
-    return copied
