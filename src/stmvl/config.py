@@ -798,16 +798,13 @@ def validate_model(model: ModelConfig, prefix: str = "model") -> None:
         raise ConfigError(f"{prefix}: the sizes ask for about {total:.2g} parameters ({towers}), more than the "
                           f"{MAX_PARAMETERS:.0e} stmvl builds; check {prefix}.vision / teacher / text sizes")
     if v.warm_start == "teacher":
-        from stmvl.models.warm_start import warm_start_problems  # imports torch: only when asked for
+        from stmvl.models.warm_start import check_shapes  # imports torch: only when asked for
 
         if not (builds_teacher and teacher.weights):
             raise ConfigError(f"{prefix}.vision.warm_start=teacher copies the trained teacher into the student: set "
                               f"{prefix}.teacher.weights (in a run that builds the teacher), or "
                               f"{prefix}.vision.warm_start=none")
-        problems = warm_start_problems(v, teacher, prefix)
-        if problems:
-            raise ConfigError(f"{prefix}.vision.warm_start=teacher needs a student shaped like the teacher: "
-                              + "; ".join(problems))
+        check_shapes(v, teacher, prefix)
 
 
 def save_config(cfg: RunConfig, path: str | os.PathLike, header: str | None = None) -> None:

@@ -48,12 +48,13 @@ def warm_start_problems(v, t, prefix: str = "model") -> list[str]:
     return [message for failed, message in checks if failed]
 
 
-def _check_fits(vision: nn.Module, teacher: nn.Module) -> None:
-    """Raise ConfigError naming the sizes that differ (checked on the built towers: a teacher loaded from weights
-    takes its sizes from the file)."""
-    problems = warm_start_problems(vision.cfg, teacher.cfg)
+def check_shapes(v, t, prefix: str = "model") -> None:
+    """Raise ConfigError naming every size in which VisionConfig ``v`` differs from TeacherConfig ``t`` (called on
+    the recipe's configs before anything is built, and on the built towers: a teacher loaded from weights takes its
+    sizes from the file)."""
+    problems = warm_start_problems(v, t, prefix)
     if problems:
-        raise ConfigError("model.vision.warm_start=teacher needs a student shaped like the teacher: "
+        raise ConfigError(f"{prefix}.vision.warm_start=teacher needs a student shaped like the teacher: "
                           + "; ".join(problems))
 
 
@@ -102,7 +103,7 @@ def warm_start_from_teacher(vision: nn.Module, teacher: nn.Module) -> None:
     Raises:
         ConfigError: the student is not shaped like the teacher (names the sizes that differ).
     """
-    _check_fits(vision, teacher)
+    check_shapes(vision.cfg, teacher.cfg)
     _copy_patch_embedding(vision, teacher)
     for student_block, teacher_block in zip(vision.blocks, teacher.blocks):
         _copy_block(student_block, teacher_block)
