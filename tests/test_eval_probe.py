@@ -36,7 +36,9 @@ class OrderModel(torch.nn.Module):
     def text_features(self, input_ids, attention_mask):
         return input_ids.float()[:, :, None], torch.eye(3)[input_ids[:, 0]]
 
-    def itm_logits(self, video_tokens, text_states, text_mask):
+    def itm_logits(self, video_tokens, text_states, text_mask, video_index=None):
+        if video_index is not None:  # the model's interface: distinct videos + the video of each text
+            video_tokens = video_tokens[video_index]
         direction, text = video_tokens[:, 0, 0].long(), text_states[:, 0, 0].long()
         match = torch.where(direction == 2, 0.0, torch.where(direction == text, 3.0, -3.0))
         return torch.stack([torch.zeros_like(match), match], dim=1)
@@ -130,7 +132,9 @@ class OptionModel(torch.nn.Module):
     def text_features(self, input_ids, attention_mask):
         return input_ids.float()[:, :, None], torch.eye(6)[input_ids[:, 0]]
 
-    def itm_logits(self, video_tokens, text_states, text_mask):
+    def itm_logits(self, video_tokens, text_states, text_mask, video_index=None):
+        if video_index is not None:  # the model's interface: distinct videos + the video of each text
+            video_tokens = video_tokens[video_index]
         logits = MC_ITM[video_tokens[:, 0, 0].long(), text_states[:, 0, 0].long()]
         return torch.stack([torch.zeros_like(logits), logits], dim=1)
 

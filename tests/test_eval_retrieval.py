@@ -54,7 +54,9 @@ class TableModel(torch.nn.Module):
         index = input_ids[:, 0] - 1
         return index.float()[:, None, None], self.text_table[index]
 
-    def itm_logits(self, video_tokens, text_states, text_mask):
+    def itm_logits(self, video_tokens, text_states, text_mask, video_index=None):
+        if video_index is not None:  # the model's interface: distinct videos + the video of each text
+            video_tokens = video_tokens[video_index]
         videos = video_tokens[:, 0, 0].float().round().long()
         texts = text_states[:, 0, 0].float().round().long()
         self.itm_calls.append(list(zip(texts.tolist(), videos.tolist())))

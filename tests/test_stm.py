@@ -248,6 +248,43 @@ def test_inference_helpers(stm_model):
     assert score.shape == (4,) and ((score > 0) & (score < 1)).all()
 
 
+def test_itm_with_shared_videos_equals_repeated_videos_and_projects_each_video_once(stm_model):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from stmvl.eval.retrieval import score_pairs
+
+    stm_model.eval()
+    batch = make_batch(stm_model, b=4)
+    with torch.no_grad():
+        tokens, _ = stm_model.video_features(batch["video"])
+        states = stm_model.text(batch["input_ids"], batch["attention_mask"])
+    # 12 pairs over 3 distinct videos, given in text order (as retrieval builds them)
+    pairs = torch.tensor([[t, v] for t in range(4) for v in (2, 0, 3)])
+    text_idx, video_idx = pairs.unbind(1)
+    with torch.no_grad():
+        counted = {}
+        for name, call in (
+            ("repeated", lambda: stm_model.itm_logits(tokens[video_idx], states[text_idx],
+                                                      batch["attention_mask"][text_idx])),
+            ("shared", lambda: stm_model.itm_logits(tokens[[0, 2, 3]], states[text_idx],
+                                                    batch["attention_mask"][text_idx],
+                                                    video_index=torch.tensor([1, 0, 2] * 4))),
+        ):
+            counter = FlopCounterMode(display=False)
+            with counter:
+                counted[name] = (call(), counter)
+        repeated, shared = counted["repeated"][0], counted["shared"][0]
+        scores = score_pairs(stm_model, pairs, tokens, states, batch["attention_mask"], batch_size=5)
+    torch.testing.assert_close(shared, repeated, atol=1e-5, rtol=1e-5)
+    # score_pairs scores in video order, in chunks, and hands the scores back in the order of `pairs`
+    torch.testing.assert_close(scores, repeated.softmax(-1)[:, 1], atol=1e-5, rtol=1e-5)
+    # keys and values of the video tokens: projected for 3 videos, not for 12 pairs
+    n, width = tokens.shape[1], stm_model.text.cfg.hidden
+    kv_per_video = 2 * 2 * n * tokens.shape[2] * width * len(stm_model.text.layers[stm_model.text.cfg.fusion_start:])
+    saved = counted["repeated"][1].get_total_flops() - counted["shared"][1].get_total_flops()
+    assert saved == (12 - 3) * kv_per_video
+
+
 def overfit(preset: str, steps: int = 200) -> tuple[float, float, float]:
     torch.manual_seed(0)
     model = STMModel(tiny_config(preset))

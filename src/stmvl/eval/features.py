@@ -301,7 +301,8 @@ def score_texts_per_clip(
     with autocast_context(device, autocast):
         video_tokens, frame_embeds = model.video_features(video.to(device))
         text_states, text_embeds = model.text_features(ids, mask)
-        logits = model.itm_logits(video_tokens.repeat_interleave(count, dim=0), text_states, mask)
+        video_index = torch.arange(size, device=device).repeat_interleave(count)
+        logits = model.itm_logits(video_tokens, text_states, mask, video_index=video_index)
     text_embeds = text_embeds.float().view(size, count, -1)
     itc = torch.einsum("bfe,bke->bkf", frame_embeds.float(), text_embeds).mean(-1).cpu()
     return positive_probability(logits).view(size, count).cpu(), itc

@@ -71,20 +71,27 @@ def score_pairs(
 
     Returns:
         float32 [P] on the CPU, identical on every rank.
+
+    The pairs are scored in video order, so that a chunk holds few distinct videos and the fusion layers project
+    each one's keys and values once per chunk (a video is a candidate of ~2 k_test pairs), not once per pair.
     """
     device = torch.device(device)
     rank, world = rank_and_world()
+    order = torch.argsort(pairs[:, 1], stable=True)  # video order
     shard = shard_range(pairs.shape[0], rank, world)
     scores = []
     with evaluation_mode(model):
         for start in range(shard.start, shard.stop, batch_size):
-            text_idx, video_idx = pairs[start : min(start + batch_size, shard.stop)].unbind(dim=1)
+            text_idx, video_idx = pairs[order[start : min(start + batch_size, shard.stop)]].unbind(dim=1)
+            videos, video_index = torch.unique(video_idx, return_inverse=True)
             with autocast_context(device, autocast):
                 logits = model.itm_logits(
-                    video_tokens[video_idx].to(device), text_states[text_idx].to(device), text_mask[text_idx].to(device)
+                    video_tokens[videos].to(device), text_states[text_idx].to(device), text_mask[text_idx].to(device),
+                    video_index=video_index.to(device),
                 )
             scores.append(positive_probability(logits).cpu())
-    return gather_rows(torch.cat(scores) if scores else None, pairs.shape[0])
+    in_video_order = gather_rows(torch.cat(scores) if scores else None, pairs.shape[0])
+    return torch.empty_like(in_video_order).index_copy_(0, order, in_video_order)
 
 
 def rerank_matrices(

@@ -104,7 +104,10 @@ class CrossAttention(nn.Module):
 
     ``forward(x [B, n, D], context [B, m, Dc] | None, attn_mask=None) -> [B, n, D]``; with ``context=None`` it is
     self-attention on ``x`` (BERT's self-attention shares this layout). ``attn_mask`` broadcasts to
-    ``[B, heads, n, m]``, True = may attend.
+    ``[B, heads, n, m]``, True = may attend. ``context_index`` (long ``[B]``): ``context`` is ``[U, m, Dc]`` and row
+    ``i`` of ``x`` attends to ``context[context_index[i]]``; keys and values are projected once per context row, so
+    scoring many texts against few videos (ITM re-ranking, probes, multiple choice) does not re-project a video for
+    every pair.
     """
 
     def __init__(self, dim: int, heads: int, context_dim: int | None = None, dropout: float = 0.0) -> None:
@@ -120,12 +123,18 @@ class CrossAttention(nn.Module):
         self.out = nn.Linear(dim, dim)
 
     def forward(
-        self, x: torch.Tensor, context: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        context: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
+        context_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
         context = x if context is None else context
         q = _split_heads(self.q(x), self.heads)
         k = _split_heads(self.k(context), self.heads)
         v = _split_heads(self.v(context), self.heads)
+        if context_index is not None:
+            k, v = k[context_index], v[context_index]
         p = self.dropout if self.training else 0.0
         return self.out(_merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p)))
 

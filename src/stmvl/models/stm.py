@@ -588,9 +588,14 @@ class STMModel(nn.Module):
         batch = self.tokenize(texts)
         return self.text_features(batch["input_ids"], batch["attention_mask"])[1]
 
-    def itm_logits(self, video_tokens: Tensor, text_states: Tensor, text_mask: Tensor) -> Tensor:
-        """Video-text matching logits [B, 2] (class 1 = match) of paired video tokens and text states."""
-        return self.itm_head(self.text.fuse(text_states, text_mask, video_tokens)[:, 0])
+    def itm_logits(
+        self, video_tokens: Tensor, text_states: Tensor, text_mask: Tensor, video_index: Tensor | None = None
+    ) -> Tensor:
+        """Video-text matching logits [B, 2] (class 1 = match) of paired video tokens and text states.
+
+        With ``video_index`` (long [B]), ``video_tokens`` [U, n, D] holds the distinct videos and text ``i`` is
+        paired with video ``video_index[i]`` (the fusion layers then project each video once)."""
+        return self.itm_head(self.text.fuse(text_states, text_mask, video_tokens, video_index=video_index)[:, 0])
 
     def itm_score(self, video_tokens: Tensor, texts: Sequence[str] | dict) -> Tensor:
         """Match probability [B] of each video with its text."""

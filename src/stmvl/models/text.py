@@ -63,12 +63,14 @@ class BertLayer(nn.Module):
         attn_mask: torch.Tensor | None,
         video: torch.Tensor | None = None,
         video_mask: torch.Tensor | None = None,
+        video_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
         x = self.self_norm(x + self.dropout(self.self_attn(x, attn_mask=attn_mask)))
         if self.has_cross:
             if video is None:
                 raise ValueError("a fusion layer needs video tokens")
-            x = self.cross_norm(x + self.dropout(self.cross_attn(x, video, attn_mask=video_mask)))
+            x = self.cross_norm(x + self.dropout(self.cross_attn(x, video, attn_mask=video_mask,
+                                                                 context_index=video_index)))
         return self.ffn_norm(x + self.dropout(self.ffn(x)))
 
 
@@ -143,20 +145,27 @@ class BertEncoder(nn.Module):
         attention_mask: torch.Tensor,
         video_tokens: torch.Tensor,
         video_mask: torch.Tensor | None = None,
+        video_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Fusion layers ``[F, L)`` on text states ``[B, L, H]`` attending to ``video_tokens [B, n, Dv]``.
 
-        ``video_mask [B, n]``: True/1 = a real video token (None = all real).
+        ``video_mask [B, n]``: True/1 = a real video token (None = all real). ``video_index`` (long ``[B]``):
+        ``video_tokens`` (and ``video_mask``) hold ``U`` distinct videos ``[U, n, Dv]`` and text ``i`` attends to
+        video ``video_index[i]``; each fusion layer projects a video's keys and values once, not once per text.
         """
         if not self.has_fusion:
             raise ValueError("this text encoder has no fusion layers (fusion_start == layers)")
         if video_tokens.dim() != 3 or video_tokens.shape[-1] != self.cross_width:
             raise ValueError(f"video_tokens must be [B, n, {self.cross_width}], got {list(video_tokens.shape)}")
+        if video_index is not None and tuple(video_index.shape) != tuple(text_states.shape[:1]):
+            raise ValueError(f"video_index must be [B] = [{text_states.shape[0]}], got {list(video_index.shape)}")
         mask = _key_padding_mask(attention_mask, "attention_mask", tuple(text_states.shape[:2]))
         vmask = _key_padding_mask(video_mask, "video_mask", tuple(video_tokens.shape[:2]))
+        if vmask is not None and video_index is not None:
+            vmask = vmask[video_index]
         x = text_states
         for layer in self.layers[self.cfg.fusion_start :]:
-            x = layer(x, mask, video_tokens, vmask)
+            x = layer(x, mask, video_tokens, vmask, video_index)
         return x
 
     def forward(
