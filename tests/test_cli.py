@@ -187,6 +187,8 @@ def test_the_library_never_imports_the_command_layer():
                              "decoder per returned layer sits on a student block"),
     ("model.decoder=linear", "model.decoder 'linear' only predicts visible tokens: set model.mvm_tokens=visible or "
                              "model.decoder=st"),
+    # a zero weight would reach the batch mixer and fail there as an internal error
+    ("data.corpora.1.weight=0", "data.corpora.1.weight: 0.0 is outside the allowed range (0.0, inf]"),
     ("model.vision.warm_start=clip", "model.vision.warm_start: 'clip' is not allowed; allowed values: none, teacher"),
     ("model.vision.warm_start=teacher model.vision.width=192 model.vision.heads=4",
      "model.vision.warm_start=teacher needs a student shaped like the teacher: model.vision.width 192 != "

@@ -111,7 +111,7 @@ class CorpusConfig:
     media_root: str = ""  # folder the records' `video` / `image` paths are relative to
     media_type: str = field(default="video", metadata=_choices("video", "image"))
     kind: str = field(default="pretrain", metadata=_choices("pretrain", "retrieval", "probe", "qa", "mc"))
-    weight: float = field(default=1.0, metadata=_range(0.0, None))  # sampling weight within its media type
+    weight: float = field(default=1.0, metadata=_range(0.0, None, open_lo=True))  # sampling weight within its media type
     caption_mode: str = field(default="multi", metadata=_choices("single", "multi", "paragraph"))  # list captions: first | expand | join
     shards: str | None = None  # webdataset shard pattern used instead of annotation + media_root
     answer_list: str | None = None  # QA: JSON list of candidate answers
