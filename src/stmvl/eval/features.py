@@ -5,8 +5,8 @@ The evaluators only rely on this model protocol (see docs/internals.md):
 * ``model.video_features(video [B, T, 3, H, W] float in [0, 1]) -> (tokens [B, n, D], frame_embeds [B, T', E])``,
   the frame embeddings L2-normalised;
 * ``model.text_features(input_ids [B, L], attention_mask [B, L]) -> (states [B, L, H], embeds [B, E])``;
-* ``model.itm_logits(video_tokens [P, n, D], text_states [P, L, H], text_mask [P, L]) -> [P, 2]`` (index 1 =
-  matching pair);
+* ``model.itm_logits(video_tokens [U, n, D], text_states [P, L, H], text_mask [P, L], video_index [P]) -> [P, 2]``
+  (index 1 = matching pair; text ``i`` is paired with video ``video_index[i]`` of the ``U`` distinct videos);
 * ``model.temp`` (scalar tensor), ``model.tokenizer(texts: list[str], max_length) -> {"input_ids", "attention_mask"}``.
 
 Sharding: when ``torch.distributed`` is initialised, rank r processes the contiguous rows
