@@ -118,7 +118,8 @@ def test_vtm_negatives_with_the_contrastive_temperature_are_hard():
 def test_vtm_loss_scores_3b_pairs_with_labels():
     seen = {}
 
-    def fuse(states, mask, video):
+    def fuse(states, mask, video, video_index):
+        video = video[video_index]
         seen["pairs"] = states.shape[0]
         # fused CLS = text CLS + mean video token, so matching depends on the pair
         return states + video.mean(1, keepdim=True)
@@ -135,7 +136,9 @@ def test_vtm_on_the_first_rows_scores_their_pairs_with_negatives_from_the_whole_
     """loss.fusion_samples: the first `rows` samples' pairs only, the same pairs the full loss scores for them."""
     pairs = {}
 
-    def fuse(states, mask, video):
+    def fuse(states, mask, video, video_index):
+        pairs["distinct_videos"] = video.shape[0]
+        video = video[video_index]
         pairs["text"], pairs["video"] = states[:, 0, 0].tolist(), video[:, 0, 0].tolist()
         return states + video.mean(1, keepdim=True)
 
@@ -154,6 +157,7 @@ def test_vtm_on_the_first_rows_scores_their_pairs_with_negatives_from_the_whole_
     # positives, the drawn negatives (from the whole batch), reversed clips, foils: of samples 0 and 1 only
     assert pairs["text"] == [10, 11, 10, 11, 13, 15, 10, 11, 110, 111]
     assert pairs["video"] == [0, 1, 5, 4, 0, 1, -0.0, -1, 0, 1]
+    assert pairs["distinct_videos"] == 3 * rows  # own clips, drawn negatives, reversed clips: each passed once
     fused = torch.tensor(pairs["text"]).view(-1, 1) + torch.tensor(pairs["video"]).view(-1, 1)
     labels = torch.tensor([1, 1] + [0] * 8)
     expected = torch.nn.functional.cross_entropy(head(fused.expand(-1, 4)), labels)

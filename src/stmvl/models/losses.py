@@ -217,7 +217,8 @@ def vtm_loss(
     """Video-text matching: positives, one hard negative video per text and one hard negative text per video.
 
     Args:
-        fuse: fusion layers, fuse(text_states [P, L, H], text_mask [P, L], video_tokens [P, n, D]) -> [P, L, H].
+        fuse: fusion layers, fuse(text_states [P, L, H], text_mask [P, L], video_tokens [U, n, D], video_index=[P])
+            -> [P, L, H], pair p scoring video video_index[p] of the U distinct videos (BertEncoder.fuse).
         itm_head: [P, H] -> [P, 2] logits (class 1 = match).
         video_tokens: [B, n, D]; text_states: [B, L, H] text-only states; text_mask: [B, L].
         sim: [B, B] local text-to-video cosine similarity used to draw the negatives.
@@ -245,23 +246,29 @@ def vtm_loss(
         foil_states = None if foil_states is None else foil_states[:rows]
         foil_mask = None if foil_mask is None else foil_mask[:rows]
     video_of_text, text_of_video = neg_video.clamp_min(0), neg_text.clamp_min(0)
+    b = video_tokens.shape[0]
+    rows_of = torch.arange(b, device=video_tokens.device)
+    # the distinct videos (own clips, drawn negatives, reversed clips) and, per pair, which of them it scores: an
+    # own clip appears in 3 pairs (its caption, a negative caption, its foil), but the fusion layers project its keys
+    # and values once
+    videos = [video_tokens, all_video[video_of_text]]
     pair_text = [text_states, text_states, all_text[text_of_video]]
     pair_mask = [text_mask, text_mask, all_mask[text_of_video]]
-    pair_video = [video_tokens, all_video[video_of_text], video_tokens]
+    pair_video = [rows_of, rows_of + b, rows_of]
     if reversed_tokens is not None:
+        videos.append(reversed_tokens)
         pair_text.append(text_states)
         pair_mask.append(text_mask)
-        pair_video.append(reversed_tokens)
+        pair_video.append(rows_of + 2 * b)
     if foil_states is not None:
         pair_text.append(foil_states)
         pair_mask.append(foil_mask)
-        pair_video.append(video_tokens)
-    b = video_tokens.shape[0]
-    labels = torch.zeros(sum(x.shape[0] for x in pair_video), dtype=torch.long, device=video_tokens.device)
+        pair_video.append(rows_of)
+    labels = torch.zeros(b * len(pair_video), dtype=torch.long, device=video_tokens.device)
     labels[:b] = 1
     labels[b:2 * b] = torch.where(neg_video >= 0, labels[b:2 * b], IGNORE_INDEX)
     labels[2 * b:3 * b] = torch.where(neg_text >= 0, labels[2 * b:3 * b], IGNORE_INDEX)
-    fused = fuse(torch.cat(pair_text), torch.cat(pair_mask), torch.cat(pair_video))
+    fused = fuse(torch.cat(pair_text), torch.cat(pair_mask), torch.cat(videos), video_index=torch.cat(pair_video))
     return F.cross_entropy(itm_head(fused[:, 0]), labels, ignore_index=IGNORE_INDEX)
 
 
