@@ -101,7 +101,7 @@ def test_equal_compute_steps_follow_the_media_schedule():
 
 
 @pytest.mark.slow
-def test_scaled_down_compare_gives_every_variant_the_training_flops_of_stm(tmp_path):
+def test_scaled_down_compare_gives_every_variant_the_training_flops_of_stm_and_resumes(tmp_path, monkeypatch):
     from stmvl.demo import run_demo
 
     summary = run_demo(tmp_path / "demo", compare=True, seeds=2, overrides=SMALL + ["optim.max_steps=4"])
@@ -113,3 +113,57 @@ def test_scaled_down_compare_gives_every_variant_the_training_flops_of_stm(tmp_p
             assert abs(run["train_tflop"] - stm["train_tflop"]) <= 0.5 * stm["train_tflop"] / 4, summary["seeds"]
     report = (tmp_path / "demo" / "report.md").read_text()
     assert "Masking strategies compared: equal training FLOPs, 2 seed(s)" in report
+
+    # --resume: every run finished with the same settings, so none trains again and the table is the same
+    import stmvl.tasks.runs
+
+    def no_training(cfg):
+        raise AssertionError(f"{cfg.runtime.out_dir} was trained again")
+
+    monkeypatch.setattr(stmvl.tasks.runs, "pretrain", no_training)
+    again = run_demo(tmp_path / "demo", compare=True, seeds=2, overrides=SMALL + ["optim.max_steps=4"], resume=True)
+    assert again["seeds"] == summary["seeds"] and again["results"] == summary["results"]
+    assert "Masking strategies compared: equal training FLOPs, 2 seed(s)" in (tmp_path / "demo" / "report.md").read_text()
+
+
+def _fake_pretrain(calls):
+    """Stands in for stmvl.tasks.runs.pretrain: writes an exported model folder and returns an engine result."""
+    from pathlib import Path
+
+    def pretrain(cfg):
+        calls.append(cfg.runtime.out_dir)
+        model_dir = Path(cfg.runtime.out_dir) / "model"
+        model_dir.mkdir(parents=True, exist_ok=True)
+        (model_dir / "config.json").write_text("{}")
+        return {"global_step": cfg.optim.max_steps, "run_dir": str(cfg.runtime.out_dir), "model_dir": str(model_dir),
+                "precision": "fp32", "flops": {"train": 7 * cfg.optim.max_steps, "eval": 3},
+                "results": {"synth_test": {"itc": {"t2v_r1": 12.5}}, "synth_probe": {"itc_acc": 0.75}}}
+    return pretrain
+
+
+def test_resume_reuses_a_finished_run_with_the_same_settings_and_retrains_any_other(tmp_path, monkeypatch):
+    import stmvl.tasks.runs
+    from stmvl.demo import RUN_RECORD, run_pretrain
+
+    calls = []
+    monkeypatch.setattr(stmvl.tasks.runs, "pretrain", _fake_pretrain(calls))
+    first = run_pretrain(tmp_path, "stm_seed0", ["optim.max_steps=5"], reuse=True)
+    assert len(calls) == 1 and (tmp_path / "stm_seed0" / RUN_RECORD).is_file()
+
+    again = run_pretrain(tmp_path, "stm_seed0", ["optim.max_steps=5"], reuse=True)
+    assert len(calls) == 1, "a finished run with the same settings is not trained again"
+    for key in ("global_step", "results", "flops", "model_dir", "run_dir"):
+        assert again[key] == first[key], key
+    assert again["seconds"] == pytest.approx(first["seconds"]) and again["cfg"].optim.max_steps == 5
+
+    run_pretrain(tmp_path, "stm_seed0", ["optim.max_steps=6"], reuse=True)  # other settings: trained again
+    run_pretrain(tmp_path, "stm_seed0", ["optim.max_steps=6"])  # without reuse: always trained
+    assert len(calls) == 3
+    (tmp_path / "stm_seed0" / RUN_RECORD).write_text("{not json")  # an unreadable record: trained again
+    run_pretrain(tmp_path, "stm_seed0", ["optim.max_steps=6"], reuse=True)
+    assert len(calls) == 4
+    # a run cut short leaves no record (it is written after the model is exported): trained again
+    monkeypatch.setattr(stmvl.tasks.runs, "pretrain", lambda cfg: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        run_pretrain(tmp_path, "stm_seed1", ["optim.max_steps=5"], reuse=True)
+    assert not (tmp_path / "stm_seed1" / RUN_RECORD).exists()

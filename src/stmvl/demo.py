@@ -84,19 +84,56 @@ def run_teacher(out: Path, overrides: list[str]) -> dict[str, float]:
     return {"seconds": time.perf_counter() - started, "flops": sum(result["flops"].values())}
 
 
-def run_pretrain(out: Path, name: str, overrides: list[str], recipe: str = "demo") -> dict[str, Any]:
-    """Pretrain one variant into <out>/<name>; returns the engine result with nested eval results and timing."""
+RUN_RECORD = "demo_run.json"  # written into a pretraining run's folder once it has finished (see run_pretrain)
+
+
+def run_pretrain(out: Path, name: str, overrides: list[str], recipe: str = "demo", reuse: bool = False
+                 ) -> dict[str, Any]:
+    """Pretrain one variant into <out>/<name>; returns the engine result with nested eval results and timing.
+
+    With `reuse` (``stmvl demo --resume``), a run that finished earlier with the same recipe and overrides is not
+    trained again: its record (numbers, steps, FLOPs, seconds) is read back. A run that was cut short, or that ran
+    with other settings, starts afresh (a resumed engine run would count only the FLOPs of its second part).
+    """
     from stmvl.tasks.pretrain import load_run_config
     from stmvl.tasks.runs import pretrain
 
     # rerunning the demo replaces its earlier pretraining run (the corpus and teacher are reused, see run_demo)
     cfg = load_run_config(recipe, _paths(out) + [f"runtime.out_dir={out / name}", "runtime.overwrite=true"]
                           + overrides)
+    record = out / name / RUN_RECORD
+    if reuse:
+        earlier = finished_run(record, recipe, overrides)
+        if earlier is not None:
+            _log(f"{name!r} finished earlier ({earlier['global_step']} steps, {earlier['seconds'] / 60:.1f} min): "
+                 f"reusing its record {record}")
+            return {**earlier, "cfg": cfg}
+    record.unlink(missing_ok=True)  # the folder is about to hold another run
     started = time.perf_counter()
     result = pretrain(cfg)
     result["seconds"] = time.perf_counter() - started
+    keep = {"recipe": recipe, "overrides": list(overrides), "seconds": result["seconds"],
+            "precision": str(result["precision"]), "results": result["results"], "flops": dict(result["flops"]),
+            **{key: result[key] for key in ("global_step", "run_dir", "model_dir")}}
+    record.write_text(json.dumps(keep, indent=2, default=float), encoding="utf-8")
     result["cfg"] = cfg
     return result
+
+
+def finished_run(record: Path, recipe: str, overrides: list[str]) -> dict[str, Any] | None:
+    """The record of a pretraining run that finished with this recipe and these overrides, or None (no record, an
+    unreadable one, other settings, or its exported model is gone)."""
+    try:
+        earlier = json.loads(record.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(earlier, dict) or earlier.get("recipe") != recipe or earlier.get("overrides") != list(overrides):
+        if record.exists():
+            _log(f"{record.parent.name!r} ran with other settings: training it again")
+        return None
+    if not (Path(earlier.get("model_dir", "")) / "config.json").is_file():
+        return None
+    return earlier
 
 
 def media_step_flops(recipe: str, overrides: list[str]) -> tuple[dict[str, int], dict[str, int]]:
@@ -364,9 +401,11 @@ def write_demo_report(out: Path, runs: dict[str, dict], stages: dict[str, dict[s
 
 
 def run_demo(out: Path, compare: bool = False, overrides: list[str] | None = None, full: bool = False,
-             seeds: int = 3, compare_at: str = "flops") -> dict[str, Any]:
+             seeds: int = 3, compare_at: str = "flops", resume: bool = False) -> dict[str, Any]:
     """The demo end to end; returns {report, stages (seconds, flops), results per variant}. With `compare`, every
-    variant runs `seeds` seeds at equal training FLOPs (`compare_at="flops"`) or equal steps (`"steps"`)."""
+    variant runs `seeds` seeds at equal training FLOPs (`compare_at="flops"`) or equal steps (`"steps"`). With
+    `resume`, pretraining runs of `out` that finished with the same settings are reused (`run_pretrain`): a
+    comparison cut short continues with the first run it had not finished."""
     if compare_at not in COMPARE_AT:
         raise ValueError(f"compare_at must be one of {', '.join(COMPARE_AT)}, got {compare_at!r}")
     from stmvl.tasks.data import ensure_synthetic_corpus
@@ -397,7 +436,7 @@ def run_demo(out: Path, compare: bool = False, overrides: list[str] | None = Non
             seeded = seed_overrides(seed) if compare else []
             steps = [f"optim.max_steps={steps_of[name, seed]}"] if (name, seed) in steps_of else []
             run = run_pretrain(out, tag if compare else "pretrain",
-                               COMPARE_VARIANTS[name] + seeded + overrides + steps, recipe)
+                               COMPARE_VARIANTS[name] + seeded + overrides + steps, recipe, reuse=resume)
             stages[f"pretrain {tag}"] = {"seconds": run["seconds"], "flops": _pretrain_flops(run)}
             per_seed.setdefault(name, []).append(run)
             runs.setdefault(name, run)

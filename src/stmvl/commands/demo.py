@@ -10,7 +10,8 @@ from stmvl.commands.rule import CommandParser, UsageError, command
 
 @command("demo")
 def demo_main(argv: Sequence[str]) -> int:
-    """``stmvl demo [--full] [--compare [--compare-at flops|steps] [--seeds N]] [--out DIR] [key=value ...]``."""
+    """``stmvl demo [--full] [--compare [--compare-at flops|steps] [--seeds N]] [--resume] [--out DIR]
+    [key=value ...]``."""
     from stmvl.demo import __doc__ as demo_doc
     from stmvl.demo import COMPARE_AT, run_demo
 
@@ -22,12 +23,15 @@ def demo_main(argv: Sequence[str]) -> int:
     parser.add_argument("--compare-at", choices=COMPARE_AT, default="flops",
                         help="what --compare holds equal: the training FLOPs (default) or the steps")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per variant with --compare (default 3)")
+    parser.add_argument("--resume", action="store_true",
+                        help="reuse the pretraining runs of --out that finished with the same settings (a --compare "
+                             "cut short goes on with the first run it had not finished)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides of the demo recipe, e.g. optim.max_steps=50")
     args = parser.parse_intermixed_args(argv)
     if args.seeds < 1:
         raise UsageError("--seeds must be at least 1")
     summary = run_demo(Path(args.out), compare=args.compare, overrides=args.overrides, full=args.full,
-                       seeds=args.seeds, compare_at=args.compare_at)
+                       seeds=args.seeds, compare_at=args.compare_at, resume=args.resume)
     print(f"[demo] report: {summary['report']}")
     for name, numbers in summary["results"].items():
         print(f"[demo] {name}: " + ", ".join(f"{k}={v:.1f}" for k, v in numbers.items() if v is not None))
