@@ -421,6 +421,8 @@ def test_other_failures_name_their_file_not_a_traceback(corrupt_dir, capsys):
 def test_demo_follows_the_rule(capsys):
     assert main(["demo", "--seeds", "0"]) == 2
     assert _err_lines(capsys) == ["stmvl demo: error: --seeds must be at least 1"]
+    assert main(["demo", "--compare", "--jobs", "0"]) == 2
+    assert _err_lines(capsys) == ["stmvl demo: error: --jobs must be at least 1"]
 
 
 def test_library_modules_report_through_logging_not_print():

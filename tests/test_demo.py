@@ -104,7 +104,8 @@ def test_equal_compute_steps_follow_the_media_schedule():
 def test_scaled_down_compare_gives_every_variant_the_training_flops_of_stm_and_resumes(tmp_path, monkeypatch):
     from stmvl.demo import run_demo
 
-    summary = run_demo(tmp_path / "demo", compare=True, seeds=2, overrides=SMALL + ["optim.max_steps=4"])
+    # two runs at a time, each in its own process
+    summary = run_demo(tmp_path / "demo", compare=True, seeds=2, overrides=SMALL + ["optim.max_steps=4"], jobs=2)
     assert summary["compare_at"] == "flops" and "equal-compute steps" in summary["stages"]
     for seed in range(2):  # each seed's first batches (captions padded to their longest) set its own count
         stm, umt, rnd = (summary["seeds"][name][seed] for name in ("stm", "umt", "random"))

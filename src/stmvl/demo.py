@@ -87,20 +87,21 @@ def run_teacher(out: Path, overrides: list[str]) -> dict[str, float]:
 RUN_RECORD = "demo_run.json"  # written into a pretraining run's folder once it has finished (see run_pretrain)
 
 
-def run_pretrain(out: Path, name: str, overrides: list[str], recipe: str = "demo", reuse: bool = False
-                 ) -> dict[str, Any]:
+def run_pretrain(out: Path, name: str, overrides: list[str], recipe: str = "demo", reuse: bool = False,
+                 threads: int | None = None) -> dict[str, Any]:
     """Pretrain one variant into <out>/<name>; returns the engine result with nested eval results and timing.
 
     With `reuse` (``stmvl demo --resume``), a run that finished earlier with the same recipe and overrides is not
     trained again: its record (numbers, steps, FLOPs, seconds) is read back. A run that was cut short, or that ran
     with other settings, starts afresh (a resumed engine run would count only the FLOPs of its second part).
+    `threads` (runtime.threads of this run only, for runs side by side) is not part of the settings compared.
     """
     from stmvl.tasks.pretrain import load_run_config
     from stmvl.tasks.runs import pretrain
 
     # rerunning the demo replaces its earlier pretraining run (the corpus and teacher are reused, see run_demo)
     cfg = load_run_config(recipe, _paths(out) + [f"runtime.out_dir={out / name}", "runtime.overwrite=true"]
-                          + overrides)
+                          + overrides + ([f"runtime.threads={threads}"] if threads else []))
     record = out / name / RUN_RECORD
     if reuse:
         earlier = finished_run(record, recipe, overrides)
@@ -400,12 +401,57 @@ def write_demo_report(out: Path, runs: dict[str, dict], stages: dict[str, dict[s
     return md
 
 
+def recipe_threads(recipe: str, overrides: list[str]) -> int:
+    """runtime.threads of a run (0: torch's default, one per core)."""
+    from stmvl.tasks.pretrain import load_run_config
+
+    return load_run_config(recipe, overrides).runtime.threads or (os.cpu_count() or 1)
+
+
+def run_side_by_side(out: Path, runs: list[tuple[str, list[str]]], recipe: str, jobs: int, reuse: bool,
+                     threads: int) -> None:
+    """Train `runs` ([(folder name, overrides)]) `jobs` at a time, each in a child process with `threads // jobs`
+    intra-op threads (at least 1), in the order given; each leaves its record (`run_pretrain`).
+
+    On a 2-core CPU the demo's small matmuls leave a second thread of one run mostly idle: two one-thread runs side
+    by side each train about as fast as one two-thread run (README, Demo results). After a failure no further run
+    starts; the error is raised here once the runs under way have ended."""
+    import multiprocessing
+    from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+
+    per_run = max(1, threads // jobs)
+    show = any(getattr(h, "_stmvl_console", False) for h in logging.getLogger("stmvl").handlers)
+    _log(f"{len(runs)} runs, {jobs} at a time with {per_run} thread(s) each")
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(_train_in_child, out, name, overrides, recipe, reuse, per_run, show)
+                   for name, overrides in runs]
+        done, pending = wait(futures, return_when=FIRST_EXCEPTION)
+        for future in pending:
+            future.cancel()
+        for future in futures:
+            if future in done and future.exception() is not None:
+                raise future.exception()
+
+
+def _train_in_child(out: Path, name: str, overrides: list[str], recipe: str, reuse: bool, threads: int,
+                    show: bool) -> None:
+    """One run of `run_side_by_side`, in its own process: its log lines carry its folder name."""
+    if show:
+        from stmvl.train.logging import console_logging
+
+        console_logging().setFormatter(logging.Formatter(f"[{name}] %(message)s"))
+    run_pretrain(out, name, overrides, recipe, reuse=reuse, threads=threads)
+
+
 def run_demo(out: Path, compare: bool = False, overrides: list[str] | None = None, full: bool = False,
-             seeds: int = 3, compare_at: str = "flops", resume: bool = False) -> dict[str, Any]:
+             seeds: int = 3, compare_at: str = "flops", resume: bool = False, jobs: int = 1) -> dict[str, Any]:
     """The demo end to end; returns {report, stages (seconds, flops), results per variant}. With `compare`, every
     variant runs `seeds` seeds at equal training FLOPs (`compare_at="flops"`) or equal steps (`"steps"`). With
     `resume`, pretraining runs of `out` that finished with the same settings are reused (`run_pretrain`): a
-    comparison cut short continues with the first run it had not finished."""
+    comparison cut short continues with the first run it had not finished. `jobs` > 1 trains that many of the
+    comparison's runs at once, in child processes that share the recipe's runtime.threads."""
+    if jobs < 1:
+        raise ValueError(f"jobs must be at least 1, got {jobs}")
     if compare_at not in COMPARE_AT:
         raise ValueError(f"compare_at must be one of {', '.join(COMPARE_AT)}, got {compare_at!r}")
     from stmvl.tasks.data import ensure_synthetic_corpus
@@ -429,17 +475,26 @@ def run_demo(out: Path, compare: bool = False, overrides: list[str] | None = Non
     runs: dict[str, dict] = {}
     per_seed: dict[str, list[dict]] = {}
     # seed-major, so that a comparison cut short still holds every variant for the seeds it finished
-    for seed in range(seeds if compare else 1):
-        for name in (COMPARE_VARIANTS if compare else ["stm"]):
-            tag = name if not compare else f"{name}_seed{seed}"
-            _log(f"pretraining {tag!r} ({recipe})")
-            seeded = seed_overrides(seed) if compare else []
-            steps = [f"optim.max_steps={steps_of[name, seed]}"] if (name, seed) in steps_of else []
-            run = run_pretrain(out, tag if compare else "pretrain",
-                               COMPARE_VARIANTS[name] + seeded + overrides + steps, recipe, reuse=resume)
-            stages[f"pretrain {tag}"] = {"seconds": run["seconds"], "flops": _pretrain_flops(run)}
-            per_seed.setdefault(name, []).append(run)
-            runs.setdefault(name, run)
+    plan = [(name, seed, name if not compare else f"{name}_seed{seed}")
+            for seed in range(seeds if compare else 1) for name in (COMPARE_VARIANTS if compare else ["stm"])]
+
+    def run_overrides(name: str, seed: int) -> list[str]:
+        seeded = seed_overrides(seed) if compare else []
+        steps = [f"optim.max_steps={steps_of[name, seed]}"] if (name, seed) in steps_of else []
+        return COMPARE_VARIANTS[name] + seeded + overrides + steps
+
+    folder = {tag: tag if compare else "pretrain" for _, _, tag in plan}
+    if jobs > 1 and len(plan) > 1:
+        # side by side in child processes; each leaves its record, which the loop below reads back
+        run_side_by_side(out, [(folder[tag], run_overrides(name, seed)) for name, seed, tag in plan], recipe, jobs,
+                         resume, recipe_threads(recipe, _paths(out) + overrides))
+        resume = True
+    for name, seed, tag in plan:
+        _log(f"pretraining {tag!r} ({recipe})")
+        run = run_pretrain(out, folder[tag], run_overrides(name, seed), recipe, reuse=resume)
+        stages[f"pretrain {tag}"] = {"seconds": run["seconds"], "flops": _pretrain_flops(run)}
+        per_seed.setdefault(name, []).append(run)
+        runs.setdefault(name, run)
     report = write_demo_report(out, runs, stages, per_seed if compare else None, compare_at)
     total = {"seconds": sum(v["seconds"] for v in stages.values()), "flops": sum(v["flops"] for v in stages.values())}
     summary = {"report": str(report), "tier": "full" if full else "quick", "stages": stages, "total": total,

@@ -10,7 +10,7 @@ from stmvl.commands.rule import CommandParser, UsageError, command
 
 @command("demo")
 def demo_main(argv: Sequence[str]) -> int:
-    """``stmvl demo [--full] [--compare [--compare-at flops|steps] [--seeds N]] [--resume] [--out DIR]
+    """``stmvl demo [--full] [--compare [--compare-at flops|steps] [--seeds N] [--jobs N]] [--resume] [--out DIR]
     [key=value ...]``."""
     from stmvl.demo import __doc__ as demo_doc
     from stmvl.demo import COMPARE_AT, run_demo
@@ -23,6 +23,9 @@ def demo_main(argv: Sequence[str]) -> int:
     parser.add_argument("--compare-at", choices=COMPARE_AT, default="flops",
                         help="what --compare holds equal: the training FLOPs (default) or the steps")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per variant with --compare (default 3)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="with --compare: train this many runs at once, sharing runtime.threads between them (default 1; "
+                             "the demo recipe has 2 threads: --jobs 2 trains two one-thread runs side by side)")
     parser.add_argument("--resume", action="store_true",
                         help="reuse the pretraining runs of --out that finished with the same settings (a --compare "
                              "cut short goes on with the first run it had not finished)")
@@ -30,8 +33,11 @@ def demo_main(argv: Sequence[str]) -> int:
     args = parser.parse_intermixed_args(argv)
     if args.seeds < 1:
         raise UsageError("--seeds must be at least 1")
+    if args.jobs < 1:
+        raise UsageError("--jobs must be at least 1")
     summary = run_demo(Path(args.out), compare=args.compare, overrides=args.overrides, full=args.full,
-                       seeds=args.seeds, compare_at=args.compare_at, resume=args.resume)
+                       seeds=args.seeds, compare_at=args.compare_at, resume=args.resume,
+                       jobs=args.jobs)
     print(f"[demo] report: {summary['report']}")
     for name, numbers in summary["results"].items():
         print(f"[demo] {name}: " + ", ".join(f"{k}={v:.1f}" for k, v in numbers.items() if v is not None))
