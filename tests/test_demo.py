@@ -124,7 +124,8 @@ def test_scaled_down_compare_gives_every_variant_the_training_flops_of_stm_and_r
     monkeypatch.setattr(stmvl.tasks.runs, "pretrain", no_training)
     again = run_demo(tmp_path / "demo", compare=True, seeds=2, overrides=SMALL + ["optim.max_steps=4"], resume=True)
     assert again["seeds"] == summary["seeds"] and again["results"] == summary["results"]
-    assert "Masking strategies compared: equal training FLOPs, 2 seed(s)" in (tmp_path / "demo" / "report.md").read_text()
+    report = (tmp_path / "demo" / "report.md").read_text()
+    assert "Masking strategies compared: equal training FLOPs, 2 seed(s)" in report
 
 
 def _fake_pretrain(calls):

@@ -413,8 +413,8 @@ def run_side_by_side(out: Path, runs: list[tuple[str, list[str]]], recipe: str, 
     """Train `runs` ([(folder name, overrides)]) `jobs` at a time, each in a child process with `threads // jobs`
     intra-op threads (at least 1), in the order given; each leaves its record (`run_pretrain`).
 
-    On a 2-core CPU the demo's small matmuls leave a second thread of one run mostly idle: two one-thread runs side
-    by side each train about as fast as one two-thread run (README, Demo results). After a failure no further run
+    The demo's small matmuls keep a second thread of one run only partly busy: on 2 cores, two one-thread runs side
+    by side train 1.26x the clips per second of one two-thread run (BENCHMARKS.md). After a failure no further run
     starts; the error is raised here once the runs under way have ended."""
     import multiprocessing
     from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
