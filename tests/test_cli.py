@@ -190,6 +190,8 @@ def test_the_library_never_imports_the_command_layer():
     # a zero weight would reach the batch mixer and fail there as an internal error
     ("data.corpora.1.weight=0", "data.corpora.1.weight: 0.0 is outside the allowed range (0.0, inf]"),
     ("model.vision.warm_start=clip", "model.vision.warm_start: 'clip' is not allowed; allowed values: none, teacher"),
+    ("model.vision.pos_embed=2d", "model.vision.pos_embed: '2d' is not allowed; allowed values: 1d, 3d, learned"),
+    ("model.vision.lr_scale=-1", "model.vision.lr_scale: -1.0 is outside the allowed range [0.0, inf]"),
     ("model.vision.warm_start=teacher model.vision.width=192 model.vision.heads=4",
      "model.vision.warm_start=teacher needs a student shaped like the teacher: model.vision.width 192 != "
      "model.teacher.width 128; student MLP width 768 != teacher MLP width 512"),

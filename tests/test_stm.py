@@ -204,6 +204,22 @@ def test_text_lr_scale_slows_the_pretrained_text_but_not_the_new_cross_attention
     assert not any(g["name"].startswith("text") for g in STMModel(cfg).param_groups(1e-3, 0.05))
 
 
+def test_vision_lr_scale_slows_the_encoder_but_not_its_pooling_head():
+    cfg = tiny_config("stm")
+    model = STMModel(dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, lr_scale=0.3)))
+    groups = {g["name"]: g for g in model.param_groups(1e-3, 0.05)}
+    assert groups["vision_decay"]["lr"] == pytest.approx(3e-4) and groups["vision_no_decay"]["weight_decay"] == 0.0
+    vision_ids = {id(p) for p in groups["vision_decay"]["params"] + groups["vision_no_decay"]["params"]}
+    assert id(model.vision.blocks[0].attn.qkv.weight) in vision_ids
+    assert id(model.vision.patch_embed.proj.weight) in vision_ids
+    assert id(model.vision.pool_norm.weight) in {id(p) for p in groups["no_decay"]["params"]}  # head: base lr
+    assert id(model.vision_proj.weight) in {id(p) for p in groups["decay"]["params"]}
+    grouped = [p for g in groups.values() for p in g["params"]]
+    assert len(grouped) == len({id(p) for p in grouped}) == len(model.pretrain_parameters())
+    with pytest.raises(ValueError, match="vision.lr_scale must be >= 0"):
+        STMModel(dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, lr_scale=-1.0)))
+
+
 def test_temporal_and_foil_negatives_raise_the_contrastive_loss():
     torch.manual_seed(0)
     base_cfg = tiny_config("stm")

@@ -95,3 +95,29 @@ def test_warm_start_value_is_checked():
     cfg = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, warm_start="clip"))
     with pytest.raises(ValueError, match=r"vision.warm_start must be one of \('none', 'teacher'\)"):
         validate_config(cfg)
+
+
+def test_pre_norm_and_learnt_positions_take_the_teachers_input_side():
+    torch.manual_seed(0)
+    teacher = CLIPTeacher(TeacherConfig(img_size=32, patch_size=8, width=64, layers=2, heads=2, embed_dim=16,
+                                        return_layers=1, act="gelu"))
+    with torch.no_grad():
+        teacher.ln_pre.weight.uniform_(0.5, 1.5)
+        teacher.ln_pre.bias.normal_(0.0, 0.1)
+    student = VideoViT(vit_config("tiny", width=64, depth=2, heads=2, patch_size=8, img_size=32, stem="rgb",
+                                  drop_path=0.0, norm_eps=1e-5, pos_embed="learned", pre_norm=True,
+                                  max_frames=4)).eval()
+    warm_start_from_teacher(student, teacher)
+    video = torch.rand(2, 1, 3, 32, 32).expand(2, 3, 3, 32, 32)  # a still clip of 3 frames
+    with torch.no_grad():
+        frames = (video.flatten(0, 1) - teacher.mean) / teacher.std
+        patches, gh, gw = teacher.patch_tokens(frames)  # [6, 16, 64]
+        expected = teacher.ln_pre(patches + teacher.positional_embedding[1:])
+        # the per-frame table starts at zero: every frame gets the teacher's input tokens
+        torch.testing.assert_close(student.embed(video).reshape(6, 16, 64), expected, atol=1e-5, rtol=1e-5)
+        # another grid interpolates the spatial table; too many frames is refused naming the option
+        assert student.position_embedding(2, 6, 6).shape == (72, 64)
+    with pytest.raises(ValueError, match="vision.max_frames"):
+        student.position_embedding(5, 4, 4)
+    names = [name for name, _ in student.named_parameters()]
+    assert {"position.spatial", "position.frames", "pre_norm.weight"} <= set(names)

@@ -285,6 +285,9 @@ _EXTERNAL_METADATA: dict[type, dict[str, dict[str, Any]]] = {
         "size": _choices("tiny", "demo", "b16", "l16", "custom"),  # custom: converted with other sizes
         "stem": _choices("rgb", "diff", "tubelet2"),
         "warm_start": _choices("none", "teacher"),
+        "pos_embed": _choices("1d", "3d", "learned"),
+        "max_frames": _range(1, _MAX_FRAMES),
+        "lr_scale": _range(0.0, None),
         "drop_path": _range(0.0, 1.0),
         "img_size": _range(1, _MAX_IMG_SIZE),
         "patch_size": _range(1, _MAX_PATCH),

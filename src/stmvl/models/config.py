@@ -29,7 +29,18 @@ class VisionConfig:
     norm_eps: float = 1e-6
     stem: str = "rgb"  # rgb | diff (RGB + difference to previous frame) | tubelet2
     grad_checkpointing: bool = False
-    pos_embed: str = "1d"  # 1d (sincos over the T*N token index, UMT) | 3d (separable over t, row, column)
+    # 1d (sincos over the T*N token index, UMT) | 3d (separable sincos over t, row, column) | learned (a learnt
+    # img_size/patch_size square table, interpolated for other grids, plus a learnt per-frame table of max_frames
+    # rows that starts at zero; the layout a CLIP teacher's table can be copied into)
+    pos_embed: str = "1d"
+    max_frames: int = 32  # rows of the learnt per-frame table (pos_embed learned only)
+    # a LayerNorm after the patch and position embedding (CLIP's ln_pre); off in UMT/STM. With warm_start teacher
+    # the teacher's ln_pre is copied into it, so the blocks see the inputs they were trained on
+    pre_norm: bool = False
+    # learning rate of the encoder's own parameters (patch embedding, position table, blocks, norms; not the pooling
+    # head) as a multiple of the base lr; for a warm-started student, which a new head's first gradients would
+    # otherwise overwrite at the full lr. 1 = one lr for all (STM/UMT)
+    lr_scale: float = 1.0
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     # Student (and linear decoder) initialisation: a UMT stage-1 checkpoint (encoder.*, clip_decoder.*) or an stmvl

@@ -211,6 +211,19 @@ def sincos_table(shape: tuple[int, ...], dim: int, device: torch.device | str = 
     return _cached_table(kind, tuple(int(s) for s in shape), int(dim), torch.device(device), dtype)
 
 
+def resize_grid_table(table: torch.Tensor, gh: int, gw: int) -> torch.Tensor:
+    """A learnt square position table ``[g*g, D]`` for a ``gh x gw`` grid: itself when the grid matches, else a
+    bicubic interpolation (as CLIP-style models do for another image size). Returns ``[gh*gw, D]``."""
+    g = int(round(table.shape[0] ** 0.5))
+    if g * g != table.shape[0]:
+        raise ValueError(f"a position table of {table.shape[0]} rows is not a square grid")
+    if (gh, gw) == (g, g):
+        return table
+    grid = table.reshape(1, g, g, -1).permute(0, 3, 1, 2).float()
+    grid = F.interpolate(grid, size=(gh, gw), mode="bicubic", align_corners=False)
+    return grid.permute(0, 2, 3, 1).reshape(gh * gw, -1).to(table.dtype)
+
+
 def _axis_widths(dim: int, axes: int) -> list[int]:
     """Split ``dim`` into even per-axis widths; the first axis takes the remainder."""
     if dim % 2:

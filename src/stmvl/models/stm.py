@@ -107,8 +107,9 @@ def validate_config(cfg: ModelConfig) -> None:
         raise ValueError(f"mvm_tokens must be 'all' or 'visible', got {cfg.mvm_tokens!r}")
     if cfg.decoder == "linear" and cfg.mvm_tokens == "all":
         raise ValueError("the linear decoder only predicts visible tokens: use mvm_tokens 'visible' or decoder 'st'")
-    if cfg.text.lr_scale < 0:
-        raise ValueError(f"text.lr_scale must be >= 0, got {cfg.text.lr_scale}")
+    for key, scale in (("text.lr_scale", cfg.text.lr_scale), ("vision.lr_scale", cfg.vision.lr_scale)):
+        if scale < 0:
+            raise ValueError(f"{key} must be >= 0, got {scale}")
     if cfg.mask.logits not in ("log", "reference"):
         raise ValueError(f"mask.logits must be 'log' or 'reference', got {cfg.mask.logits!r}")
     for key, value, allowed in (
@@ -201,6 +202,12 @@ def is_pretrained_text(name: str) -> bool:
     return name.startswith("text.") and ".cross_" not in name
 
 
+def is_vision_encoder(name: str) -> bool:
+    """The student encoder's parameters but its pooling head (``vision.pool_norm``), which only the new
+    projections read."""
+    return name.startswith("vision.") and not name.startswith("vision.pool_norm.")
+
+
 class STMModel(nn.Module):
     """STM (or UMT, by preset) video-language model. See the module docstring for the data flow.
 
@@ -290,9 +297,10 @@ class STMModel(nn.Module):
     def param_groups(self, base_lr: float, weight_decay: float) -> list[dict]:
         """AdamW parameter groups: decay / no decay (biases, norms, temp, lam); lam at cfg.mask.lam_lr; the
         predictor (masking and decoder copies) at cfg.mask.predictor_lr when set; the text encoder's own parameters
-        at cfg.text.lr_scale x the base lr. Empty groups are dropped."""
+        at cfg.text.lr_scale x the base lr; the student encoder's at cfg.vision.lr_scale x the base lr. Empty groups
+        are dropped."""
         predictor_lr = self.cfg.mask.predictor_lr
-        text_scale = self.cfg.text.lr_scale
+        text_scale, vision_scale = self.cfg.text.lr_scale, self.cfg.vision.lr_scale
         groups: dict[str, dict] = {}
 
         def add(key: str, lr: float, wd: float, p: nn.Parameter) -> None:
@@ -306,6 +314,8 @@ class STMModel(nn.Module):
                 add(f"predictor_{'decay' if decay else 'no_decay'}", predictor_lr, decay, p)
             elif text_scale != 1.0 and is_pretrained_text(name):
                 add(f"text_{'decay' if decay else 'no_decay'}", base_lr * text_scale, decay, p)
+            elif vision_scale != 1.0 and is_vision_encoder(name):
+                add(f"vision_{'decay' if decay else 'no_decay'}", base_lr * vision_scale, decay, p)
             else:
                 add("decay" if decay else "no_decay", base_lr, decay, p)
         return list(groups.values())

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from stmvl.models.config import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, TeacherConfig
-from stmvl.models.layers import Attention, Mlp, check_heads, layer_norm
+from stmvl.models.layers import Attention, Mlp, check_heads, layer_norm, resize_grid_table
 
 _INPUT_NORMS = {"clip": (CLIP_MEAN, CLIP_STD), "imagenet": (IMAGENET_MEAN, IMAGENET_STD), "none": ((0.0,) * 3, (1.0,) * 3)}
 
@@ -139,13 +139,10 @@ class CLIPTeacher(nn.Module):
 
     def position_embedding(self, gh: int, gw: int) -> torch.Tensor:
         """Position table ``[1 + gh*gw, W]``, bicubic-interpolated when the grid differs from the weights'."""
-        g = self.grid_size
-        if (gh, gw) == (g, g):
+        if (gh, gw) == (self.grid_size, self.grid_size):
             return self.positional_embedding
         cls_pos, patch_pos = self.positional_embedding[:1], self.positional_embedding[1:]
-        patch_pos = patch_pos.reshape(1, g, g, -1).permute(0, 3, 1, 2).float()
-        patch_pos = F.interpolate(patch_pos, size=(gh, gw), mode="bicubic", align_corners=False)
-        patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(gh * gw, -1).to(cls_pos.dtype)
+        patch_pos = resize_grid_table(patch_pos, gh, gw)
         return torch.cat([cls_pos, patch_pos], dim=0)
 
     def patch_tokens(self, frames: torch.Tensor) -> tuple[torch.Tensor, int, int]:

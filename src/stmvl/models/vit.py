@@ -22,6 +22,7 @@ from stmvl.models.layers import (
     check_heads,
     init_linear_trunc_normal,
     layer_norm,
+    resize_grid_table,
     sincos_table,
 )
 
@@ -32,6 +33,26 @@ _PRESETS = {
     "l16": dict(img_size=224, patch_size=16, width=1024, depth=24, heads=16),
 }
 _STEM_CHANNELS = {"rgb": 3, "diff": 6, "tubelet2": 3}
+POS_EMBED_CHOICES = ("1d", "3d", "learned")
+
+
+class LearnedPosition(nn.Module):
+    """Learnt position embedding of a video grid: a square spatial table ``[g*g, D]`` (bicubic-interpolated for
+    another grid, like CLIP's) plus a per-frame table ``[max_frames, D]`` that starts at zero, so at
+    initialisation every frame gets the same spatial table (as a per-frame image model such as the teacher)."""
+
+    def __init__(self, grid: int, width: int, max_frames: int) -> None:
+        super().__init__()
+        self.spatial = nn.Parameter(torch.empty(grid * grid, width))
+        self.frames = nn.Parameter(torch.zeros(max_frames, width))
+        nn.init.trunc_normal_(self.spatial, std=0.02, a=-0.04, b=0.04)
+
+    def forward(self, T: int, gh: int, gw: int) -> torch.Tensor:
+        """The table ``[T*gh*gw, D]`` (frame-major)."""
+        if T > self.frames.shape[0]:
+            raise ValueError(f"the learnt frame table holds {self.frames.shape[0]} frames (vision.max_frames), got {T}")
+        spatial = resize_grid_table(self.spatial, gh, gw)
+        return (self.frames[:T, None, :] + spatial[None]).reshape(T * gh * gw, -1)
 
 
 def vit_config(size: str, **overrides) -> VisionConfig:
@@ -87,8 +108,8 @@ class VideoViT(nn.Module):
         super().__init__()
         if cfg.stem not in _STEM_CHANNELS:
             raise ValueError(f"vision.stem must be one of {sorted(_STEM_CHANNELS)}, got {cfg.stem!r}")
-        if cfg.pos_embed not in ("1d", "3d"):
-            raise ValueError(f"vision.pos_embed must be '1d' or '3d', got {cfg.pos_embed!r}")
+        if cfg.pos_embed not in POS_EMBED_CHOICES:
+            raise ValueError(f"vision.pos_embed must be one of {POS_EMBED_CHOICES}, got {cfg.pos_embed!r}")
         check_heads(cfg.width, cfg.heads, "vision")
         self.cfg = cfg
         self.tubelet = 2 if cfg.stem == "tubelet2" else 1
@@ -103,6 +124,12 @@ class VideoViT(nn.Module):
         self.norm = layer_norm(cfg.width, cfg.norm_eps)
         self.pool_norm = layer_norm(cfg.width, cfg.norm_eps)
         init_linear_trunc_normal(self)
+        # created after the initialisation above, which would otherwise overwrite their own
+        if cfg.pos_embed == "learned":
+            if cfg.img_size % cfg.patch_size:
+                raise ValueError(f"vision.img_size {cfg.img_size} is not divisible by patch_size {cfg.patch_size}")
+            self.position = LearnedPosition(cfg.img_size // cfg.patch_size, cfg.width, cfg.max_frames)
+        self.pre_norm = layer_norm(cfg.width, cfg.norm_eps) if cfg.pre_norm else None
 
     @property
     def width(self) -> int:
@@ -119,8 +146,10 @@ class VideoViT(nn.Module):
 
     def position_embedding(self, T: int, gh: int, gw: int, device: torch.device | str = "cpu",
                            dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Fixed sincos embedding ``[T*gh*gw, D]`` for the input's actual grid (not a parameter: any grid works),
-        cached per (grid, device, dtype)."""
+        """Position embedding ``[T*gh*gw, D]`` for the input's actual grid: a fixed sincos table (not a parameter:
+        any grid works), cached per (grid, device, dtype), or the learnt table (``pos_embed: learned``)."""
+        if self.cfg.pos_embed == "learned":
+            return self.position(T, gh, gw).to(device=device, dtype=dtype)
         shape = (T, gh, gw) if self.cfg.pos_embed == "3d" else (T * gh * gw,)
         return sincos_table(shape, self.cfg.width, device, dtype)
 
@@ -133,14 +162,15 @@ class VideoViT(nn.Module):
         return x.transpose(1, 2)
 
     def embed(self, video: torch.Tensor) -> torch.Tensor:
-        """Patch tokens plus position embedding: ``[B, T'*N, D]``."""
+        """Patch tokens plus position embedding (then ``pre_norm`` when on): ``[B, T'*N, D]``."""
         if video.dim() != 5 or video.shape[2] != 3:
             raise ValueError(f"video must be [B, T, 3, H, W], got shape {tuple(video.shape)}")
         _, T, _, H, W = video.shape
         t_tokens, _ = self.grid(T, H, W)
         x = self.patch_embed(self._stem_input(video))
         pos = self.position_embedding(t_tokens, H // self.cfg.patch_size, W // self.cfg.patch_size, x.device, x.dtype)
-        return x + pos
+        x = x + pos
+        return x if self.pre_norm is None else self.pre_norm(x)
 
     @staticmethod
     def select_kept(x: torch.Tensor, keep: torch.Tensor, count: int | None = None) -> torch.Tensor:

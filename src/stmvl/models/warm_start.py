@@ -13,9 +13,15 @@ and leaves the rest to training:
   extra input channels of the ``diff`` stem (frame differences) keep their own initialisation, so at step 0 the
   student's patch tokens are the teacher's wherever a frame equals the previous one (an image, the first frame).
 
-What cannot be copied stays the student's own: its position table (fixed sincos against CLIP's learnt table), the
-class token and ``ln_pre`` (the student has neither), the activation (GELU against the teacher's, usually
-QuickGELU; the two differ by at most 0.021 on [-3, 3]) and the pooling head.
+- ``ln_pre -> pre_norm`` when the student has one (``vision.pre_norm: true``);
+- the patch rows of the position table into the student's learnt spatial table when ``vision.pos_embed`` is
+  ``learned`` (bicubic-resized if the grids differ; the per-frame table starts at zero, so every frame gets the
+  teacher's table).
+
+What cannot be copied stays the student's own: a sincos position table (``1d``/``3d``), the class token (the student
+has none), the activation (GELU against the teacher's, usually QuickGELU; the two differ by at most 0.021 on
+[-3, 3]) and the pooling head. Without ``pre_norm`` and the learnt table the blocks see inputs they were not trained
+on: a linear probe finds less of the teacher's shape knowledge in such a student (docs/weights.md).
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import torch
 from torch import nn
 
 from stmvl.config import ConfigError
+from stmvl.models.layers import resize_grid_table
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +115,22 @@ def warm_start_from_teacher(vision: nn.Module, teacher: nn.Module) -> None:
     for student_block, teacher_block in zip(vision.blocks, teacher.blocks):
         _copy_block(student_block, teacher_block)
     vision.norm.load_state_dict(teacher.ln_post.state_dict())
-    log.info("student warm-started from the teacher: patch embedding, %d of %d blocks and the final norm "
-             "(position table, pooling head and activation stay the student's own)",
-             len(vision.blocks), len(teacher.blocks))
+    copied = _copy_input_side(vision, teacher)
+    log.info("student warm-started from the teacher: patch embedding, %d of %d blocks, the final norm%s "
+             "(the pooling head and activation stay the student's own)",
+             len(vision.blocks), len(teacher.blocks), "".join(f", {name}" for name in copied))
+
+
+@torch.no_grad()
+def _copy_input_side(vision: nn.Module, teacher: nn.Module) -> list[str]:
+    """ln_pre and the patch position table, where the student has a place for them; returns what was copied."""
+    copied = []
+    if vision.pre_norm is not None:
+        vision.pre_norm.load_state_dict(teacher.ln_pre.state_dict())
+        copied.append("ln_pre")
+    if vision.cfg.pos_embed == "learned":
+        grid = vision.cfg.img_size // vision.cfg.patch_size
+        table = resize_grid_table(teacher.positional_embedding[1:].float(), grid, grid)
+        vision.position.spatial.copy_(table.to(vision.position.spatial.dtype))
+        copied.append("the position table")
+    return copied
