@@ -188,34 +188,35 @@ def test_param_groups_decay_and_learning_rates():
     assert groups["predictor_decay"]["lr"] == 3e-3
 
 
-def test_text_lr_scale_slows_the_pretrained_text_but_not_the_new_cross_attention():
+def _groups_with_scaled(tower: str, scale: float):
+    """A tiny model with `<tower>.lr_scale = scale`; checks the scaled groups' lr and that every trainable parameter
+    is in exactly one group. Returns (config, model, groups by name, ids of the scaled parameters)."""
     cfg = tiny_config("stm")
-    model = STMModel(dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, lr_scale=0.1)))
+    model = STMModel(dataclasses.replace(cfg, **{tower: dataclasses.replace(getattr(cfg, tower), lr_scale=scale)}))
     groups = {g["name"]: g for g in model.param_groups(1e-3, 0.05)}
-    assert groups["text_decay"]["lr"] == pytest.approx(1e-4) and groups["text_no_decay"]["weight_decay"] == 0.0
-    text_ids = {id(p) for p in groups["text_decay"]["params"] + groups["text_no_decay"]["params"]}
+    decay, no_decay = groups[f"{tower}_decay"], groups[f"{tower}_no_decay"]
+    assert decay["lr"] == pytest.approx(1e-3 * scale) and no_decay["weight_decay"] == 0.0
+    grouped = [p for g in groups.values() for p in g["params"]]
+    assert len(grouped) == len({id(p) for p in grouped}) == len(model.pretrain_parameters())
+    return cfg, model, groups, {id(p) for p in decay["params"] + no_decay["params"]}
+
+
+def test_text_lr_scale_slows_the_pretrained_text_but_not_the_new_cross_attention():
+    cfg, model, groups, text_ids = _groups_with_scaled("text", 0.1)
     fusion = model.text.layers[cfg.text.fusion_start]
     assert id(model.text.layers[0].self_attn.q.weight) in text_ids and id(fusion.ffn.fc1.weight) in text_ids
     assert id(fusion.cross_attn.q.weight) in {id(p) for p in groups["decay"]["params"]}
     assert id(model.text_proj.weight) in {id(p) for p in groups["decay"]["params"]}  # new head: base lr
-    # every trainable parameter still in exactly one group; lr_scale 1 makes no text group at all
-    grouped = [p for g in groups.values() for p in g["params"]]
-    assert len(grouped) == len({id(p) for p in grouped}) == len(model.pretrain_parameters())
+    # lr_scale 1 makes no text group at all
     assert not any(g["name"].startswith("text") for g in STMModel(cfg).param_groups(1e-3, 0.05))
 
 
 def test_vision_lr_scale_slows_the_encoder_but_not_its_pooling_head():
-    cfg = tiny_config("stm")
-    model = STMModel(dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, lr_scale=0.3)))
-    groups = {g["name"]: g for g in model.param_groups(1e-3, 0.05)}
-    assert groups["vision_decay"]["lr"] == pytest.approx(3e-4) and groups["vision_no_decay"]["weight_decay"] == 0.0
-    vision_ids = {id(p) for p in groups["vision_decay"]["params"] + groups["vision_no_decay"]["params"]}
+    cfg, model, groups, vision_ids = _groups_with_scaled("vision", 0.3)
     assert id(model.vision.blocks[0].attn.qkv.weight) in vision_ids
     assert id(model.vision.patch_embed.proj.weight) in vision_ids
     assert id(model.vision.pool_norm.weight) in {id(p) for p in groups["no_decay"]["params"]}  # head: base lr
     assert id(model.vision_proj.weight) in {id(p) for p in groups["decay"]["params"]}
-    grouped = [p for g in groups.values() for p in g["params"]]
-    assert len(grouped) == len({id(p) for p in grouped}) == len(model.pretrain_parameters())
     with pytest.raises(ValueError, match="vision.lr_scale must be >= 0"):
         STMModel(dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, lr_scale=-1.0)))
 
