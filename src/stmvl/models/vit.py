@@ -124,7 +124,8 @@ class VideoViT(nn.Module):
         self.norm = layer_norm(cfg.width, cfg.norm_eps)
         self.pool_norm = layer_norm(cfg.width, cfg.norm_eps)
         init_linear_trunc_normal(self)
-        # created after the initialisation above, which would otherwise overwrite their own
+        # created after the initialisation above so that the learnt table's random draw comes last: every other
+        # layer starts from the same values as without these options
         if cfg.pos_embed == "learned":
             if cfg.img_size % cfg.patch_size:
                 raise ValueError(f"vision.img_size {cfg.img_size} is not divisible by patch_size {cfg.patch_size}")
