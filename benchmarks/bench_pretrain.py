@@ -57,7 +57,8 @@ def run_one(size: str, precision: str, steps: int, threads: int) -> dict:
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     overrides, batch_size, px = SIZES[size]
-    cfg = load_run_config("demo", overrides)
+    # random weights: no teacher file to warm-start from (the warm start is initialisation, no cost per step)
+    cfg = load_run_config("demo", overrides + ["model.vision.warm_start=none"])
     batch_size = batch_size or cfg.data.video_batch_size
     model = STMModel(cfg.model).train()
     tok = tokenizer_for(cfg.model.text)

@@ -20,3 +20,19 @@ def test_matmul_peak_leaves_the_global_rng_alone_and_mfu_is_a_ratio():
     peak = matmul_peak("fp32", "cpu", None, 128, 1)
     assert torch.equal(state, torch.get_rng_state()) and peak > 1e6
     assert mfu(flops=5e9, seconds=0.5, peak=2e10) == 0.5
+
+
+def test_cpu_attention_is_counted_like_the_matmuls_it_replaces():
+    import torch.nn.functional as F
+
+    from stmvl.models.layers import explicit_attention
+
+    q = torch.randn(2, 3, 5, 8, requires_grad=True)
+    k = torch.randn(2, 3, 7, 8, requires_grad=True)
+    matmuls = 2 * (2 * 2 * 3 * 5 * 7 * 8)  # q k^T and p v, 2 FLOPs per multiply-add
+    with torch.no_grad():
+        assert count_flops(lambda: F.scaled_dot_product_attention(q, k, k)) == matmuls  # not 0 (CPU flash kernel)
+        assert count_flops(lambda: explicit_attention(q, k, k)) == matmuls
+    # backward: the flash kernel recomputes the scores (5 matmuls), the explicit path keeps them (4)
+    assert count_flops(lambda: F.scaled_dot_product_attention(q, k, k).sum().backward()) == matmuls * 7 // 2
+    assert count_flops(lambda: explicit_attention(q, k, k).sum().backward()) == matmuls * 3

@@ -5,7 +5,21 @@ import math
 import pytest
 import torch
 
-from stmvl.models.layers import Attention, CrossAttention, DropPath, Mlp, quick_gelu, sincos_1d, sincos_2d, sincos_3d
+import torch.nn.functional as F
+
+from stmvl.models import layers
+from stmvl.models.layers import (
+    Attention,
+    CrossAttention,
+    DropPath,
+    Mlp,
+    attend,
+    explicit_attention,
+    quick_gelu,
+    sincos_1d,
+    sincos_2d,
+    sincos_3d,
+)
 
 
 def _explicit_attention(q, k, v, mask=None):
@@ -27,6 +41,51 @@ def test_attention_qv_bias_has_no_key_bias_and_matches_explicit_softmax():
     assert torch.allclose(q, (x @ wq.t() + attn.q_bias).view(2, 5, 4, 4).transpose(1, 2), atol=1e-6)
     expected = attn.proj(_explicit_attention(q, k, v).transpose(1, 2).reshape(2, 5, 16))
     assert torch.allclose(attn(x), expected, atol=1e-5)
+
+
+def _qkv_and_mask(dtype=torch.float32):
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 3, 5, 8, generator=g).to(dtype).requires_grad_()
+    k = torch.randn(2, 3, 7, 8, generator=g).to(dtype).requires_grad_()
+    v = torch.randn(2, 3, 7, 8, generator=g).to(dtype).requires_grad_()
+    mask = torch.ones(2, 1, 5, 7, dtype=torch.bool)
+    mask[0, :, :, 5:] = False  # key padding
+    mask[1, :, 2] = False  # one query row may attend to no key: SDPA gives it zeros
+    return q, k, v, mask
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_explicit_attention_equals_sdpa_with_its_gradients(masked):
+    q, k, v, mask = _qkv_and_mask()
+    mask = mask if masked else None
+    grad = torch.randn(2, 3, 5, 8)
+    ours = explicit_attention(q, k, v, mask)
+    ours_grads = torch.autograd.grad(ours, (q, k, v), grad)
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), grad)
+    assert torch.allclose(ours, ref, atol=1e-6)
+    if masked:
+        assert torch.equal(ours[1, :, 2], torch.zeros(3, 8))  # zeros, not NaN, for the row with no key
+    for a, b in zip(ours_grads, ref_grads):
+        assert torch.isfinite(a).all() and torch.allclose(a, b, atol=1e-5)
+    additive = torch.zeros(2, 1, 5, 7).masked_fill(~_qkv_and_mask()[3], -1e4)[:1]  # float masks add
+    assert torch.allclose(explicit_attention(q[:1], k[:1], v[:1], additive),
+                          F.scaled_dot_product_attention(q[:1], k[:1], v[:1], attn_mask=additive), atol=1e-6)
+
+
+def test_attend_takes_the_matmul_path_only_for_16_bit_cpu_training(monkeypatch):
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(layers.F, "scaled_dot_product_attention", lambda *a, **kw: calls.append(1) or sdpa(*a, **kw))
+    q, k, v, mask = _qkv_and_mask(torch.bfloat16)
+    out = attend(q, k, v, mask)
+    assert calls == []  # bf16 with autograd: the matmul path
+    ref = sdpa(q.float(), k.float(), v.float(), attn_mask=mask)
+    assert (out.float() - ref).abs().max() < 0.05  # bf16 rounding
+    with torch.no_grad():
+        attend(q, k, v, mask)  # inference: SDPA (its CPU forward is the faster one)
+    attend(*(t.float() for t in (q, k, v)), mask)  # fp32 training: SDPA
+    assert len(calls) == 2
 
 
 def test_cross_attention_respects_key_padding():

@@ -66,3 +66,24 @@ def test_no_fusion_layers_runs_all_layers():
     assert torch.allclose(plain(ids, torch.ones_like(ids)), x, atol=1e-6)
     with pytest.raises(ValueError, match="no fusion layers"):
         plain.fuse(x, torch.ones_like(ids), torch.randn(1, 2, 32))
+
+
+def test_the_run_configs_dropout_reaches_a_pretrained_text_tower_and_other_sizes_are_named(caplog):
+    import dataclasses
+    import logging
+
+    from stmvl.models.layers import CrossAttention
+    from stmvl.models.stm import build_text
+
+    def dropouts(text):
+        return ({m.p for m in text.modules() if isinstance(m, torch.nn.Dropout)}
+                | {m.dropout for m in text.modules() if isinstance(m, CrossAttention)})
+
+    cfg = TextConfig(weights="minilm", hidden=384, layers=6, heads=12, intermediate=1536, fusion_start=4, dropout=0.0)
+    with caplog.at_level(logging.WARNING):
+        assert dropouts(build_text(cfg, cross_width=64)) == {0.0}  # MiniLM's config.json says 0.1
+        assert caplog.text == ""
+        assert dropouts(build_text(dataclasses.replace(cfg, dropout=0.2), cross_width=64)) == {0.2}
+        text = build_text(dataclasses.replace(cfg, hidden=768, heads=16), cross_width=64)
+    assert text.cfg.hidden == 384  # the file's sizes win, and the warning names each that differs
+    assert "hidden 768 -> 384" in caplog.text and "heads 16 -> 12" in caplog.text

@@ -1,8 +1,9 @@
 """Transformer building blocks shared by the student ViT, the CLIP teacher and the BERT text encoder.
 
-All attention goes through ``torch.nn.functional.scaled_dot_product_attention``. Masks passed to the attention
-modules are boolean with True = "may attend" (the SDPA convention), shaped to broadcast against
-``[B, heads, n_query, n_key]``.
+All attention goes through :func:`attend`: ``torch.nn.functional.scaled_dot_product_attention`` except when training
+on a CPU in bf16/fp16, where it computes the same function with two batched matmuls and a softmax (see there). Masks
+passed to the attention modules are boolean with True = "may attend" (the SDPA convention), shaped to broadcast
+against ``[B, heads, n_query, n_key]``.
 """
 
 from __future__ import annotations
@@ -60,6 +61,46 @@ def padding_mask_to_attn_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
     return mask.bool()[:, None, None, :]
 
 
+def _explicit_path(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether :func:`attend` takes the matmul path: autograd on a CPU in a 16-bit float dtype."""
+    return (q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) and torch.is_grad_enabled()
+            and (q.requires_grad or k.requires_grad or v.requires_grad))
+
+
+def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                       dropout_p: float = 0.0) -> torch.Tensor:
+    """``softmax(q k^T / sqrt(d), masked) v`` as two batched matmuls: q ``[B, H, n, d]``, k/v ``[B, H, m, d]`` ->
+    ``[B, H, n, d]``. Same function as SDPA, including its zeros for a query row whose mask allows no key (a plain
+    softmax over all -inf would give NaN). ``attn_mask``: boolean (True = may attend) or additive float."""
+    scores = torch.matmul(q * q.shape[-1] ** -0.5, k.transpose(-2, -1))
+    empty_rows = None
+    if attn_mask is not None and attn_mask.dtype == torch.bool:
+        scores = scores.masked_fill(~attn_mask, float("-inf"))
+        empty_rows = ~attn_mask.any(dim=-1, keepdim=True)
+    elif attn_mask is not None:
+        scores = scores + attn_mask
+    probs = scores.softmax(dim=-1)
+    if empty_rows is not None and bool(empty_rows.any()):
+        probs = probs.masked_fill(empty_rows, 0.0)
+    if dropout_p > 0.0:
+        probs = F.dropout(probs, dropout_p)
+    return torch.matmul(probs.to(v.dtype), v)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None,
+           dropout_p: float = 0.0) -> torch.Tensor:
+    """Scaled dot-product attention, q ``[B, H, n, d]``, k/v ``[B, H, m, d]`` -> ``[B, H, n, d]``.
+
+    SDPA, except under autograd on a CPU in bf16/fp16, which takes :func:`explicit_attention`: there torch's CPU
+    flash kernel (SDPA's pick) runs its backward 4-8x slower than the two matmuls and the softmax at the demo's sizes
+    (`benchmarks/bench_attention.py`), while its forward is as fast or faster, so inference, the frozen teacher and
+    fp32 training keep SDPA.
+    """
+    if _explicit_path(q, k, v):
+        return explicit_attention(q, k, v, attn_mask, dropout_p)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with one fused ``qkv`` projection (UMT/BEiT and CLIP layout).
 
@@ -96,7 +137,7 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         q, k, v = self.project_qkv(x)
-        return self.proj(_merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)))
+        return self.proj(_merge_heads(attend(q, k, v, attn_mask=attn_mask)))
 
 
 class CrossAttention(nn.Module):
@@ -136,7 +177,7 @@ class CrossAttention(nn.Module):
         if context_index is not None:
             k, v = k[context_index], v[context_index]
         p = self.dropout if self.training else 0.0
-        return self.out(_merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p)))
+        return self.out(_merge_heads(attend(q, k, v, attn_mask=attn_mask, dropout_p=p)))
 
 
 class Mlp(nn.Module):

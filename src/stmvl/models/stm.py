@@ -18,6 +18,7 @@ contract with the UMT weight importer (docs/internals.md).
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 from typing import Sequence
 
@@ -46,6 +47,11 @@ from stmvl.models.teacher import CLIPTeacher, TeacherOutput
 from stmvl.models.text import BertEncoder
 from stmvl.models.vit import VideoViT
 from stmvl.models.warm_start import WARM_START_CHOICES, warm_start_from_teacher
+
+log = logging.getLogger(__name__)
+# like the teacher's, the text tower's sizes come from its weights file when it has one; the config's values are
+# then only compared, to warn when they disagree (dropout, a training setting, is always the config's)
+TEXT_SIZE_FIELDS = ("vocab_size", "hidden", "layers", "heads", "intermediate", "max_position", "type_vocab")
 
 LOSS_NAMES = ("vtc", "vtm", "mlm", "mvm")
 PASS2_CHOICES = ("masked", "visible", "all")
@@ -138,8 +144,6 @@ def build_teacher(cfg: TeacherConfig) -> CLIPTeacher:
     """
     if cfg.weights is None:
         return CLIPTeacher(cfg)
-    import logging
-
     from stmvl.models.weights import load_clip_vision
 
     run_options = {"return_layers": cfg.return_layers, "input_norm": cfg.input_norm,
@@ -154,8 +158,7 @@ def build_teacher(cfg: TeacherConfig) -> CLIPTeacher:
     differ = [f"{k} {getattr(cfg, k)} -> {getattr(teacher.cfg, k)}" for k in sizes
               if getattr(cfg, k) != getattr(teacher.cfg, k)]
     if differ:
-        logging.getLogger(__name__).warning("teacher sizes follow the weights in %s, not the config: %s",
-                                            cfg.weights, ", ".join(differ))
+        log.warning("teacher sizes follow the weights in %s, not the config: %s", cfg.weights, ", ".join(differ))
     return teacher
 
 
@@ -177,7 +180,12 @@ def build_text(cfg: TextConfig, cross_width: int) -> BertEncoder:
         return BertEncoder(cfg, cross_width=cross_width)
     from stmvl.models.weights import load_bert
 
-    return load_bert(folder, fusion_start=cfg.fusion_start, cross_width=cross_width)
+    text = load_bert(folder, fusion_start=cfg.fusion_start, cross_width=cross_width, dropout=cfg.dropout)
+    differ = [f"{name} {getattr(cfg, name)} -> {getattr(text.cfg, name)}" for name in TEXT_SIZE_FIELDS
+              if getattr(cfg, name) != getattr(text.cfg, name)]
+    if differ:
+        log.warning("model.text sizes taken from %s, not from the config: %s", folder, ", ".join(differ))
+    return text
 
 
 def merge_tubelets(teacher_out: TeacherOutput, tubelet: int) -> TeacherOutput:

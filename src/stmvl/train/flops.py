@@ -9,14 +9,30 @@ import time
 from typing import Callable
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# torch's counter knows the CUDA attention kernels but not the CPU flash kernel that SDPA picks on a CPU: it would
+# count CPU attention as 0 FLOPs. Counted here with torch's formulas for the CUDA flash kernel: forward two matmuls,
+# backward five (the flash kernels recompute the scores; `layers.explicit_attention` keeps them, so its backward is
+# counted as the four matmuls it runs)
+def _cpu_flash_forward(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def _cpu_flash_backward(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+
+CPU_ATTENTION_FLOPS = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_flash_forward,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_flash_backward,
+}
 
 
 def count_flops(fn: Callable[[], object]) -> int:
     """FLOPs that `fn()` runs (call it with the forward and the backward inside to count a training step)."""
-    counter = FlopCounterMode(display=False)
+    counter = FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS)
     with counter:
         fn()
     return int(counter.get_total_flops())

@@ -154,11 +154,14 @@ def text_config_from_hf(config: Mapping, fusion_start: int | None = None, source
         raise WeightLoadError(f"{source}: missing BERT config key {error}") from error
 
 
-def load_bert(folder: str | Path, fusion_start: int | None = None, cross_width: int | None = None):
+def load_bert(folder: str | Path, fusion_start: int | None = None, cross_width: int | None = None,
+              dropout: float | None = None):
     """Load a HF BERT folder (config.json + model.safetensors | pytorch_model.bin) into a BertEncoder.
 
     ``fusion_start=None`` gives no fusion layers (``module(ids, mask)`` runs every layer); otherwise layers
-    ``[fusion_start, L)`` get new, randomly initialised cross-attention of width ``cross_width``. A checkpoint
+    ``[fusion_start, L)`` get new, randomly initialised cross-attention of width ``cross_width``. ``dropout=None``
+    keeps the file's ``hidden_dropout_prob``; a value replaces it (dropout is a setting of the run, not of the
+    weights: a run config's ``text.dropout`` must reach the model). A checkpoint
     without ``cls.predictions`` (BertModel) leaves the MLM head's transform freshly initialised.
     The :class:`LoadReport` is attached as ``module.load_report``.
     """
@@ -171,6 +174,8 @@ def load_bert(folder: str | Path, fusion_start: int | None = None, cross_width: 
         folder = minilm_folder()
     cfg = text_config_from_hf(_read_json(folder / "config.json"), fusion_start, str(folder / "config.json"))
     cfg = dataclasses.replace(cfg, weights=str(folder))
+    if dropout is not None:
+        cfg = dataclasses.replace(cfg, dropout=float(dropout))
     model = BertEncoder(cfg, cross_width)
     mapped, ignored, unplaced = bert_to_stmvl(_folder_weights(folder))
     if unplaced:
