@@ -92,9 +92,9 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.T
     """Scaled dot-product attention, q ``[B, H, n, d]``, k/v ``[B, H, m, d]`` -> ``[B, H, n, d]``.
 
     SDPA, except under autograd on a CPU in bf16/fp16, which takes :func:`explicit_attention`: there torch's CPU
-    flash kernel (SDPA's pick) runs its backward 4-8x slower than the two matmuls and the softmax at the demo's sizes
-    (`benchmarks/bench_attention.py`), while its forward is as fast or faster, so inference, the frozen teacher and
-    fp32 training keep SDPA.
+    flash kernel (SDPA's pick) runs its backward 2.6-7.6x slower than the two matmuls and the softmax at the demo's
+    sizes (`benchmarks/bench_attention.py`), while its forward is as fast or faster, so inference, the frozen teacher
+    and fp32 training keep SDPA.
     """
     if _explicit_path(q, k, v):
         return explicit_attention(q, k, v, attn_mask, dropout_p)
