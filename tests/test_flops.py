@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
+from stmvl.models.layers import explicit_attention
 from stmvl.train.flops import count_flops, matmul_peak, mfu
 
 
@@ -23,10 +25,6 @@ def test_matmul_peak_leaves_the_global_rng_alone_and_mfu_is_a_ratio():
 
 
 def test_cpu_attention_is_counted_like_the_matmuls_it_replaces():
-    import torch.nn.functional as F
-
-    from stmvl.models.layers import explicit_attention
-
     q = torch.randn(2, 3, 5, 8, requires_grad=True)
     k = torch.randn(2, 3, 7, 8, requires_grad=True)
     matmuls = 2 * (2 * 2 * 3 * 5 * 7 * 8)  # q k^T and p v, 2 FLOPs per multiply-add
