@@ -86,4 +86,5 @@ def test_the_run_configs_dropout_reaches_a_pretrained_text_tower_and_other_sizes
         assert dropouts(build_text(dataclasses.replace(cfg, dropout=0.2), cross_width=64)) == {0.2}
         text = build_text(dataclasses.replace(cfg, hidden=768, heads=16), cross_width=64)
     assert text.cfg.hidden == 384  # the file's sizes win, and the warning names each that differs
+    assert "model.text sizes follow the weights" in caplog.text
     assert "hidden 768 -> 384" in caplog.text and "heads 16 -> 12" in caplog.text

@@ -155,11 +155,16 @@ def build_teacher(cfg: TeacherConfig) -> CLIPTeacher:
     teacher = load_clip_vision(cfg.weights, **run_options)
     # img_size is left out: the position table is interpolated to whatever grid the frames give
     sizes = ("patch_size", "width", "layers", "heads", "embed_dim")
-    differ = [f"{k} {getattr(cfg, k)} -> {getattr(teacher.cfg, k)}" for k in sizes
-              if getattr(cfg, k) != getattr(teacher.cfg, k)]
-    if differ:
-        log.warning("teacher sizes follow the weights in %s, not the config: %s", cfg.weights, ", ".join(differ))
+    _warn_sizes_from_file("teacher", cfg.weights, cfg, teacher.cfg, sizes)
     return teacher
+
+
+def _warn_sizes_from_file(what: str, source, wanted, loaded, fields: Sequence[str]) -> None:
+    """Log one warning naming every size in `fields` where the loaded weights' config differs from the run's."""
+    differ = [f"{k} {getattr(wanted, k)} -> {getattr(loaded, k)}" for k in fields
+              if getattr(wanted, k) != getattr(loaded, k)]
+    if differ:
+        log.warning("%s sizes follow the weights in %s, not the config: %s", what, source, ", ".join(differ))
 
 
 def text_weights_folder(cfg: TextConfig) -> Path | None:
@@ -181,10 +186,7 @@ def build_text(cfg: TextConfig, cross_width: int) -> BertEncoder:
     from stmvl.models.weights import load_bert
 
     text = load_bert(folder, fusion_start=cfg.fusion_start, cross_width=cross_width, dropout=cfg.dropout)
-    differ = [f"{name} {getattr(cfg, name)} -> {getattr(text.cfg, name)}" for name in TEXT_SIZE_FIELDS
-              if getattr(cfg, name) != getattr(text.cfg, name)]
-    if differ:
-        log.warning("model.text sizes taken from %s, not from the config: %s", folder, ", ".join(differ))
+    _warn_sizes_from_file("model.text", folder, cfg, text.cfg, TEXT_SIZE_FIELDS)
     return text
 
 

@@ -12,6 +12,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 # torch's counter knows the CUDA attention kernels but not the CPU flash kernel that SDPA picks on a CPU: it would
 # count CPU attention as 0 FLOPs. Counted here with torch's formulas for the CUDA flash kernel: forward two matmuls,
 # backward five (the flash kernels recompute the scores; `layers.explicit_attention` keeps them, so its backward is
