@@ -96,6 +96,10 @@ class TextConfig:
     # is new and keeps the base lr. 1 = one lr for all (UMT); below 1 when the vision side trains from scratch at an
     # lr that would wash out the pretrained text layers
     lr_scale: float = 1.0
+    # keep the text-only states of every caption seen in training (FrozenStateCache): needs the text-only layers
+    # frozen (freeze_below >= fusion_start) and dropout 0, so that they are a fixed function of the caption; the
+    # pretraining task encodes the corpora's captions and foils once before the first step
+    cache_states: bool = False
 
 
 @dataclass

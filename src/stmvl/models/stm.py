@@ -44,7 +44,7 @@ from stmvl.models.masking import make_mask, num_masked
 from stmvl.models.randomness import MLM, VTM_NEGATIVES, hash_gumbel, hash_uniform
 from stmvl.models.predictor import HEATMAP_FORMS, LAST_FRAME_POINTS, TemporalPointPredictor
 from stmvl.models.teacher import CLIPTeacher, TeacherOutput
-from stmvl.models.text import BertEncoder
+from stmvl.models.text import BertEncoder, FrozenStateCache
 from stmvl.models.vit import VideoViT
 from stmvl.models.warm_start import WARM_START_CHOICES, warm_start_from_teacher
 
@@ -116,6 +116,12 @@ def validate_config(cfg: ModelConfig) -> None:
     for key, scale in (("text.lr_scale", cfg.text.lr_scale), ("vision.lr_scale", cfg.vision.lr_scale)):
         if scale < 0:
             raise ValueError(f"{key} must be >= 0, got {scale}")
+    if cfg.text.cache_states and cfg.text.freeze_below < cfg.text.fusion_start:
+        raise ValueError(f"text.cache_states needs every text-only layer frozen: text.freeze_below "
+                         f"({cfg.text.freeze_below}) must be >= text.fusion_start ({cfg.text.fusion_start})")
+    if cfg.text.cache_states and cfg.text.dropout > 0:
+        raise ValueError(f"text.cache_states needs text.dropout 0 (got {cfg.text.dropout}): with dropout the "
+                         "frozen layers' states change at every step")
     if cfg.mask.logits not in ("log", "reference"):
         raise ValueError(f"mask.logits must be 'log' or 'reference', got {cfg.mask.logits!r}")
     for key, value, allowed in (
@@ -236,6 +242,7 @@ class STMModel(nn.Module):
         if (cfg.loss.vtm > 0 or cfg.loss.mlm > 0) and not self.text.has_fusion:
             raise ValueError("VTM and MLM need fusion layers: set text.fusion_start below text.layers")
         self._freeze_text_below(cfg.text.freeze_below)
+        self.text_cache = FrozenStateCache() if cfg.text.cache_states else None
         text_width = self.text.hidden
         self.vision_proj = nn.Linear(width, cfg.embed_dim)
         self.text_proj = nn.Linear(text_width, cfg.embed_dim)
@@ -410,7 +417,7 @@ class STMModel(nn.Module):
         counts = {"visible": frames * n - n_masked, "masked": n_masked}
         pass_weights = self.encoder_mask_weights(mask_st)
 
-        text_states = self.text(ids, mask_ids)
+        text_states = self.caption_states(ids, mask_ids)
         losses: dict[str, Tensor] = {}
         visible_tokens = None
         if weights["mvm"] > 0:
@@ -563,7 +570,21 @@ class STMModel(nn.Module):
         """Text states and mask of the batch's foil captions when foil negatives are on and present."""
         if not self.cfg.loss.foil_negatives or "foil_input_ids" not in batch:
             return None
-        return self.text(batch["foil_input_ids"], batch["foil_attention_mask"]), batch["foil_attention_mask"]
+        ids, mask = batch["foil_input_ids"], batch["foil_attention_mask"]
+        return self.caption_states(ids, mask), mask
+
+    def caption_states(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """Text-only states [B, L, H] of training captions: from the frozen-state cache when text.cache_states is
+        on (zeros past each caption's length), else a forward of the text-only layers."""
+        if self.text_cache is None:
+            return self.text(input_ids, attention_mask)
+        return self.text_cache.states(self.text, input_ids, attention_mask)
+
+    def cache_captions(self, texts: Sequence[str], batch_size: int = 256) -> int:
+        """Encode ``texts`` into the frozen-state cache (text.cache_states); returns how many were new."""
+        if self.text_cache is None:
+            raise ValueError("cache_captions needs model.text.cache_states: true")
+        return self.text_cache.fill(self.text, self.tokenizer, texts, batch_size)
 
     def masked_language_loss(self, ids, mask_ids, video_tokens, step, sample_ids) -> Tensor:
         """MLM: BERT masking of the caption, text layers, fusion layers over the video tokens, CE on masked tokens."""

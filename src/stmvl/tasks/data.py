@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import torch
 
 from stmvl.config import ConfigError, CorpusConfig, RunConfig
-from stmvl.data.annotations import id_offsets, load_annotations
+from stmvl.data.annotations import id_offsets, load_annotations, read_records
 from stmvl.data.datasets import ProbeDataset, RetrievalDataset, VideoTextCollator, VideoTextDataset
 from stmvl.data.mixing import MediaSource, MixedBatchStream
 from stmvl.data.quarantine import Quarantine
@@ -162,6 +162,21 @@ def eval_datasets(cfg: RunConfig, kinds: tuple[str, ...] = ("retrieval", "probe"
             ds = ProbeDataset(c.annotation, c.media_root, **common)
         out[c.name] = (c, ds)
     return out
+
+
+def corpus_texts(cfg: RunConfig, fields: Sequence[str] = ("caption",)) -> list[str]:
+    """Every distinct text under ``fields`` (a str or a list of str per record) of the run's pretraining corpora
+    with an annotation file, in first-seen order. Shard corpora have no annotation file to read and are left out."""
+    texts: dict[str, None] = {}
+    for corpus in cfg.data.corpora:
+        if corpus.kind != "pretrain" or corpus.shards or not corpus.annotation or not Path(corpus.annotation).is_file():
+            continue
+        for record in read_records(corpus.annotation):
+            for field_name in fields:
+                value = record.get(field_name)
+                for text in [value] if isinstance(value, str) else list(value or []):
+                    texts[text] = None
+    return list(texts)
 
 
 class StreamTask:

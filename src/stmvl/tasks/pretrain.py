@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -12,8 +13,10 @@ from stmvl.config import RunConfig, config_to_dict, load_config, load_recipe_dic
 from stmvl.models.stm import LOSS_NAMES, STMModel, apply_preset, needs_teacher
 from stmvl.train.engine import TrainContext, unwrap_model
 
-from .data import StreamTask, pretrain_stream, tokenizer_for
+from .data import StreamTask, corpus_texts, pretrain_stream, tokenizer_for
 from .evaluation import evaluate_corpora
+
+logger = logging.getLogger(__name__)
 
 
 def _dotted_keys(tree: Any, prefix: str = "") -> list[str]:
@@ -88,6 +91,17 @@ class PretrainTask(StreamTask):
         named = {(f"loss_{media}_{k}" if k in LOSS_NAMES else f"{media}_{k}"): v.detach()
                  for k, v in out.items() if k != "loss"}
         return {"loss": out["loss"], **named}
+
+    def prepare(self, model: nn.Module) -> None:
+        """With model.text.cache_states, encode every distinct caption (and foil, when foil negatives are on) of
+        the annotation-file corpora once, before the first step, so that every step costs the same and the engine's
+        one counted step per kind gives exact FLOPs. Captions of shard corpora are encoded when first seen."""
+        model = unwrap_model(model)
+        if getattr(model, "text_cache", None) is None:
+            return
+        fields = ("caption", "foil") if self.cfg.model.loss.foil_negatives else ("caption",)
+        added = model.cache_captions(corpus_texts(self.cfg, fields))
+        logger.info("pretrain: text-only states of %d distinct captions cached (text.cache_states)", added)
 
     def checkpoint_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
         # the teacher is frozen and reloaded from its own weights; keeping it out halves the checkpoint

@@ -18,13 +18,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from stmvl.config import ConfigError, RunConfig
-from stmvl.data.annotations import read_records
 from stmvl.models.teacher import CLIPTeacher
 from stmvl.models.weights import load_bert, save_model
 from stmvl.models.stm import text_weights_folder
 from stmvl.train.engine import TrainContext, unwrap_model
 
-from .data import StreamTask, pretrain_stream, tokenizer_for
+from .data import StreamTask, corpus_texts, pretrain_stream, tokenizer_for
 
 logger = logging.getLogger(__name__)
 
@@ -126,17 +125,9 @@ class TeacherTask(StreamTask):
         costs the same and the engine's one counted step per kind gives exact FLOPs (a lazily filled cache makes
         the first step, the one counted, many times dearer than the rest). Shard corpora, which have no annotation
         file to read, keep the lazy cache."""
-        captions: dict[str, None] = {}
-        for corpus in self.cfg.data.corpora:
-            if corpus.shards or not corpus.annotation or not Path(corpus.annotation).is_file():
-                continue
-            for record in read_records(corpus.annotation):
-                caption = record.get("caption")
-                for text in [caption] if isinstance(caption, str) else list(caption or []):
-                    captions[text] = None
+        texts = corpus_texts(self.cfg)
         tokenizer = tokenizer_for(self.cfg.model.text)
         device = next(model.parameters()).device
-        texts = list(captions)
         for start in range(0, len(texts), CAPTION_BATCH):
             tokens = tokenizer(texts[start:start + CAPTION_BATCH])
             model.text_embedding(tokens["input_ids"].to(device), tokens["attention_mask"].to(device))

@@ -128,9 +128,9 @@ class Task(Protocol):
       submodules left out must be frozen ones, they are then not required when loading).
     - `compile_model(model) -> nn.Module`: how to compile when runtime.compile is on (default torch.compile).
     - `state_dict() -> dict` / `load_state_dict(dict)`: extra task state saved with checkpoints.
-    - `prepare(model)`: one-off work before the first step (model unwrapped, on the device), e.g. encoding every
-      caption of a frozen text tower once; its FLOPs are counted into the run's training FLOPs, so that the steps
-      after it all cost the same and one counted step per kind stays exact.
+    - `prepare(model)`: one-off work before the first step (model unwrapped, on the device, no_grad, under the
+      training autocast), e.g. encoding every caption of a frozen text tower once; its FLOPs are counted into the
+      run's training FLOPs, so that the steps after it all cost the same and one counted step per kind stays exact.
     """
 
     def build_model(self) -> nn.Module: ...
@@ -904,7 +904,8 @@ class Trainer:
         if prepare is None:
             return
         model = unwrap_model(self.model)
-        with torch.no_grad():
+        # under the training autocast: the hook does work a step would otherwise do, in the step's precision
+        with torch.no_grad(), _autocast(self.device, self.precision):
             if self.cfg.runtime.count_flops:
                 self.flops["train"] += count_flops(lambda: prepare(model))
             else:
