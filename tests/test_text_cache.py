@@ -119,3 +119,15 @@ def test_the_pretraining_prepare_hook_caches_every_caption_and_foil_of_the_corpo
     task.prepare(model)
     distinct = {r["caption"] for r in records} | {r["foil"] for r in records}
     assert len(model.text_cache) == len(distinct) == 6
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.text.dropout=0.1", r"model\.text\.cache_states needs model\.text\.dropout 0 \(got 0\.1"),
+    ("model.text.freeze_below=2", r"set model\.text\.freeze_below \(2\) to at least model\.text\.fusion_start \(4\)"),
+])
+def test_the_config_loader_names_what_the_cache_needs(override, message):
+    from stmvl.config import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        load_config("demo", [override])
+    load_config("demo", [override, "model.text.cache_states=false"])  # the way out the message names

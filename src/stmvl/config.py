@@ -790,6 +790,13 @@ def validate_model(model: ModelConfig, prefix: str = "model") -> None:
     if model.decoder == "linear" and model.mvm_tokens == "all":
         raise ConfigError(f"{prefix}.decoder 'linear' only predicts visible tokens: set {prefix}.mvm_tokens=visible or "
                           f"{prefix}.decoder=st")
+    if t.cache_states and t.freeze_below < t.fusion_start:
+        raise ConfigError(f"{prefix}.text.cache_states needs every text-only layer frozen: set {prefix}.text.freeze_below "
+                          f"({t.freeze_below}) to at least {prefix}.text.fusion_start ({t.fusion_start}), or "
+                          f"{prefix}.text.cache_states=false")
+    if t.cache_states and t.dropout > 0:
+        raise ConfigError(f"{prefix}.text.cache_states needs {prefix}.text.dropout 0 (got {t.dropout}; with dropout "
+                          f"the frozen layers' states change at every step), or {prefix}.text.cache_states=false")
     # with text weights the layer count comes from the weights folder, checked when it is loaded
     if t.weights is None and (model.loss.vtm > 0 or model.loss.mlm > 0) and t.fusion_start >= t.layers:
         raise ConfigError(f"{prefix}.loss: VTM and MLM need fusion layers: set {prefix}.text.fusion_start below "

@@ -130,7 +130,8 @@ def load_pretrained(checkpoint: str | Path, cfg: ModelConfig,
 
     drop = drop if drop is not None else {g: "pretraining only" for g in PRETRAIN_ONLY_GROUPS}
     directory = resolve_model_dir(checkpoint)
-    model = STMModel(cfg)
+    # the frozen-text cache is pretraining's (its prepare hook fills it); finetuning runs the text layers
+    model = STMModel(dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, cache_states=False)))
     present = {key.split(".", 1)[0] for key in model.state_dict()}
     clash = sorted(set(drop) & present)
     if clash:
