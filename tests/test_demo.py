@@ -21,7 +21,7 @@ SMALL = ["data.synthetic.num_train=48", "data.synthetic.num_images=48", "data.sy
 def test_scaled_down_demo_reports_the_compute_of_every_stage(tmp_path):
     from stmvl.demo import run_demo
     from stmvl.models.stm import STMModel
-    from stmvl.tasks.pretrain import load_run_config
+    from stmvl.tasks.pretrain import PretrainTask, load_run_config
     from stmvl.data.transforms import to_float
     from stmvl.tasks.data import pretrain_stream, tokenizer_for
     from stmvl.train.flops import count_flops
@@ -50,6 +50,8 @@ def test_scaled_down_demo_reports_the_compute_of_every_stage(tmp_path):
     batch["video"] = to_float(batch["video"])
     torch.manual_seed(0)
     model = STMModel(cfg.model).train()
+    with torch.no_grad():
+        PretrainTask(cfg).prepare(model)  # the frozen-text cache, filled before step 1 as in the run
     here = count_flops(lambda: model(batch, step=counted[0]["step"] - 1)["loss"].backward())
     assert counted[0]["flops_counted"] == here
 

@@ -131,3 +131,29 @@ def test_the_config_loader_names_what_the_cache_needs(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config("demo", [override])
     load_config("demo", [override, "model.text.cache_states=false"])  # the way out the message names
+
+
+def test_a_dry_run_fills_the_cache_first_so_its_step_costs_what_a_training_step_costs(tmp_path):
+    """`--dry-run` (and `stmvl demo --compare`, which sets each variant's steps from dry-run counts) must count a
+    step with the cache filled, as training runs it: counting the first step's caption encoding into every step
+    would hand the cheaper variants too few steps."""
+    from stmvl.data.synth import generate_corpus
+    from stmvl.tasks.pretrain import load_run_config
+    from stmvl.tasks.runs import dry_run, pretrain_task
+    from stmvl.train.engine import unwrap_model
+
+    generate_corpus(tmp_path, seed=0, train=8, test=2, probe=2, size=32, frames=4, workers=1)
+    recipe = tiny_recipe(f'{{{{name: v, media_type: video, annotation: "{tmp_path}/annotations/train_video.json", '
+                         f'media_root: "{tmp_path}"}}}}', "seed: 0, count_flops: true").format()
+    (tmp_path / "tiny.yaml").write_text(recipe, encoding="utf-8")
+    cfg = load_run_config(str(tmp_path / "tiny.yaml"), ["model.text.freeze_below=1", "model.text.cache_states=true"])
+    rows, trainer = dry_run(cfg, pretrain_task)
+    model = unwrap_model(trainer.model)
+    records = json.loads((tmp_path / "annotations" / "train_video.json").read_text())
+    assert len(model.text_cache) == len({r["caption"] for r in records} | {r["foil"] for r in records})
+
+    batch = trainer.task.sample_batches()["video"]
+    filled = count_flops(lambda: model(batch, step=0)["loss"].backward())
+    model.text_cache.clear()
+    empty = count_flops(lambda: model(batch, step=0)["loss"].backward())
+    assert rows[0]["flops"] == filled < empty

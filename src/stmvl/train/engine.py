@@ -854,6 +854,8 @@ class Trainer:
         """Build everything (model, optimizer, data), then run one optimizer step on one batch of each media type the
         task offers (`task.sample_batches() -> {media: batch}`). Nothing is checkpointed.
 
+        The task's `prepare(model)` hook runs first, as in `fit()`, so each step costs what a training step costs.
+
         Returns one row per media type: {media, seconds (the first step, so it includes one-off kernel set-up and,
         with runtime.count_flops, the FLOP counting), peak_memory_bytes (CUDA: allocated by tensors; CPU: the
         process's peak resident set), flops (of that optimizer step, as a training run counts its steps; 0 without
@@ -862,6 +864,7 @@ class Trainer:
         self._setup()
         if not hasattr(self.task, "sample_batches"):
             raise TypeError(f"task {type(self.task).__name__} has no sample_batches(): it cannot be dry-run")
+        self._prepare()  # as fit() does: without it a step would also pay for what prepare does once (its FLOPs too)
         self._set_train_mode()
         rows = []
         for media, batch in self.task.sample_batches().items():
