@@ -119,6 +119,8 @@ def test_the_pretraining_prepare_hook_caches_every_caption_and_foil_of_the_corpo
     task.prepare(model)
     distinct = {r["caption"] for r in records} | {r["foil"] for r in records}
     assert len(model.text_cache) == len(distinct) == 6
+    tokens = int(model.tokenizer(sorted(distinct))["attention_mask"].sum())
+    assert model.text_cache.nbytes == tokens * model.text.hidden * 4  # fp32 states of every real token
 
 
 @pytest.mark.parametrize("override, message", [

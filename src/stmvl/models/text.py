@@ -206,6 +206,11 @@ class FrozenStateCache:
     def clear(self) -> None:
         self._states.clear()
 
+    @property
+    def nbytes(self) -> int:
+        """Memory held by the cached states."""
+        return sum(t.numel() * t.element_size() for t in self._states.values())
+
     @staticmethod
     def _key(ids: torch.Tensor, mask: torch.Tensor) -> bytes:
         return ids[mask.bool()].cpu().numpy().tobytes()

@@ -101,7 +101,8 @@ class PretrainTask(StreamTask):
             return
         fields = ("caption", "foil") if self.cfg.model.loss.foil_negatives else ("caption",)
         added = model.cache_captions(corpus_texts(self.cfg, fields))
-        logger.info("pretrain: text-only states of %d distinct captions cached (text.cache_states)", added)
+        logger.info("pretrain: text-only states of %d distinct captions cached (text.cache_states, %.0f MiB)", added,
+                    model.text_cache.nbytes / 2**20)
 
     def checkpoint_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
         # the teacher is frozen and reloaded from its own weights; keeping it out halves the checkpoint
