@@ -580,11 +580,14 @@ class STMModel(nn.Module):
             return self.text(input_ids, attention_mask)
         return self.text_cache.states(self.text, input_ids, attention_mask)
 
-    def cache_captions(self, texts: Sequence[str], batch_size: int = 256) -> int:
-        """Encode ``texts`` into the frozen-state cache (text.cache_states); returns how many were new."""
+    def cache_captions(self, texts: Sequence[str], tokenizer=None, batch_size: int = 256) -> int:
+        """Encode ``texts`` into the frozen-state cache (text.cache_states); returns how many were new.
+
+        ``tokenizer``: the one that tokenizes the training batches (the cache is keyed by token ids); default
+        ``self.tokenizer``."""
         if self.text_cache is None:
             raise ValueError("cache_captions needs model.text.cache_states: true")
-        return self.text_cache.fill(self.text, self.tokenizer, texts, batch_size)
+        return self.text_cache.fill(self.text, tokenizer or self.tokenizer, texts, batch_size)
 
     def masked_language_loss(self, ids, mask_ids, video_tokens, step, sample_ids) -> Tensor:
         """MLM: BERT masking of the caption, text layers, fusion layers over the video tokens, CE on masked tokens."""

@@ -100,7 +100,7 @@ class PretrainTask(StreamTask):
         if getattr(model, "text_cache", None) is None:
             return
         fields = ("caption", "foil") if self.cfg.model.loss.foil_negatives else ("caption",)
-        added = model.cache_captions(corpus_texts(self.cfg, fields))
+        added = model.cache_captions(corpus_texts(self.cfg, fields), tokenizer_for(self.cfg.model.text))
         logger.info("pretrain: text-only states of %d distinct captions cached (text.cache_states, %.0f MiB)", added,
                     model.text_cache.nbytes / 2**20)
 
