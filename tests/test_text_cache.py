@@ -58,10 +58,14 @@ def test_a_cached_caption_runs_the_text_only_layers_once():
         tokens = model.tokenizer(CAPTIONS[::-1])
         model.caption_states(tokens["input_ids"], tokens["attention_mask"])
         model.caption_states(tokens["input_ids"], tokens["attention_mask"])
+        repeated = model.tokenizer(["a purple star rises"] * 3)
+        model.caption_states(repeated["input_ids"], repeated["attention_mask"])
     finally:
         hook.remove()
-    assert rows == [6, 2]  # the prefill, then only the two captions it did not hold; nothing on the second call
-    assert len(model.text_cache) == len(CAPTIONS)
+    # the prefill, then only the two captions it did not hold, nothing on the second call, and a new caption
+    # repeated in its batch once
+    assert rows == [6, 2, 1]
+    assert len(model.text_cache) == len(CAPTIONS) + 1
 
 
 @pytest.mark.parametrize("changes, key", [({"freeze_below": 1}, "text.freeze_below"),

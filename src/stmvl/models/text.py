@@ -219,22 +219,26 @@ class FrozenStateCache:
         """Text-only states ``[B, L, H]`` of the batch, from the cache where present (see the class docstring)."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [B, L], got shape {list(input_ids.shape)}")
-        keys = [self._key(ids, mask) for ids, mask in zip(input_ids, attention_mask)]
-        missing = [i for i, key in enumerate(keys) if key not in self._states]
-        if missing:
-            self._encode([keys[i] for i in missing], encoder, input_ids[missing], attention_mask[missing])
-        rows = [self._states[key] for key in keys]
+        rows = [self._states[key] for key in self._encode_missing(encoder, input_ids, attention_mask)]
         out = rows[0].new_zeros(len(rows), input_ids.shape[1], rows[0].shape[-1])
         for i, row in enumerate(rows):
             out[i, : row.shape[0]] = row
         return out
 
     @torch.no_grad()
-    def _encode(self, keys: list[bytes], encoder: BertEncoder, ids: torch.Tensor, mask: torch.Tensor) -> None:
-        lengths = mask.sum(1).tolist()
-        states = encoder.encode_text(ids, mask).float()
-        for key, length, row in zip(keys, lengths, states):
-            self._states[key] = row[:length].clone()
+    def _encode_missing(self, encoder: BertEncoder, ids: torch.Tensor, mask: torch.Tensor) -> list[bytes]:
+        """The key of every row; each distinct caption not cached yet is encoded (once) and kept."""
+        keys = [self._key(row, row_mask) for row, row_mask in zip(ids, mask)]
+        first_row: dict[bytes, int] = {}
+        for i, key in enumerate(keys):
+            if key not in self._states:
+                first_row.setdefault(key, i)
+        if first_row:
+            rows = list(first_row.values())
+            states = encoder.encode_text(ids[rows], mask[rows]).float()
+            for key, length, row in zip(first_row, mask[rows].sum(1).tolist(), states):
+                self._states[key] = row[:length].clone()
+        return keys
 
     def fill(self, encoder: BertEncoder, tokenizer, texts, batch_size: int = 256) -> int:
         """Encode every text of ``texts`` not cached yet, in batches of similar length; returns how many were new.
@@ -245,5 +249,5 @@ class FrozenStateCache:
         todo = sorted(dict.fromkeys(texts), key=len)  # similar lengths pad little
         for start in range(0, len(todo), batch_size):
             tokens = tokenizer(todo[start : start + batch_size])
-            self.states(encoder, tokens["input_ids"].to(device), tokens["attention_mask"].to(device))
+            self._encode_missing(encoder, tokens["input_ids"].to(device), tokens["attention_mask"].to(device))
         return len(self) - before
