@@ -44,7 +44,8 @@ SIZES = {
              "model.text.fusion_start=9", "model.text.freeze_below=0", "model.predictor.dim=512",
              "model.predictor.hidden=256", "model.predictor.head_hidden=128", "model.embed_dim=512",
              "model.loss.temporal_negatives=false", "model.loss.foil_negatives=false",
-             "model.text.cache_states=false", "data.num_frames=4"], 2, 224),  # its text trains whole: nothing fixed to cache
+             # its text trains whole: nothing fixed to cache
+             "model.text.cache_states=false", "data.num_frames=4"], 2, 224),
 }
 
 
