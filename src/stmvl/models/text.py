@@ -235,8 +235,9 @@ class FrozenStateCache:
                 first_row.setdefault(key, i)
         if first_row:
             rows = list(first_row.values())
-            states = encoder.encode_text(ids[rows], mask[rows]).float()
-            for key, length, row in zip(first_row, mask[rows].sum(1).tolist(), states):
+            new_mask = mask[rows]
+            states = encoder.encode_text(ids[rows], new_mask).float()
+            for key, length, row in zip(first_row, new_mask.sum(1).tolist(), states):
                 self._states[key] = row[:length].clone()
         return keys
 
