@@ -101,6 +101,21 @@ def test_fit_learns_logs_checkpoints_and_freezes_teacher(tmp_path):
     assert load_config(str(tmp_path / "run" / "config.yaml")) == cfg
 
 
+def test_a_task_knows_which_evaluation_is_the_runs_final_one(tmp_path):
+    class Watching(RegressionTask):
+        def setup(self, ctx):
+            self.ctx, self.finished = ctx, []
+
+        def evaluate(self, model, epoch):
+            self.finished.append((self.ctx.step, self.ctx.finished))
+            return super().evaluate(model, epoch)
+
+    task = Watching()
+    Trainer(_cfg(tmp_path, "optim.lr=0.1", "optim.max_steps=5", "eval.every_epochs=1"), task).fit()
+    # two steps per epoch: evaluations after epochs 1 and 2, then at step 5 (mid-epoch, the run's end)
+    assert task.finished == [(2, False), (4, False), (5, True)]
+
+
 def test_grad_accumulation_matches_the_full_batch(tmp_path):
     finals = []
     for batch, accum in ((8, 1), (4, 2)):

@@ -68,6 +68,17 @@ def test_probe_accuracy_on_ordered_clips():
     assert result["protocol"]["shuffle_frames"] == "none" and result["protocol"]["split"] == "probe"
 
 
+def test_probe_without_itm_never_runs_the_fusion_layers():
+    class NoFusion(OrderModel):
+        def itm_logits(self, *args, **kwargs):
+            raise AssertionError("itm=False must not call the VTM head")
+
+    result = evaluate_probe(NoFusion(), ProbeDataset(), batch_size=3, itm=False)
+    assert (result["itc_acc"], result["n"]) == (1.0, 4) and "itm_acc" not in result
+    reversed_order = evaluate_probe(NoFusion(), ProbeDataset(), batch_size=3, shuffle_frames="reverse", itm=False)
+    assert reversed_order["itc_acc"] == 0.0
+
+
 def test_reversed_frames_flip_every_answer():
     result = evaluate_probe(OrderModel(), ProbeDataset(), batch_size=3, shuffle_frames="reverse")
     assert (result["itc_acc"], result["itm_acc"]) == (0.0, 0.0)

@@ -219,3 +219,39 @@ def test_evaluate_command_reproduces_the_end_of_training_numbers(recipe, tmp_pat
     assert again["t"]["itm"] == pytest.approx(result["results"]["t"]["itm"])
     assert again["p"]["itc_acc"] == pytest.approx(result["results"]["p"]["itc_acc"])
     assert again["t"]["protocol"]["k_test"] == 2
+
+
+def test_itm_only_at_the_final_evaluation_and_never(recipe, tmp_path):
+    """eval.itm 'final': the learning-curve evaluations score ITC alone, the run's last one ITM too, with the same ITC
+    numbers as an evaluation that scores both; 'never' leaves ITM out of `stmvl evaluate` as well."""
+    import torch
+
+    from stmvl.cli import main
+    from stmvl.tasks.pretrain import load_run_config
+    from stmvl.tasks.runs import pretrain
+
+    root = recipe.parent
+    evals = (f"eval.corpora=[{{name: t, kind: retrieval, caption_mode: single, "
+             f"annotation: {root}/annotations/retrieval_test.json, media_root: {root}}}, "
+             f"{{name: p, kind: probe, annotation: {root}/annotations/probe.json, media_root: {root}}}]")
+    common = [evals, "eval.num_frames=4", "eval.k_test=2", "eval.batch_size=4", "eval.num_workers=0",
+              "runtime.ckpt_every_steps=0"]
+    torch.set_num_threads(1)
+    # 32 clips in batches of 8: evaluations after epoch 1 (step 4) and at the end (step 6)
+    result = pretrain(load_run_config(str(recipe), [f"runtime.out_dir={tmp_path / 'run'}", "optim.max_steps=6",
+                                                    "eval.every_epochs=1", "eval.itm=final", *common]))
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    first, last = [r for r in records if r.get("split") == "eval"]
+    assert (first["step"], last["step"]) == (4, 6)
+    assert "t/itc/t2v_r1" in first and "p/itc_acc" in first
+    assert not any("itm" in key for key in first)
+    assert "t/itm/t2v_r1" in last and "p/itm_acc" in last
+    assert result["results"]["t"]["protocol"]["k_test"] == 2
+
+    code = main(["evaluate", str(recipe), "--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "ev"),
+                 "eval.itm=never", *common])
+    assert code == 0
+    never = json.loads((tmp_path / "ev" / "eval.json").read_text())
+    assert set(never["t"]) == {"itc", "protocol"} and "k_test" not in never["t"]["protocol"]
+    assert never["t"]["itc"] == pytest.approx(result["results"]["t"]["itc"])
+    assert never["p"]["itc_acc"] == pytest.approx(result["results"]["p"]["itc_acc"]) and "itm_acc" not in never["p"]

@@ -189,6 +189,10 @@ class EvalConfig:
     img_size: int | None = None  # None = data.img_size
     text_max_length: int = field(default=32, metadata=_range(4, None))
     k_test: int = field(default=128, metadata=_range(1, None))  # ITM re-ranks this many ITC candidates per query
+    # which evaluations of a run also score with the VTM head (retrieval re-ranking, the probe's ITM accuracy): every
+    # one, only the run's final one (intermediate learning-curve points report ITC alone, at a quarter of the cost
+    # here), or never. Multiple choice always uses both scores; `stmvl evaluate` counts as a final evaluation
+    itm: str = field(default="every", metadata=_choices("every", "final", "never"))
     batch_size: int = field(default=32, metadata=_range(1, None))
     num_workers: int = field(default=2, metadata=_range(0, None))
     every_epochs: int = field(default=1, metadata=_range(0, None))  # 0 = only at the end

@@ -283,13 +283,14 @@ def positive_probability(logits: torch.Tensor) -> torch.Tensor:
 
 def score_texts_per_clip(
     model: Any, video: torch.Tensor, texts: Sequence[Sequence[str]], max_length: int,
-    device: torch.device, autocast: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    device: torch.device, autocast: bool, itm: bool = True,
+) -> tuple[torch.Tensor | None, torch.Tensor]:
     """ITM match probability and ITC similarity of every clip with each of its own K texts (MC options, probe
     caption and foil).
 
     Args:
         video: float [B, T, 3, H, W]; texts: B lists of K strings (tokenized together: one padded length).
+        itm: set False to skip the fusion layers (the first element is then None).
 
     Returns:
         (itm [B, K], itc [B, K]) on the CPU in float32; itc is the frame-mean cosine, as in retrieval.
@@ -301,11 +302,13 @@ def score_texts_per_clip(
     with autocast_context(device, autocast):
         video_tokens, frame_embeds = model.video_features(video.to(device))
         text_states, text_embeds = model.text_features(ids, mask)
-        video_index = torch.arange(size, device=device).repeat_interleave(count)
-        logits = model.itm_logits(video_tokens, text_states, mask, video_index=video_index)
+        logits = None
+        if itm:
+            video_index = torch.arange(size, device=device).repeat_interleave(count)
+            logits = model.itm_logits(video_tokens, text_states, mask, video_index=video_index)
     text_embeds = text_embeds.float().view(size, count, -1)
     itc = torch.einsum("bfe,bke->bkf", frame_embeds.float(), text_embeds).mean(-1).cpu()
-    return positive_probability(logits).view(size, count).cpu(), itc
+    return None if logits is None else positive_probability(logits).view(size, count).cpu(), itc
 
 
 def describe_protocol(dataset: Any, **fields: Any) -> dict[str, Any]:

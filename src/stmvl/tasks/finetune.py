@@ -271,10 +271,12 @@ def _eval_common(cfg: RunConfig, corpus: CorpusConfig) -> dict[str, Any]:
 
 
 def evaluate_downstream(model: nn.Module, cfg: RunConfig, device: torch.device | str,
-                        autocast: bool = False) -> dict[str, Any]:
+                        autocast: bool = False, final: bool = True) -> dict[str, Any]:
     """{corpus name: result} for every eval corpus: retrieval / probe (STMModel), mc (STMModel), qa (VideoQAModel).
 
     A corpus kind the model cannot answer (qa for an STMModel, retrieval for a VideoQAModel) is an error.
+    ``final``: whether this is the run's last evaluation (eval.itm 'final' scores retrieval and probe with ITM only
+    then).
     """
     from stmvl.eval.mc import evaluate_mc
     from stmvl.eval.qa import evaluate_qa
@@ -284,7 +286,7 @@ def evaluate_downstream(model: nn.Module, cfg: RunConfig, device: torch.device |
     wrong = [c.name for c in ev.corpora if (c.kind == "qa") != is_qa]
     if wrong:
         raise ConfigError(f"eval corpora {wrong} do not fit a {'VideoQA' if is_qa else 'retrieval'} model")
-    results = {} if is_qa else evaluate_corpora(model, cfg, device, autocast=autocast)
+    results = {} if is_qa else evaluate_corpora(model, cfg, device, autocast=autocast, final=final)
     common = dict(batch_size=ev.batch_size, num_workers=ev.num_workers, device=device, autocast=autocast)
     for c in ev.corpora:
         if c.kind not in ("mc", "qa"):
@@ -348,7 +350,7 @@ class _FinetuneTask(StreamTask):
 
     def evaluate(self, model: nn.Module, epoch: int) -> dict[str, Any]:
         return evaluate_downstream(unwrap_model(model), self.cfg, self.ctx.device,
-                                   autocast=self.ctx.precision == "bf16")
+                                   autocast=self.ctx.precision == "bf16", final=self.ctx.finished)
 
 
 class RetrievalFinetuneTask(_FinetuneTask):

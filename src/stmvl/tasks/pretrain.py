@@ -111,7 +111,7 @@ class PretrainTask(StreamTask):
     def evaluate(self, model: nn.Module, epoch: int) -> dict[str, Any]:
         # kept nested (the engine logs a flattened copy) for reports
         self.last_results = evaluate_corpora(unwrap_model(model), self.cfg, self.ctx.device,
-                                             autocast=self.ctx.precision == "bf16")
+                                             autocast=self.ctx.precision == "bf16", final=self.ctx.finished)
         return self.last_results
 
 

@@ -154,11 +154,17 @@ class TrainContext:
     grad_checkpointing: bool
     compile: bool
     total_steps: int = 0
+    step: int = 0  # optimizer steps done, set by the engine before each evaluation
     extras: dict[str, Any] = field(default_factory=dict)
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def finished(self) -> bool:
+        """Whether the run has done all its steps (an evaluation now is the run's final one)."""
+        return self.step >= self.total_steps
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """The engine's autocast context (for evaluation code that wants the training precision)."""
@@ -818,6 +824,7 @@ class Trainer:
         if evaluate is None:
             return {}
         self.model.eval()
+        self.ctx.step = self.global_step
         results, error = {}, None
         try:
             with torch.no_grad():
