@@ -98,6 +98,7 @@ def test_wrong_types_and_choices_name_key_and_allowed_values():
         ("model.mask.logits=x", "model.mask.logits.*log, reference"),
         ("model.decoder=mlp", "model.decoder.*st, linear"),
         ("model.mvm_tokens=x", "model.mvm_tokens.*all, visible"),
+        ("eval.itm=sometimes", "eval.itm: 'sometimes' is not allowed; allowed values: every, final, never"),
         ("model.mask.video_ratio=1.5", r"model.mask.video_ratio: 1.5 is outside the allowed range \[0.0, 1.0\)"),
         ("data.corpora=[{name: a, annotation: x, media_type: audio}]", "data.corpora.0.media_type: 'audio'"),
         ("task=pretrian", "task: 'pretrian' is not allowed.*did you mean 'pretrain'"),
@@ -117,6 +118,9 @@ def test_cross_field_rules():
         load_config("demo", ["model.text.fusion_start=7"])
     with pytest.raises(ConfigError, match="data.corpora: corpus names must be unique, repeated: a"):
         load_config(None, ["data.corpora=[{name: a, annotation: x}, {name: a, annotation: y}]"])
+    with pytest.raises(ConfigError, match="eval.best_key 'msrvtt/itm/r_mean' is an ITM number, but eval.itm is 'final'"):
+        load_config("finetune/ret_msrvtt", ["eval.itm=final"])
+    assert load_config("finetune/ret_msrvtt", ["eval.itm=final", "eval.best_key=msrvtt/itc/r_mean"]).eval.itm == "final"
 
 
 def test_extends_deep_merges_and_detects_cycles(tmp_path, monkeypatch):

@@ -190,8 +190,8 @@ class EvalConfig:
     text_max_length: int = field(default=32, metadata=_range(4, None))
     k_test: int = field(default=128, metadata=_range(1, None))  # ITM re-ranks this many ITC candidates per query
     # which evaluations of a run also score with the VTM head (retrieval re-ranking, the probe's ITM accuracy): every
-    # one, only the run's final one (intermediate learning-curve points report ITC alone, at a quarter of the cost
-    # here), or never. Multiple choice always uses both scores; `stmvl evaluate` counts as a final evaluation
+    # one, only the run's final one (intermediate learning-curve points report ITC alone, at 0.38x the cost on the
+    # demo corpus), or never. Multiple choice always uses both scores; `stmvl evaluate` counts as a final evaluation
     itm: str = field(default="every", metadata=_choices("every", "final", "never"))
     batch_size: int = field(default=32, metadata=_range(1, None))
     num_workers: int = field(default=2, metadata=_range(0, None))
@@ -751,6 +751,11 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"data.crop_scale: need 0 < min <= max <= 1, got {[lo, hi]}")
     if cfg.data.sampling == "fps" and cfg.data.fps is None:
         raise ConfigError("data.sampling is 'fps' but data.fps is null: set data.fps")
+    best = cfg.eval.best_key or ""
+    if cfg.eval.itm != "every" and ("/itm/" in best or best.endswith("itm_acc")):
+        raise ConfigError(f"eval.best_key {best!r} is an ITM number, but eval.itm is {cfg.eval.itm!r}: the "
+                          "evaluations that pick the best checkpoint would not have it; use eval.itm=every or an "
+                          "ITC key")
     validate_model(cfg.model, "model")
     for section, corpora in (("data.corpora", cfg.data.corpora), ("eval.corpora", cfg.eval.corpora)):
         names = [c.name for c in corpora]
