@@ -405,34 +405,3 @@ def test_fusion_samples_run_vtm_and_mlm_on_the_first_samples_only():
         flops_full = count_flops(lambda: full_model(batch, step=3))
         flops_cut = count_flops(lambda: cut_model(batch, step=3))
     assert flops_cut < flops_full
-
-
-def test_itm_pooling_mean_reads_the_mean_of_the_fused_caption_tokens_in_training_and_evaluation():
-    """text.itm_pooling: the VTM head reads the class token (UMT) or the mean over real tokens; the loss and
-    itm_logits read the same, and padding does not move the mean."""
-    torch.manual_seed(0)
-    base = tiny_config("stm")
-    torch.manual_seed(2)
-    cls_model = STMModel(base).eval()
-    mean_cfg = dataclasses.replace(base, text=dataclasses.replace(base.text, itm_pooling="mean"))
-    torch.manual_seed(2)
-    mean_model = STMModel(mean_cfg).eval()
-    batch = make_batch(cls_model, b=4)
-    ids, mask = batch["input_ids"], batch["attention_mask"]
-    with torch.no_grad():
-        tokens, _ = mean_model.video_features(batch["video"])
-        states = mean_model.text(ids, mask)
-        fused = mean_model.text.fuse(states, mask, tokens)
-        m = mask.unsqueeze(-1).float()
-        by_hand = mean_model.itm_head((fused * m).sum(1) / m.sum(1))
-        torch.testing.assert_close(mean_model.itm_logits(tokens, states, mask), by_hand)
-        torch.testing.assert_close(cls_model.itm_logits(tokens, states, mask), cls_model.itm_head(fused[:, 0]))
-        # two more padding positions change nothing
-        pad = torch.zeros(4, 2, dtype=ids.dtype)
-        ids2, mask2 = torch.cat([ids, pad], 1), torch.cat([mask, pad], 1)
-        longer = mean_model.itm_logits(tokens, mean_model.text(ids2, mask2), mask2)
-        torch.testing.assert_close(longer, by_hand, atol=1e-5, rtol=1e-5)
-        # the training loss reads the same pooling: same weights, same batch, different VTM, same VTC
-        a, b = cls_model(batch, step=3), mean_model(batch, step=3)
-        torch.testing.assert_close(a["vtc"], b["vtc"])
-        assert not torch.allclose(a["vtm"], b["vtm"])

@@ -331,7 +331,6 @@ _EXTERNAL_METADATA: dict[type, dict[str, dict[str, Any]]] = {
         "dropout": _range(0.0, 1.0, open_hi=True),
         "freeze_below": _range(0, _MAX_LAYERS),
         "pooling": _choices("cls", "mean"),
-        "itm_pooling": _choices("cls", "mean"),
     },
     MaskConfig: {
         "video_strategy": _choices("random", "tube", "attention", "attention_inverse", "stm"),

@@ -92,9 +92,6 @@ class TextConfig:
     dropout: float = 0.1  # hidden and attention dropout (BERT's hidden_dropout_prob)
     freeze_below: int = 0  # text-only layers below this index (and embeddings if > 0) get no gradient
     pooling: str = "cls"  # caption embedding for VTC / the decoder: cls (BERT, UMT) | mean (sentence encoders)
-    # what the VTM head reads of the fused states: the class token (cls: BERT, UMT) or the mean over the caption's
-    # real tokens (mean: for a sentence encoder whose class token was never trained to summarise, such as MiniLM)
-    itm_pooling: str = "cls"
     # multiplies the base lr for the text encoder's own (pretrained) parameters; the fusion layers' cross-attention
     # is new and keeps the base lr. 1 = one lr for all (UMT); below 1 when the vision side trains from scratch at an
     # lr that would wash out the pretrained text layers

@@ -213,7 +213,6 @@ def vtm_loss(
     temp: Tensor | float = 1.0,
     gumbel: Tensor | None = None,
     rows: int | None = None,
-    pool: Callable[[Tensor, Tensor], Tensor] | None = None,
 ) -> Tensor:
     """Video-text matching: positives, one hard negative video per text and one hard negative text per video.
 
@@ -231,7 +230,6 @@ def vtm_loss(
         rows: score the pairs of the first `rows` samples only (their negatives are still drawn from the whole
             batch); None = every sample. The fusion layers run on 3-5 pairs per sample, so this is the knob that
             makes VTM cheap (loss.fusion_samples).
-        pool: fused states [P, L, H] and their mask [P, L] -> [P, H], what the head reads; None = the class token.
 
     Returns:
         scalar 2-way cross entropy over all pairs (3 per scored sample, one more per option). A row without any
@@ -270,10 +268,8 @@ def vtm_loss(
     labels[:b] = 1
     labels[b:2 * b] = torch.where(neg_video >= 0, labels[b:2 * b], IGNORE_INDEX)
     labels[2 * b:3 * b] = torch.where(neg_text >= 0, labels[2 * b:3 * b], IGNORE_INDEX)
-    fused_mask = torch.cat(pair_mask)
-    fused = fuse(torch.cat(pair_text), fused_mask, torch.cat(videos), video_index=torch.cat(pair_video))
-    pooled = fused[:, 0] if pool is None else pool(fused, fused_mask)
-    return F.cross_entropy(itm_head(pooled), labels, ignore_index=IGNORE_INDEX)
+    fused = fuse(torch.cat(pair_text), torch.cat(pair_mask), torch.cat(videos), video_index=torch.cat(pair_video))
+    return F.cross_entropy(itm_head(fused[:, 0]), labels, ignore_index=IGNORE_INDEX)
 
 
 # ----------------------------------------------------------------------------------------------------------- MLM

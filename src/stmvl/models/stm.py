@@ -379,14 +379,6 @@ class STMModel(nn.Module):
         m = mask.unsqueeze(-1).to(states.dtype)
         return (states * m).sum(1) / m.sum(1).clamp_min(1.0)
 
-    def match_input(self, fused: Tensor, mask: Tensor) -> Tensor:
-        """Fused states [P, L, H] and mask [P, L] -> what the VTM head reads [P, H]: the class token, or the mean
-        over real tokens with `text.itm_pooling: mean`."""
-        if self.cfg.text.itm_pooling == "cls":
-            return fused[:, 0]
-        m = mask.unsqueeze(-1).to(fused.dtype)
-        return (fused * m).sum(1) / m.sum(1).clamp_min(1.0)
-
     def text_class(self, states: Tensor, mask: Tensor) -> Tensor:
         """Text states [B, L, H] and mask [B, L] -> projected (not normalised) caption embedding [B, E]."""
         return self.text_proj(self.pooled_text(states, mask))
@@ -474,7 +466,6 @@ class STMModel(nn.Module):
                 foil_mask=None if foil is None else foil[1],
                 temp=self.negative_temperature(),
                 rows=self.cfg.loss.fusion_samples or None,
-                pool=self.match_input,
             )
         if weights["mlm"] > 0:
             n = self.cfg.loss.fusion_samples or b
@@ -648,8 +639,7 @@ class STMModel(nn.Module):
 
         With ``video_index`` (long [B]), ``video_tokens`` [U, n, D] holds the distinct videos and text ``i`` is
         paired with video ``video_index[i]`` (the fusion layers then project each video once)."""
-        fused = self.text.fuse(text_states, text_mask, video_tokens, video_index=video_index)
-        return self.itm_head(self.match_input(fused, text_mask))
+        return self.itm_head(self.text.fuse(text_states, text_mask, video_tokens, video_index=video_index)[:, 0])
 
     def itm_score(self, video_tokens: Tensor, texts: Sequence[str] | dict) -> Tensor:
         """Match probability [B] of each video with its text."""
