@@ -101,7 +101,7 @@ def evaluate_probe(
         itm: set False to skip the VTM head (no ``itm_acc``; the fusion layers are most of the probe's cost).
 
     Returns:
-        ``{"itc_acc", "itm_acc"}`` in [0, 1], ``"n"`` (clips) and ``"protocol"``.
+        ``{"itc_acc", "itm_acc"}`` in [0, 1] (``itm_acc`` only with ``itm``), ``"n"`` (clips) and ``"protocol"``.
     """
     device = torch.device(device)
     max_len = max_text_len or getattr(dataset, "max_text_len", None) or DEFAULT_PROBE_TEXT_LEN
