@@ -62,3 +62,28 @@ def test_to_float_and_normalize():
     assert torch.allclose(normed[0, :, 0, 0], -torch.tensor(CLIP_MEAN) / torch.tensor(CLIP_STD))
     with pytest.raises(ValueError, match="float"):
         normalize(video)
+
+
+def test_data_crop_scale_reaches_the_training_transforms_of_pretraining_and_finetuning(tmp_path):
+    """`data.crop_scale` used to be validated and then ignored (every dataset kept the transform's default): the
+    pretraining and finetuning datasets built from a config now crop with its value."""
+    from stmvl.config import load_config
+    from stmvl.data.synth import generate_corpus
+    from stmvl.tasks.data import pretrain_datasets
+    from stmvl.tasks.finetune import _train_dataset_kwargs
+
+    root = tmp_path / "corpus"
+    generate_corpus(root, seed=0, train=4, test=2, probe=2, size=32, frames=4, workers=1)
+    corpus = (f"data.corpora=[{{name: v, media_type: video, annotation: {root}/annotations/train_video.json, "
+              f"media_root: {root}}}]")
+    for scale in ([0.9, 1.0], [1.0, 1.0]):
+        cfg = load_config(None, [corpus, f"data.crop_scale={scale}", "data.img_size=32"])
+        (dataset,) = pretrain_datasets(cfg, tmp_path / "run", seed=0)["video"]
+        assert dataset.transform.scale == tuple(scale)
+        assert _train_dataset_kwargs(cfg, tmp_path / "run", cfg.data.corpora[0])["crop_scale"] == tuple(scale)
+    # with the whole frame as the only allowed area, every crop is the full frame
+    item = dataset[0]["video"]
+    uncropped = TrainTransform(32, scale=(1.0, 1.0))
+    assert all(random_resized_crop_params(32, 32, (1.0, 1.0), (3 / 4, 4 / 3), torch.Generator().manual_seed(s))
+               == (0, 0, 32, 32) for s in range(20))
+    assert item.shape[-2:] == (32, 32) and uncropped.scale == dataset.transform.scale

@@ -39,7 +39,7 @@ class MediaDataset(Dataset):
         media_root: folder the records' media paths are relative to.
         media_type: ``video`` or ``image`` (images give T = 1 regardless of num_frames).
         num_frames, img_size, sampling: frames per clip, output side, ``rand | middle | fps``.
-        train: random resized crop (+ ``hflip``) when True, eval resize otherwise.
+        train: random resized crop (area fraction in ``crop_scale``, + ``hflip``) when True, eval resize otherwise.
         quarantine: where broken media are listed; ``max_bad_fraction`` bounds the failure rate.
         min_frames: videos with fewer frames are treated as broken (reason ``too_short``).
         video_kwargs: passed to ``read_video`` (``backend``, ``sample_fps``).
@@ -60,6 +60,7 @@ class MediaDataset(Dataset):
         sampling: str = "rand",
         train: bool = True,
         hflip: bool = False,
+        crop_scale: tuple[float, float] = (0.5, 1.0),
         seed: int = 0,
         corpus: str = "",
         quarantine: Quarantine | None = None,
@@ -75,7 +76,8 @@ class MediaDataset(Dataset):
         self.train = bool(train)
         self.num_frames = 1 if media_type == "image" else int(num_frames)
         self.sampling = sampling
-        self.transform: TrainTransform | EvalTransform = build_transform(train, img_size, hflip=hflip)
+        self.transform: TrainTransform | EvalTransform = build_transform(train, img_size, hflip=hflip,
+                                                                         scale=tuple(crop_scale))
         self.seed = int(seed)
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()  # shared with persistent workers
         self.corpus = corpus or Path(self.records.source).stem

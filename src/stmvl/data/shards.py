@@ -270,8 +270,8 @@ class ShardDataset(IterableDataset):
     """
 
     def __init__(self, shards: str | Path | Sequence[str | Path], *, media_type: str = "video", num_frames: int = 4,
-                 img_size: int = 224, sampling: str = "rand", train: bool = True, hflip: bool = False, seed: int = 0,
-                 rank: int = 0, world_size: int = 1, id_offset: int = 0, quarantine: Quarantine | None = None,
+                 img_size: int = 224, sampling: str = "rand", train: bool = True, hflip: bool = False,
+                 crop_scale: tuple[float, float] = (0.5, 1.0), seed: int = 0, rank: int = 0, world_size: int = 1, id_offset: int = 0, quarantine: Quarantine | None = None,
                  max_bad_fraction: float = 0.1, min_frames: int = 1, shuffle_shards: bool = True,
                  corpus: str = "", video_kwargs: dict | None = None, limits: MediaLimits | None = None):
         if isinstance(shards, (str, Path)) and Path(shards).is_dir():
@@ -284,7 +284,8 @@ class ShardDataset(IterableDataset):
         if len(self.shards) < world_size:
             raise ValueError(f"{len(self.shards)} shards cannot feed {world_size} ranks: write smaller shards")
         self.media_type, self.num_frames = media_type, (1 if media_type == "image" else num_frames)
-        self.sampling, self.transform = sampling, build_transform(train, img_size, hflip=hflip)
+        self.sampling = sampling
+        self.transform = build_transform(train, img_size, hflip=hflip, scale=tuple(crop_scale))
         self.seed, self.epoch, self.rank, self.world_size = seed, 0, rank, world_size
         self.id_offset, self.min_frames, self.shuffle_shards = id_offset, min_frames, shuffle_shards
         self.video_kwargs = dict(video_kwargs or {})

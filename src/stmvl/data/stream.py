@@ -339,7 +339,8 @@ class ShardStream:
     streaming = True
 
     def __init__(self, index: ShardIndex | str, *, media_type: str | None = None, num_frames: int = 4,
-                 img_size: int = 224, sampling: str = "rand", train: bool = True, hflip: bool = False, seed: int = 0,
+                 img_size: int = 224, sampling: str = "rand", train: bool = True, hflip: bool = False,
+                 crop_scale: tuple[float, float] = (0.5, 1.0), seed: int = 0,
                  id_offset: int = 0, corpus: str = "", quarantine: Quarantine | None = None,
                  max_bad_fraction: float = 0.1, min_frames: int = 1, video_kwargs: dict | None = None,
                  shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER, max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES,
@@ -348,7 +349,7 @@ class ShardStream:
         self.media_type = media_type or self.index.media_type
         self.num_frames = 1 if self.media_type == "image" else int(num_frames)
         self.sampling, self.train = sampling, bool(train)
-        self.transform = build_transform(train, img_size, hflip=hflip)
+        self.transform = build_transform(train, img_size, hflip=hflip, scale=tuple(crop_scale))
         self.seed, self.id_offset, self.min_frames = int(seed), int(id_offset), int(min_frames)
         self.corpus = corpus or Path(self.index.source).parent.name
         self.quarantine, self.max_bad_fraction = quarantine, max_bad_fraction

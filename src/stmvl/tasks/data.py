@@ -81,7 +81,8 @@ def pretrain_datasets(cfg: RunConfig, run_dir: Path, seed: int) -> dict[str, lis
     by_media: dict[str, list] = {}
     for c, recs, offset in zip(corpora, records, offsets):
         common = dict(media_type=c.media_type, num_frames=cfg.data.num_frames, img_size=cfg.data.img_size,
-                      sampling=cfg.data.sampling, train=True, hflip=cfg.data.flip, seed=seed, corpus=c.name,
+                      sampling=cfg.data.sampling, train=True, hflip=cfg.data.flip,
+                      crop_scale=tuple(cfg.data.crop_scale), seed=seed, corpus=c.name,
                       quarantine=quarantine, max_bad_fraction=cfg.data.max_bad_fraction,
                       limits=MediaLimits.from_config(cfg.data))
         if isinstance(recs, ShardIndex):

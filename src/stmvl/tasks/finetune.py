@@ -240,8 +240,8 @@ def _train_corpora(cfg: RunConfig, kind: str) -> list[CorpusConfig]:
 def _train_dataset_kwargs(cfg: RunConfig, run_dir: Path, corpus: CorpusConfig) -> dict[str, Any]:
     d = cfg.data
     return dict(num_frames=d.num_frames, img_size=d.img_size, sampling=d.sampling, train=True, hflip=d.flip,
-                seed=cfg.runtime.seed, corpus=corpus.name, quarantine=Quarantine(run_dir),
-                max_bad_fraction=d.max_bad_fraction, limits=MediaLimits.from_config(d))
+                crop_scale=tuple(d.crop_scale), seed=cfg.runtime.seed, corpus=corpus.name,
+                quarantine=Quarantine(run_dir), max_bad_fraction=d.max_bad_fraction, limits=MediaLimits.from_config(d))
 
 
 def retrieval_train_dataset(cfg: RunConfig, run_dir: Path):
