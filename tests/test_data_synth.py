@@ -116,7 +116,28 @@ def test_all_annotation_files_validate_and_are_consistent(corpora):
              for t in r["caption"] if t not in (c["caption"], c["foil"])]
     assert sum(t in captions_of for t in other) == len(other)
     manifest = json.loads((a / "manifest.json").read_text())
-    assert manifest["counts"] == {"train": 8, "test": 6, "probe": 6}
+    assert manifest["counts"] == {"train": 8, "test": 6, "probe": 6, "images": 8}
+
+
+def test_num_images_writes_that_many_image_pairs_and_keeps_the_clips(tmp_path, corpora):
+    """data.synthetic.num_images (it used to be ignored: one image per training clip whatever it said)."""
+    from stmvl.config import ConfigError, load_config
+
+    a, _ = corpora
+    manifest = synth.generate_corpus(tmp_path / "c", seed=5, workers=1, images=3, **COUNTS)
+    images = load_annotations(tmp_path / "c" / "annotations" / "train_image.json", "image")
+    assert manifest["counts"]["images"] == 3 and len(images) == 3
+    assert sorted(p.name for p in (tmp_path / "c" / "images" / "train").iterdir()) == [
+        f"train_{i:05d}.png" for i in range(3)]
+    # the clips, their captions and the images written are those of the full corpus with the same seed
+    full_ann, few_ann = a / "annotations", tmp_path / "c" / "annotations"
+    assert (few_ann / "train_video.json").read_text() == (full_ann / "train_video.json").read_text()
+    full_images = load_annotations(full_ann / "train_image.json", "image")
+    assert [images[i] for i in range(3)] == [full_images[i] for i in range(3)]
+    with pytest.raises(ValueError, match=r"images \(9\) must lie in \[0, train\] = \[0, 8\]"):
+        synth.generate_corpus(tmp_path / "d", train=8, test=1, probe=1, workers=1, images=9)
+    with pytest.raises(ConfigError, match=r"data.synthetic.num_images \(9\) exceeds data.synthetic.num_train \(8\)"):
+        load_config(None, ["data.synthetic.num_train=8", "data.synthetic.num_images=9"])
 
 
 def test_mp4_keeps_colours(corpora):

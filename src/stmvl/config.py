@@ -751,6 +751,10 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"data.crop_scale: need 0 < min <= max <= 1, got {[lo, hi]}")
     if cfg.data.sampling == "fps" and cfg.data.fps is None:
         raise ConfigError("data.sampling is 'fps' but data.fps is null: set data.fps")
+    syn = cfg.data.synthetic
+    if syn.num_images > syn.num_train:
+        raise ConfigError(f"data.synthetic.num_images ({syn.num_images}) exceeds data.synthetic.num_train "
+                          f"({syn.num_train}): each image is a frame of a training clip")
     best = cfg.eval.best_key or ""
     if cfg.eval.itm != "every" and ("/itm/" in best or best.endswith("itm_acc")):
         raise ConfigError(f"eval.best_key {best!r} is an ITM number, but eval.itm is {cfg.eval.itm!r}: the "

@@ -34,7 +34,9 @@ def _synth_parser() -> CommandParser:
                                                            "(docs/synthetic_corpus.md)")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--train", type=int, default=3000, help="train clips (each also gives one image-text pair)")
+    parser.add_argument("--train", type=int, default=3000, help="train clips")
+    parser.add_argument("--images", type=int, default=None,
+                        help="image-text pairs, one frame each of the first N train clips (default: one per clip)")
     parser.add_argument("--test", type=int, default=500)
     parser.add_argument("--probe", type=int, default=500)
     parser.add_argument("--size", type=int, default=64, help="frame side in pixels (even, at least 32)")
@@ -45,7 +47,8 @@ def _synth_parser() -> CommandParser:
 
 @command("synth")
 def synth_main(argv: Sequence[str]) -> int:
-    """``stmvl synth --out DIR [--train N] [--test N] [--probe N] [--size PX] [--frames T] [--seed S]``."""
+    """``stmvl synth --out DIR [--train N] [--images N] [--test N] [--probe N] [--size PX] [--frames T]
+    [--seed S]``."""
     from stmvl.data.synth import generate_corpus
 
     args = _synth_parser().parse_args(argv)
@@ -55,15 +58,17 @@ def synth_main(argv: Sequence[str]) -> int:
     # the H.264 writer needs even frame sides (yuv420p); the renderer's shapes need at least 32 px
     _require(32 <= args.size <= 4096 and args.size % 2 == 0, f"--size must be an even number in [32, 4096], got "
                                                               f"{args.size}")
+    _require(args.images is None or 0 <= args.images <= args.train,
+             f"--images must lie in [0, --train] = [0, {args.train}], got {args.images}")
     _require(2 <= args.frames <= 10_000, f"--frames must lie in [2, 10000], got {args.frames}")
     _require(args.workers is None or 1 <= args.workers <= 1024, f"--workers must lie in [1, 1024], got "
                                                                  f"{args.workers}")
     _require_folder("--out", args.out)
     manifest = generate_corpus(args.out, seed=args.seed, train=args.train, test=args.test, probe=args.probe,
-                               size=args.size, frames=args.frames, workers=args.workers)
+                               size=args.size, frames=args.frames, workers=args.workers, images=args.images)
     counts = manifest["counts"]
-    print(f"wrote {counts['train']} train / {counts['test']} test / {counts['probe']} probe clips "
-          f"({args.size}px, {args.frames} frames) to {args.out} in {manifest['seconds']:.1f}s")
+    print(f"wrote {counts['train']} train / {counts['test']} test / {counts['probe']} probe clips and "
+          f"{counts['images']} images ({args.size}px, {args.frames} frames) to {args.out} in {manifest['seconds']:.1f}s")
     return 0
 
 

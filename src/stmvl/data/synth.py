@@ -431,8 +431,12 @@ def _dump(path: Path, data: Any) -> None:
 
 
 def generate_corpus(out: str | os.PathLike, seed: int = 0, train: int = 3000, test: int = 500, probe: int = 500,
-                    size: int = 64, frames: int = 16, workers: int | None = None) -> dict[str, Any]:
+                    size: int = 64, frames: int = 16, workers: int | None = None,
+                    images: int | None = None) -> dict[str, Any]:
     """Write the corpus under ``out`` and return its manifest (counts, files, seconds taken).
+
+    ``images``: image-text pairs to write, one frame each of the first ``images`` training clips (None: one per
+    training clip).
 
     Layout: ``videos/{train,test,probe}/*.mp4``, ``images/train/*.png``, ``annotations/*.json``
     (train_video, train_image, test_video, retrieval_test, probe, qa_train, qa_test, qa_answers, mc_test,
@@ -440,11 +444,14 @@ def generate_corpus(out: str | os.PathLike, seed: int = 0, train: int = 3000, te
     """
     if size < 32 or frames < 2 or min(train, test, probe) < 0:
         raise ValueError(f"need size >= 32, frames >= 2, non-negative counts; got size={size} frames={frames}")
+    images = train if images is None else images
+    if not 0 <= images <= train:
+        raise ValueError(f"images ({images}) must lie in [0, train] = [0, {train}]: each is a frame of a training clip")
     started = time.perf_counter()
     root = Path(out)
     for sub in ("videos/train", "videos/test", "videos/probe", "images/train", "annotations"):
         (root / sub).mkdir(parents=True, exist_ok=True)
-    jobs = [_ClipJob(str(root), split, i, seed, size, frames, split == "train")
+    jobs = [_ClipJob(str(root), split, i, seed, size, frames, split == "train" and i < images)
             for split, count in (("train", train), ("test", test), ("probe", probe)) for i in range(count)]
     workers = workers or os.cpu_count() or 1
     if workers > 1 and len(jobs) > 1:
@@ -456,9 +463,10 @@ def generate_corpus(out: str | os.PathLike, seed: int = 0, train: int = 3000, te
     for job, record in zip(jobs, results):
         by_split[job.split].append(record)
     files = _write_annotations(root / "annotations", by_split, seed)
-    manifest = {"seed": seed, "size": size, "frames": frames, "fps": FPS, "counts": {k: len(v) for k, v in
-                by_split.items()}, "files": files, "vocabulary": {"shapes": list(SHAPES), "colors": list(COLORS),
-                "sizes": list(SIZES), "motions": list(MOTIONS)}}
+    counts = {**{k: len(v) for k, v in by_split.items()}, "images": images}
+    manifest = {"seed": seed, "size": size, "frames": frames, "fps": FPS, "counts": counts, "files": files,
+                "vocabulary": {"shapes": list(SHAPES), "colors": list(COLORS), "sizes": list(SIZES),
+                               "motions": list(MOTIONS)}}
     _dump(root / "manifest.json", manifest)
     return dict(manifest, seconds=time.perf_counter() - started)
 
@@ -469,7 +477,7 @@ def _write_annotations(folder: Path, by_split: dict[str, list[dict]], seed: int)
     mc_edit_rng = np.random.default_rng([seed, 13])
     content = {
         "train_video": [{k: r[k] for k in ("video", "caption", "foil", "attributes")} for r in train],
-        "train_image": [r["image_record"] for r in train],
+        "train_image": [r["image_record"] for r in train if "image_record" in r],
         "test_video": [{k: r[k] for k in ("video", "caption", "foil", "attributes")} for r in test],
         "retrieval_test": _retrieval_records(test),
         "probe": [{k: r[k] for k in ("video", "caption", "foil", "attributes")} for r in probe],

@@ -32,9 +32,9 @@ def ensure_synthetic_corpus(cfg: RunConfig, log=None) -> Path | None:
     if (root / SYNTHETIC_MARKER).exists():
         return root
     log(f"writing the synthetic corpus to {root} ({syn.num_train} train / {syn.num_test} test / "
-        f"{syn.num_probe} probe clips, {syn.size}px, {syn.frames} frames)")
+        f"{syn.num_probe} probe clips, {syn.num_images} images, {syn.size}px, {syn.frames} frames)")
     manifest = generate_corpus(root, seed=syn.seed, train=syn.num_train, test=syn.num_test, probe=syn.num_probe,
-                               size=syn.size, frames=syn.frames)
+                               size=syn.size, frames=syn.frames, images=syn.num_images)
     log(f"synthetic corpus written in {manifest['seconds']:.1f}s")
     return root
 
