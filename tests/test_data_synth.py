@@ -147,3 +147,25 @@ def test_mp4_keeps_colours(corpora):
     decoded, _ = read_video(a / record["video"], 16, "middle")
     decoded = decoded.permute(0, 2, 3, 1).numpy().astype(np.float64)
     assert np.abs(decoded - rendered).mean() < 4.0  # crf 10 + yuv420p: small error, colours intact
+
+
+def test_a_corpus_written_with_other_settings_is_reused_with_a_warning_naming_the_differences(corpora, tmp_path,
+                                                                                             caplog):
+    import logging
+
+    from stmvl.config import ConfigError, load_config
+    from stmvl.tasks.data import ensure_synthetic_corpus
+
+    a, _ = corpora
+    same = [f"data.synthetic.{k}={v}" for k, v in dict(enabled="true", dir=a, seed=5, num_train=8, num_images=8,
+                                                      num_test=6, num_probe=6, size=64, frames=16).items()]
+    with caplog.at_level(logging.WARNING, logger="stmvl.tasks.data"):
+        assert ensure_synthetic_corpus(load_config(None, same)) == a
+        assert not caplog.records
+        assert ensure_synthetic_corpus(load_config(None, same + ["data.synthetic.num_train=3000"])) == a
+    assert "num_train 8 (config: 3000)" in caplog.text and "num_test" not in caplog.text
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "manifest.json").write_text("{}")
+    with pytest.raises(ConfigError, match="is not a corpus manifest"):
+        ensure_synthetic_corpus(load_config(None, [f"data.synthetic.dir={broken}", "data.synthetic.enabled=true"]))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -20,8 +21,9 @@ SYNTHETIC_MARKER = "manifest.json"
 
 
 def ensure_synthetic_corpus(cfg: RunConfig, log=None) -> Path | None:
-    """Generate the synthetic corpus of `data.synthetic` unless it is already there (same seed and sizes).
-    `log(message)` reports progress (default: this module's logger)."""
+    """Generate the synthetic corpus of `data.synthetic` unless one is already in its folder (a corpus written with
+    other settings is used as it is, with a warning naming the differences). `log(message)` reports progress
+    (default: this module's logger)."""
     log = log or logging.getLogger(__name__).info
     syn = cfg.data.synthetic
     if not syn.enabled:
@@ -30,6 +32,12 @@ def ensure_synthetic_corpus(cfg: RunConfig, log=None) -> Path | None:
 
     root = Path(syn.dir)
     if (root / SYNTHETIC_MARKER).exists():
+        differ = synthetic_corpus_differences(root, syn)
+        if differ:  # kept as it is (other runs' annotations point into it), but never silently
+            logging.getLogger(__name__).warning(
+                "data.synthetic: using the corpus already in %s, written with other settings than the config's: %s "
+                "(point data.synthetic.dir at another folder for a corpus with the config's settings)", root,
+                ", ".join(differ))
         return root
     log(f"writing the synthetic corpus to {root} ({syn.num_train} train / {syn.num_test} test / "
         f"{syn.num_probe} probe clips, {syn.num_images} images, {syn.size}px, {syn.frames} frames)")
@@ -37,6 +45,22 @@ def ensure_synthetic_corpus(cfg: RunConfig, log=None) -> Path | None:
                                size=syn.size, frames=syn.frames, images=syn.num_images)
     log(f"synthetic corpus written in {manifest['seconds']:.1f}s")
     return root
+
+
+def synthetic_corpus_differences(root: Path, syn) -> list[str]:
+    """How the corpus already in ``root`` differs from SyntheticConfig ``syn`` ("num_train 300 (config: 3000)", ...;
+    empty when it matches). A folder whose manifest cannot be read is a ConfigError."""
+    try:
+        manifest = json.loads((root / SYNTHETIC_MARKER).read_text(encoding="utf-8"))
+        counts = manifest["counts"]
+        found = {"seed": manifest["seed"], "size": manifest["size"], "frames": manifest["frames"],
+                 "num_train": counts["train"], "num_test": counts["test"], "num_probe": counts["probe"],
+                 "num_images": counts.get("images", counts["train"])}  # older corpora: one image per clip
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"data.synthetic.dir: {root / SYNTHETIC_MARKER} is not a corpus manifest ({exc!r}); "
+                          "delete the folder to write the corpus again") from None
+    wanted = {key: getattr(syn, key) for key in found}
+    return [f"{key} {found[key]} (config: {wanted[key]})" for key in found if found[key] != wanted[key]]
 
 
 def tokenizer_for(text_cfg):
