@@ -118,7 +118,8 @@ def test_cross_field_rules():
         load_config("demo", ["model.text.fusion_start=7"])
     with pytest.raises(ConfigError, match="data.corpora: corpus names must be unique, repeated: a"):
         load_config(None, ["data.corpora=[{name: a, annotation: x}, {name: a, annotation: y}]"])
-    with pytest.raises(ConfigError, match="eval.best_key 'msrvtt/itm/r_mean' is an ITM number, but eval.itm is 'final'"):
+    with pytest.raises(ConfigError,
+                       match="eval.best_key 'msrvtt/itm/r_mean' is an ITM number, but eval.itm is 'final'"):
         load_config("finetune/ret_msrvtt", ["eval.itm=final"])
     assert load_config("finetune/ret_msrvtt", ["eval.itm=final", "eval.best_key=msrvtt/itc/r_mean"]).eval.itm == "final"
 

@@ -68,7 +68,8 @@ def synth_main(argv: Sequence[str]) -> int:
                                size=args.size, frames=args.frames, workers=args.workers, images=args.images)
     counts = manifest["counts"]
     print(f"wrote {counts['train']} train / {counts['test']} test / {counts['probe']} probe clips and "
-          f"{counts['images']} images ({args.size}px, {args.frames} frames) to {args.out} in {manifest['seconds']:.1f}s")
+          f"{counts['images']} images ({args.size}px, {args.frames} frames) to {args.out} "
+          f"in {manifest['seconds']:.1f}s")
     return 0
 
 

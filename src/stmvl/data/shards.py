@@ -271,7 +271,8 @@ class ShardDataset(IterableDataset):
 
     def __init__(self, shards: str | Path | Sequence[str | Path], *, media_type: str = "video", num_frames: int = 4,
                  img_size: int = 224, sampling: str = "rand", train: bool = True, hflip: bool = False,
-                 crop_scale: tuple[float, float] = (0.5, 1.0), seed: int = 0, rank: int = 0, world_size: int = 1, id_offset: int = 0, quarantine: Quarantine | None = None,
+                 crop_scale: tuple[float, float] = (0.5, 1.0), seed: int = 0, rank: int = 0, world_size: int = 1,
+                 id_offset: int = 0, quarantine: Quarantine | None = None,
                  max_bad_fraction: float = 0.1, min_frames: int = 1, shuffle_shards: bool = True,
                  corpus: str = "", video_kwargs: dict | None = None, limits: MediaLimits | None = None):
         if isinstance(shards, (str, Path)) and Path(shards).is_dir():
