@@ -39,6 +39,10 @@ def test_scaled_down_demo_reports_the_compute_of_every_stage(tmp_path):
     assert stages["attribute check"]["flops"] > 0
     for key in ("synth_test.itc.t2v_r1", "synth_probe.itc_acc", "synth_probe_shuffled.itc_acc"):
         assert summary["results"]["stm"][key] is not None
+    # the quick tier scores ITC only (eval.itm: never), and its report says so
+    assert summary["results"]["stm"]["synth_test.itm.t2v_r1"] is None
+    retrieval = next(s for s in report["sections"] if s["title"].startswith("Zero-shot text-video retrieval"))
+    assert set(retrieval["numbers"]) == {"itc"} and "eval.itm: never" in retrieval["text"]
 
     # the engine's count of the first video step equals a count of the same step made here, on the same batch
     run = tmp_path / "demo" / "pretrain"
@@ -116,6 +120,7 @@ def test_scaled_down_compare_gives_every_variant_the_training_flops_of_stm_and_r
             assert abs(run["train_tflop"] - stm["train_tflop"]) <= 0.5 * stm["train_tflop"] / 4, summary["seeds"]
     report = (tmp_path / "demo" / "report.md").read_text()
     assert "Masking strategies compared: equal training FLOPs, 2 seed(s)" in report
+    assert "synth_test.itc.t2v_r1" in report and "itm" not in report.split("Masking strategies compared")[1]
 
     # --resume: every run finished with the same settings, so none trains again and the table is the same
     import stmvl.tasks.runs

@@ -357,6 +357,9 @@ def write_demo_report(out: Path, runs: dict[str, dict], stages: dict[str, dict[s
              f"{cfg.data.video_batch_size} clips or of {cfg.data.image_batch_size} images. Ground truth of a text: "
              "every test clip whose generating attributes match it. Chance on the probe is 50%: a caption and its "
              "foil describe the same frames in opposite orders.")
+    if retrieval and "itm" not in retrieval:
+        intro += (f" ITC only: this run does not score the VTM head (eval.itm: {cfg.eval.itm}); the full tier "
+                  "(`stmvl demo --full`) scores ITM at its last evaluation.")
     if retrieval:
         recalls = plot_recalls({k: v for k, v in retrieval.items() if k in ("itc", "itm")}, images_dir / "recall.png",
                                title="zero-shot retrieval")
@@ -381,9 +384,9 @@ def write_demo_report(out: Path, runs: dict[str, dict], stages: dict[str, dict[s
                                    "loss weights, schedule) are the recipe's: " + str(cfg.description or "demo") + "."))
     sections.append(compute_section(stages, main.get("precision", "?")))
     if compare:
-        keys = list(COMPARE_KEYS)
         stats = seed_statistics({name: [_as_percent(r["results"]) for r in per_seed]
-                                 for name, per_seed in compare.items()}, keys)
+                                 for name, per_seed in compare.items()}, COMPARE_KEYS)
+        keys = [k for k in COMPARE_KEYS if any(k in row for row in stats.values())]  # ITM only where scored
         plot = plot_seed_comparison(stats, keys, images_dir / "compare.png")
         seeds = max(len(v) for v in compare.values())
         # the work of each variant is stated beside the table: at equal steps UMT (no second student pass) spends
