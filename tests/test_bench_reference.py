@@ -1,0 +1,34 @@
+"""The reference-machine projection of benchmarks/bench_reference_demo.py, on a hand-made demo summary."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_reference_demo.py"
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("bench_reference_demo", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_projection_scales_every_stage_by_the_ratio_of_peaks():
+    bench = load_script()
+    summary = {"tier": "quick", "results": {"stm": {"synth_test.itc.t2v_r1": 24.0}},
+               "stages": {"corpus": {"seconds": 50.0, "flops": 0}, "pretrain stm": {"seconds": 600.0, "flops": 33.5e12}},
+               "total": {"seconds": 650.0, "flops": 33.5e12}}
+    result = bench.projection(summary, peak_gflops=87.5, reference_gflops=70.0)
+    # 87.5 / 70 = 1.25: a core 1.25x faster than the reference machine's two
+    assert result["stages"]["pretrain stm"] == {"seconds": 600.0, "tflop": 33.5, "reference_seconds": 750.0}
+    assert result["stages"]["total"]["reference_seconds"] == 812.5
+    assert result["stages"]["corpus"]["reference_seconds"] == 62.5
+    assert result["results"]["stm"]["synth_test.itc.t2v_r1"] == 24.0
+    assert "| total | 33.5 | 650.0 | 812.5 (13.5 min) |" in bench.table(result)
+
+
+def test_projection_refuses_a_non_positive_peak():
+    with pytest.raises(ValueError, match="positive"):
+        load_script().project_seconds(10.0, 0.0)
