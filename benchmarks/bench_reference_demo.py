@@ -75,7 +75,8 @@ def run_demo(out: Path, full: bool, core: int) -> None:
 
 
 def table(result: dict) -> str:
-    lines = ["| stage | TFLOP | seconds here (1 core, fp32) | projected on the reference machine |", "|---|---|---|---|"]
+    lines = ["| stage | TFLOP | seconds here (1 core, fp32) | projected on the reference machine |",
+             "|---|---|---|---|"]
     for name, row in result["stages"].items():
         lines.append(f"| {name} | {row['tflop']} | {row['seconds']} | {row['reference_seconds']} "
                      f"({row['reference_seconds'] / 60:.1f} min) |")
@@ -106,9 +107,10 @@ def main() -> int:
         print(f"bench_reference_demo: {summary_file} not found: not a finished demo folder", file=sys.stderr)
         return 2
     result = projection(json.loads(summary_file.read_text()), sum(peaks) / len(peaks), args.reference_gflops)
-    result.update(peaks_gflops=[round(p, 1) for p in peaks], wall_seconds=round(time.perf_counter() - started, 1),
-                  run=str(out), machine=platform.processor() or platform.machine(), core=args.core,
-                  cpu_capability=cpu_capability(),
+    if not args.from_run:
+        result["wall_seconds"] = round(time.perf_counter() - started, 1)
+    result.update(peaks_gflops=[round(p, 1) for p in peaks], run=str(out), core=args.core,
+                  machine=platform.processor() or platform.machine(), cpu_capability=cpu_capability(),
                   date=datetime.date.today().isoformat())
     RESULTS.mkdir(exist_ok=True)
     name = "reference_demo" + ("_full" if result["tier"] == "full" else "") + ".json"

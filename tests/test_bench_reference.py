@@ -18,7 +18,8 @@ def load_script():
 def test_projection_scales_every_stage_by_the_ratio_of_peaks():
     bench = load_script()
     summary = {"tier": "quick", "results": {"stm": {"synth_test.itc.t2v_r1": 24.0}},
-               "stages": {"corpus": {"seconds": 50.0, "flops": 0}, "pretrain stm": {"seconds": 600.0, "flops": 33.5e12}},
+               "stages": {"corpus": {"seconds": 50.0, "flops": 0},
+                          "pretrain stm": {"seconds": 600.0, "flops": 33.5e12}},
                "total": {"seconds": 650.0, "flops": 33.5e12}}
     result = bench.projection(summary, peak_gflops=87.5, reference_gflops=70.0)
     # 87.5 / 70 = 1.25: a core 1.25x faster than the reference machine's two
