@@ -12,7 +12,7 @@ the reference machine lose a little to threading that one core here does not pay
 optimistic there), while the loader worker here takes time from the one core (pessimistic). Linux only
 (`os.sched_setaffinity`). The install is not part of the run; add it (about a minute) for `make demo`'s target.
 
-    python benchmarks/bench_reference_demo.py [--full] [--core 1] [--out runs/ref-demo]
+    python benchmarks/bench_reference_demo.py [--full] [--core 1] [--out runs/ref-demo] [demo overrides]
     python benchmarks/bench_reference_demo.py --from-run runs/ref-demo --peak-gflops 87.5   # project a finished run
 
 Writes benchmarks/results/reference_demo[_full].json and prints a markdown table.
@@ -67,11 +67,12 @@ def cpu_capability() -> str:
     return torch.backends.cpu.get_cpu_capability()
 
 
-def run_demo(out: Path, full: bool, core: int) -> None:
+def run_demo(out: Path, full: bool, core: int, overrides: list[str]) -> int:
+    """`stmvl demo` pinned to `core`, in fp32 on one thread; its exit code."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     command = [sys.executable, "-m", "stmvl.cli", "demo", "--out", str(out), "optim.precision=fp32",
-               "runtime.threads=1"] + (["--full"] if full else [])
-    subprocess.run(command, env=env, check=True, preexec_fn=lambda: os.sched_setaffinity(0, {core}))
+               "runtime.threads=1", *overrides] + (["--full"] if full else [])
+    return subprocess.run(command, env=env, preexec_fn=lambda: os.sched_setaffinity(0, {core})).returncode
 
 
 def table(result: dict) -> str:
@@ -91,6 +92,7 @@ def main() -> int:
     parser.add_argument("--from-run", type=Path, help="project this finished demo folder instead of running one")
     parser.add_argument("--peak-gflops", type=float, help="with --from-run: the core's peak (default: measure now)")
     parser.add_argument("--reference-gflops", type=float, default=REFERENCE_GFLOPS)
+    parser.add_argument("overrides", nargs="*", help="passed on to stmvl demo, e.g. optim.max_steps=20 for a check")
     args = parser.parse_args()
     if not hasattr(os, "sched_setaffinity"):
         print("bench_reference_demo: needs os.sched_setaffinity (Linux) to pin the run to one core", file=sys.stderr)
@@ -100,7 +102,10 @@ def main() -> int:
     out = args.from_run or args.out or Path("runs/ref-demo" + ("-full" if args.full else ""))
     started = time.perf_counter()
     if not args.from_run:
-        run_demo(out, args.full, args.core)
+        code = run_demo(out, args.full, args.core, args.overrides)
+        if code:
+            print(f"bench_reference_demo: stmvl demo exited with {code}; nothing projected", file=sys.stderr)
+            return code
         peaks.append(one_core_fp32_peak())
     summary_file = out / "summary.json"
     if not summary_file.exists():

@@ -55,6 +55,17 @@ def test_sampler_splits_ranks_without_overlap_and_reshuffles_per_epoch():
         DistributedBatchSampler(3, 4)
 
 
+def test_a_corpus_smaller_than_one_batch_is_a_user_error_naming_the_key_and_corpus():
+    from stmvl.config import ConfigError
+    from stmvl.tasks.data import require_full_batch
+
+    require_full_batch("image", ["synth_image"], 128, 128, 1)  # exactly one batch: fine
+    with pytest.raises(ConfigError, match=r"data.image_batch_size=128: the image corpora synth_image hold 64 "):
+        require_full_batch("image", ["synth_image"], 64, 128, 1)
+    with pytest.raises(ConfigError, match="video corpora a, b hold 60 samples, less than one full batch on each of 2"):
+        require_full_batch("video", ["a", "b"], 60, 32, 2)
+
+
 def test_order_identical_on_ranks_and_different_between_epochs():
     rank0, rank1 = _stream(rank=0, world_size=2), _stream(rank=1, world_size=2)
     epoch0 = [_run(rank0), _run(rank1)]

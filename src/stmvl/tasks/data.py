@@ -117,6 +117,16 @@ def pretrain_datasets(cfg: RunConfig, run_dir: Path, seed: int) -> dict[str, lis
     return by_media
 
 
+def require_full_batch(media: str, corpora: Sequence[str], samples: int, batch_size: int, world_size: int) -> None:
+    """A ConfigError when the file corpora of one media type hold less than one full batch per rank (every batch of
+    a training step is full, so such a corpus would yield no step); the message names the corpora and the key."""
+    if samples // world_size < batch_size:
+        ranks = f" on each of {world_size} ranks" if world_size > 1 else ""
+        raise ConfigError(f"data.{media}_batch_size={batch_size}: the {media} corpora {', '.join(corpora)} hold "
+                          f"{samples} samples, less than one full batch{ranks}; lower data.{media}_batch_size or "
+                          f"add samples")
+
+
 def pretrain_stream(cfg: RunConfig, run_dir: Path, tokenizer, rank: int, world_size: int) -> MixedBatchStream:
     """The mixed video/image batch stream of a pretraining run (one media type per step)."""
     seed = cfg.runtime.seed
@@ -135,6 +145,7 @@ def pretrain_stream(cfg: RunConfig, run_dir: Path, tokenizer, rank: int, world_s
         if not datasets:
             continue
         dataset = datasets[0] if len(datasets) == 1 else _concat(datasets)
+        require_full_batch(media, [d.corpus for d in datasets], len(dataset), batch_sizes[media], world_size)
         collate = VideoTextCollator(tokenizer, media=media, max_length=cfg.model.text.max_length)
         sources[media] = MediaSource(dataset, batch_sizes[media], collate)
         weights[media] = sum(c.weight for c in cfg.data.corpora if c.kind == "pretrain" and c.media_type == media

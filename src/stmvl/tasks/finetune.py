@@ -40,7 +40,7 @@ from stmvl.models.qa import QA_UNUSED_GROUPS, VideoQAModel
 from stmvl.models.stm import STMModel
 from stmvl.train.engine import TrainContext, Trainer, unwrap_model
 
-from .data import StreamTask, _concat, _require, local_eval_corpus, tokenizer_for
+from .data import StreamTask, _concat, _require, local_eval_corpus, require_full_batch, tokenizer_for
 from .evaluation import evaluate_corpora
 
 log = logging.getLogger(__name__)
@@ -342,6 +342,8 @@ class _FinetuneTask(StreamTask):
     def build_stream(self) -> MixedBatchStream:
         ctx = self.ctx
         dataset = self._dataset(ctx.run_dir)
+        corpora = [str(getattr(part, "corpus", "?")) for part in getattr(dataset, "datasets", [dataset])]
+        require_full_batch("video", corpora, len(dataset), self.cfg.data.video_batch_size, ctx.world_size)
         if self.cache_clips:
             dataset = CachedClips(dataset)
         source = MediaSource(dataset, self.cfg.data.video_batch_size, self._collator())
