@@ -3,7 +3,7 @@
 Also FLOPs per step (torch's FlopCounterMode on the warm-up step) and MFU against an fp32/bf16 2048^3 matmul peak
 measured in the same process; `auto` is the precision the engine would pick on this CPU.
 
-Sizes: tiny (tests), demo (the embedded demo: 64 px, 3 frames, MiniLM text) and B/16 (the paper: 224 px, 4 frames,
+Sizes: tiny (tests), demo (the embedded demo: 48 px, 3 frames, MiniLM text) and B/16 (the paper: 224 px, 4 frames,
 CLIP-B/16-shaped teacher, BERT-base-shaped text, random weights). Each (size, precision) runs in its own process so
 that its peak resident memory is its own. Writes benchmarks/results/pretrain.json and prints a table.
 
@@ -34,7 +34,7 @@ SIZES = {
               "model.teacher.heads=2", "model.teacher.embed_dim=64", "model.teacher.return_layers=1",
               "model.predictor.dim=32", "model.predictor.hidden=32", "model.predictor.head_hidden=16",
               "data.num_frames=4"], 8, 32),
-    "demo": (["model.teacher.weights=null"], None, 64),
+    "demo": (["model.teacher.weights=null"], None, None),  # the recipe's own batch and image size
     "b16": (["model.vision.size=b16", "model.vision.img_size=224", "model.vision.patch_size=16",
              "model.vision.width=768", "model.vision.depth=12", "model.vision.heads=12", "model.vision.stem=rgb",
              "model.teacher.weights=null", "model.teacher.img_size=224", "model.teacher.patch_size=16",
@@ -63,6 +63,7 @@ def run_one(size: str, precision: str, steps: int, threads: int) -> dict:
     # random weights: no teacher file to warm-start from (the warm start is initialisation, no cost per step)
     cfg = load_run_config("demo", overrides + ["model.vision.warm_start=none"])
     batch_size = batch_size or cfg.data.video_batch_size
+    px = px or cfg.data.img_size
     model = STMModel(cfg.model).train()
     tok = tokenizer_for(cfg.model.text)
     caption = "a small red circle moves to the left then a large blue square grows"

@@ -176,3 +176,51 @@ def test_resume_reuses_a_finished_run_with_the_same_settings_and_retrains_any_ot
     with pytest.raises(KeyboardInterrupt):
         run_pretrain(tmp_path, "stm_seed1", ["optim.max_steps=5"], reuse=True)
     assert not (tmp_path / "stm_seed1" / RUN_RECORD).exists()
+
+
+
+@pytest.mark.parametrize("tier", ["demo", "demo_full"])
+def test_each_tier_loads_a_teacher_of_the_sizes_the_teacher_recipe_trains(tier):
+    from stmvl.demo import TEACHER_RECIPE, TEACHER_SIZES, TIERS
+    from stmvl.tasks.pretrain import load_run_config
+
+    assert tier in TIERS.values()
+    pretrain = load_run_config(tier)
+    teacher = load_run_config(TEACHER_RECIPE)
+    assert teacher.task == "train_teacher"
+    for key in TEACHER_SIZES:  # the pretraining run loads this teacher: every size must agree
+        assert getattr(teacher.model.teacher, key) == getattr(pretrain.model.teacher, key), key
+    sizes = {pretrain.data.img_size, pretrain.model.vision.img_size, pretrain.model.teacher.img_size,
+             teacher.data.img_size, teacher.model.vision.img_size}
+    assert len(sizes) == 1, f"{tier}: one image size for frames, student and teacher, got {sizes}"
+    assert pretrain.model.vision.patch_size == pretrain.model.teacher.patch_size  # the warm start copies the stem
+
+
+def test_a_teacher_of_other_sizes_is_trained_again_and_a_matching_one_reused(tmp_path, monkeypatch):
+    import stmvl.tasks.runs
+    from stmvl.demo import TEACHER_SIZES, run_teacher, teacher_mismatch
+    from stmvl.tasks.pretrain import load_run_config
+
+    trained = []
+
+    def fake_train_teacher(cfg):
+        trained.append(cfg)
+        folder = tmp_path / "teacher"
+        folder.mkdir(exist_ok=True)
+        (folder / "model.safetensors").write_bytes(b"weights")
+        saved = {k: getattr(cfg.model.teacher, k) for k in TEACHER_SIZES}
+        (folder / "config.json").write_text(json.dumps({"stmvl_config_type": "TeacherConfig", "config": saved}))
+        return {"flops": {"train": 5}}
+
+    monkeypatch.setattr(stmvl.tasks.runs, "train_teacher", fake_train_teacher)
+    assert run_teacher(tmp_path, [])["flops"] == 5
+    assert run_teacher(tmp_path, []) == {"seconds": 0.0, "flops": 0}, "same sizes: reused"
+    assert len(trained) == 1
+    # a teacher of an earlier demo at 64 px: named and trained again at the recipe's size
+    size = load_run_config("teacher/demo").model.teacher.img_size
+    assert size != 64
+    assert run_teacher(tmp_path, ["model.teacher.img_size=64"])["flops"] == 5 and len(trained) == 2
+    assert teacher_mismatch(tmp_path / "teacher", load_run_config("teacher/demo").model.teacher) == [
+        f"img_size 64 -> {size}"]
+    assert run_teacher(tmp_path, [])["flops"] == 5 and len(trained) == 3
+    assert trained[-1].model.teacher.img_size == size

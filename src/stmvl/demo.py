@@ -34,6 +34,7 @@ COMPARE_VARIANTS: dict[str, list[str]] = {
 }
 COMPARE_AT = ("flops", "steps")  # what --compare holds equal between the variants
 TIERS = {"quick": "demo", "full": "demo_full"}
+TEACHER_RECIPE = "teacher/demo"  # both tiers load the same teacher (tests/test_demo.py checks the sizes agree)
 COMPARE_KEYS = ("synth_test.itm.t2v_r1", "synth_test.itc.t2v_r1", "synth_test.itc.v2t_r1", "synth_probe.itc_acc",
                 "synth_probe.itm_acc", "synth_probe_shuffled.itc_acc")
 
@@ -69,17 +70,35 @@ def _log(message: str) -> None:
     logger.info("[demo] %s", message)
 
 
-def run_teacher(out: Path, overrides: list[str]) -> dict[str, float]:
-    """Train the tiny teacher unless <out>/teacher exists; returns {"seconds", "flops"} spent."""
+# Sizes of a trained demo teacher that must match the tier's teacher recipe for the teacher to be reused.
+TEACHER_SIZES = ("img_size", "patch_size", "width", "layers", "heads", "embed_dim")
+
+
+def teacher_mismatch(folder: Path, wanted) -> list[str]:
+    """The TEACHER_SIZES where the teacher saved in `folder` (config.json) differs from `wanted` (a TeacherConfig),
+    as "key saved -> wanted" strings; empty when it matches."""
+    saved = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("config", {})
+    return [f"{key} {saved.get(key)} -> {getattr(wanted, key)}" for key in TEACHER_SIZES
+            if saved.get(key) != getattr(wanted, key)]
+
+
+def run_teacher(out: Path, overrides: list[str], recipe: str = TEACHER_RECIPE) -> dict[str, float]:
+    """Train the tiny teacher of `recipe` unless <out>/teacher holds one of its sizes; returns {"seconds",
+    "flops"} spent. A teacher of other sizes (e.g. one an earlier version of the demo trained at 64 px) is trained
+    again in its place: reused, its position table would be resized to the new grid without a word."""
     from stmvl.tasks.pretrain import load_run_config
     from stmvl.tasks.runs import train_teacher
 
-    if (out / "teacher" / "model.safetensors").exists():
-        _log(f"teacher found at {out / 'teacher'}: reusing it (its compute is not counted again)")
-        return {"seconds": 0.0, "flops": 0}
-    started = time.perf_counter()
     # a demo run starts afresh: a teacher run killed earlier leaves a folder the engine would otherwise refuse
-    cfg = load_run_config("teacher/demo", _paths(out) + ["runtime.overwrite=true"] + overrides)
+    cfg = load_run_config(recipe, _paths(out) + ["runtime.overwrite=true"] + overrides)
+    found = out / "teacher"
+    if (found / "model.safetensors").exists():
+        differ = teacher_mismatch(found, cfg.model.teacher)
+        if not differ:
+            _log(f"teacher found at {found}: reusing it (its compute is not counted again)")
+            return {"seconds": 0.0, "flops": 0}
+        _log(f"teacher at {found} has other sizes than {recipe} ({', '.join(differ)}): training it again")
+    started = time.perf_counter()
     result = train_teacher(cfg)
     return {"seconds": time.perf_counter() - started, "flops": sum(result["flops"].values())}
 
