@@ -178,7 +178,6 @@ def test_resume_reuses_a_finished_run_with_the_same_settings_and_retrains_any_ot
     assert not (tmp_path / "stm_seed1" / RUN_RECORD).exists()
 
 
-
 @pytest.mark.parametrize("tier", ["demo", "demo_full"])
 def test_each_tier_loads_a_teacher_of_the_sizes_the_teacher_recipe_trains(tier):
     from stmvl.demo import TEACHER_RECIPE, TEACHER_SIZES, TIERS

@@ -82,22 +82,22 @@ def teacher_mismatch(folder: Path, wanted) -> list[str]:
             if saved.get(key) != getattr(wanted, key)]
 
 
-def run_teacher(out: Path, overrides: list[str], recipe: str = TEACHER_RECIPE) -> dict[str, float]:
-    """Train the tiny teacher of `recipe` unless <out>/teacher holds one of its sizes; returns {"seconds",
+def run_teacher(out: Path, overrides: list[str]) -> dict[str, float]:
+    """Train the tiny teacher of TEACHER_RECIPE unless <out>/teacher holds one of its sizes; returns {"seconds",
     "flops"} spent. A teacher of other sizes (e.g. one an earlier version of the demo trained at 64 px) is trained
     again in its place: reused, its position table would be resized to the new grid without a word."""
     from stmvl.tasks.pretrain import load_run_config
     from stmvl.tasks.runs import train_teacher
 
     # a demo run starts afresh: a teacher run killed earlier leaves a folder the engine would otherwise refuse
-    cfg = load_run_config(recipe, _paths(out) + ["runtime.overwrite=true"] + overrides)
+    cfg = load_run_config(TEACHER_RECIPE, _paths(out) + ["runtime.overwrite=true"] + overrides)
     found = out / "teacher"
     if (found / "model.safetensors").exists():
         differ = teacher_mismatch(found, cfg.model.teacher)
         if not differ:
             _log(f"teacher found at {found}: reusing it (its compute is not counted again)")
             return {"seconds": 0.0, "flops": 0}
-        _log(f"teacher at {found} has other sizes than {recipe} ({', '.join(differ)}): training it again")
+        _log(f"teacher at {found} has other sizes than {TEACHER_RECIPE} ({', '.join(differ)}): training it again")
     started = time.perf_counter()
     result = train_teacher(cfg)
     return {"seconds": time.perf_counter() - started, "flops": sum(result["flops"].values())}

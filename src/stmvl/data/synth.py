@@ -263,7 +263,7 @@ def render_frame(attrs: dict[str, Any], size: int, frames: int, frame: int,
         p = _progress(slots[id(obj)], len(attrs["objects"]), frame, last)
         x, y, r = ((s * (last - p) + e * p) / last for s, e in zip(obj["start"], obj["end"]))
         # blend only the object's bounding box: further than 1.1 r + 1 from the centre every shape's distance is
-        # >= 0.5, so alpha is exactly 0 and the blend would leave the pixel as it is (corpus generation 1.5x faster)
+        # >= 0.5, so alpha is exactly 0 and the blend would leave the pixel as it is
         half = 1.1 * r + 1.5
         rows = slice(max(0, math.floor(y - half)), min(size, math.ceil(y + half) + 1))
         cols = slice(max(0, math.floor(x - half)), min(size, math.ceil(x + half) + 1))
