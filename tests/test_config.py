@@ -57,7 +57,7 @@ def test_reference_settings_of_the_paper_recipes():
     assert all((e.num_frames, e.sampling, e.k_test) == (4, "middle", 128) for e in lengths.values())
     demo = load_config("demo")
     assert (demo.model.vision.stem, demo.model.text.fusion_start, demo.data.img_size, demo.optim.precision) == (
-        "diff", 4, 48, "auto")
+        "diff", 4, 40, "auto")
     assert demo.model.loss.temporal_negatives and demo.model.loss.foil_negatives and not demo.data.flip
 
 

@@ -178,14 +178,13 @@ def test_resume_reuses_a_finished_run_with_the_same_settings_and_retrains_any_ot
     assert not (tmp_path / "stm_seed1" / RUN_RECORD).exists()
 
 
-@pytest.mark.parametrize("tier", ["demo", "demo_full"])
-def test_each_tier_loads_a_teacher_of_the_sizes_the_teacher_recipe_trains(tier):
-    from stmvl.demo import TEACHER_RECIPE, TEACHER_SIZES, TIERS
+@pytest.mark.parametrize("tier", ["quick", "full"])
+def test_each_tier_loads_a_teacher_of_the_sizes_its_teacher_recipe_trains(tier):
+    from stmvl.demo import TEACHER_RECIPES, TEACHER_SIZES, TIERS
     from stmvl.tasks.pretrain import load_run_config
 
-    assert tier in TIERS.values()
-    pretrain = load_run_config(tier)
-    teacher = load_run_config(TEACHER_RECIPE)
+    pretrain = load_run_config(TIERS[tier])
+    teacher = load_run_config(TEACHER_RECIPES[tier])
     assert teacher.task == "train_teacher"
     for key in TEACHER_SIZES:  # the pretraining run loads this teacher: every size must agree
         assert getattr(teacher.model.teacher, key) == getattr(pretrain.model.teacher, key), key
@@ -223,3 +222,9 @@ def test_a_teacher_of_other_sizes_is_trained_again_and_a_matching_one_reused(tmp
         f"img_size 64 -> {size}"]
     assert run_teacher(tmp_path, [])["flops"] == 5 and len(trained) == 3
     assert trained[-1].model.teacher.img_size == size
+    # the quick tier's teacher left in a folder the full tier then uses: the tiers differ in image size
+    full_size = load_run_config("teacher/demo_full").model.teacher.img_size
+    assert full_size != size
+    assert run_teacher(tmp_path, [], "teacher/demo_full")["flops"] == 5 and len(trained) == 4
+    assert trained[-1].model.teacher.img_size == full_size
+    assert run_teacher(tmp_path, [], "teacher/demo_full") == {"seconds": 0.0, "flops": 0}

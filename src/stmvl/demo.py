@@ -34,7 +34,8 @@ COMPARE_VARIANTS: dict[str, list[str]] = {
 }
 COMPARE_AT = ("flops", "steps")  # what --compare holds equal between the variants
 TIERS = {"quick": "demo", "full": "demo_full"}
-TEACHER_RECIPE = "teacher/demo"  # both tiers load the same teacher (tests/test_demo.py checks the sizes agree)
+# each tier's teacher is trained at the tier's image size (tests/test_demo.py checks that every size agrees)
+TEACHER_RECIPES = {"quick": "teacher/demo", "full": "teacher/demo_full"}
 COMPARE_KEYS = ("synth_test.itm.t2v_r1", "synth_test.itc.t2v_r1", "synth_test.itc.v2t_r1", "synth_probe.itc_acc",
                 "synth_probe.itm_acc", "synth_probe_shuffled.itc_acc")
 
@@ -82,22 +83,22 @@ def teacher_mismatch(folder: Path, wanted) -> list[str]:
             if saved.get(key) != getattr(wanted, key)]
 
 
-def run_teacher(out: Path, overrides: list[str]) -> dict[str, float]:
-    """Train the tiny teacher of TEACHER_RECIPE unless <out>/teacher holds one of its sizes; returns {"seconds",
-    "flops"} spent. A teacher of other sizes (e.g. one an earlier version of the demo trained at 64 px) is trained
-    again in its place: reused, its position table would be resized to the new grid without a word."""
+def run_teacher(out: Path, overrides: list[str], recipe: str = TEACHER_RECIPES["quick"]) -> dict[str, float]:
+    """Train the tiny teacher of `recipe` unless <out>/teacher holds one of its sizes; returns {"seconds", "flops"}
+    spent. A teacher of other sizes (the other tier's, or one an earlier version of the demo trained at 64 px) is
+    trained again in its place: reused, its position table would be resized to the new grid without a word."""
     from stmvl.tasks.pretrain import load_run_config
     from stmvl.tasks.runs import train_teacher
 
     # a demo run starts afresh: a teacher run killed earlier leaves a folder the engine would otherwise refuse
-    cfg = load_run_config(TEACHER_RECIPE, _paths(out) + ["runtime.overwrite=true"] + overrides)
+    cfg = load_run_config(recipe, _paths(out) + ["runtime.overwrite=true"] + overrides)
     found = out / "teacher"
     if (found / "model.safetensors").exists():
         differ = teacher_mismatch(found, cfg.model.teacher)
         if not differ:
             _log(f"teacher found at {found}: reusing it (its compute is not counted again)")
             return {"seconds": 0.0, "flops": 0}
-        _log(f"teacher at {found} has other sizes than {TEACHER_RECIPE} ({', '.join(differ)}): training it again")
+        _log(f"teacher at {found} has other sizes than {recipe} ({', '.join(differ)}): training it again")
     started = time.perf_counter()
     result = train_teacher(cfg)
     return {"seconds": time.perf_counter() - started, "flops": sum(result["flops"].values())}
@@ -482,7 +483,8 @@ def run_demo(out: Path, compare: bool = False, overrides: list[str] | None = Non
     from stmvl.tasks.data import ensure_synthetic_corpus
     from stmvl.tasks.pretrain import load_run_config
 
-    recipe = TIERS["full" if full else "quick"]
+    tier = "full" if full else "quick"
+    recipe = TIERS[tier]
     shared = teacher_overrides(list(overrides or []))
     overrides = pretrain_overrides(list(overrides or []))
     out.mkdir(parents=True, exist_ok=True)
@@ -493,7 +495,7 @@ def run_demo(out: Path, compare: bool = False, overrides: list[str] | None = Non
     only_pretrain = [o for o in overrides if not o.startswith(SHARED_PREFIXES)]
     if only_pretrain:
         _log("overrides for the pretraining stage only: " + " ".join(only_pretrain))
-    stages["teacher"] = run_teacher(out, shared)
+    stages["teacher"] = run_teacher(out, shared, TEACHER_RECIPES[tier])
     steps_of: dict[tuple[str, int], int] = {}
     if compare and compare_at == "flops":
         steps_of, stages["equal-compute steps"] = compare_steps(out, recipe, overrides, seeds)
@@ -522,7 +524,7 @@ def run_demo(out: Path, compare: bool = False, overrides: list[str] | None = Non
         runs.setdefault(name, run)
     report = write_demo_report(out, runs, stages, per_seed if compare else None, compare_at)
     total = {"seconds": sum(v["seconds"] for v in stages.values()), "flops": sum(v["flops"] for v in stages.values())}
-    summary = {"report": str(report), "tier": "full" if full else "quick", "stages": stages, "total": total,
+    summary = {"report": str(report), "tier": tier, "stages": stages, "total": total,
                "results": {name: {k: _lookup(_as_percent(r["results"]), k) for k in COMPARE_KEYS}
                            for name, r in runs.items()}}
     if compare:
