@@ -5,6 +5,11 @@ from __future__ import annotations
 
 import itertools
 import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -228,3 +233,40 @@ def test_a_teacher_of_other_sizes_is_trained_again_and_a_matching_one_reused(tmp
     assert run_teacher(tmp_path, [], "teacher/demo_full")["flops"] == 5 and len(trained) == 4
     assert trained[-1].model.teacher.img_size == full_size
     assert run_teacher(tmp_path, [], "teacher/demo_full") == {"seconds": 0.0, "flops": 0}
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads a process's state from /proc")
+def test_a_side_by_side_child_ends_when_the_demo_process_is_killed(tmp_path):
+    # the pool run_side_by_side uses, in a parent that is then killed as a scheduler would (SIGTERM)
+    script = tmp_path / "parent.py"
+    script.write_text(
+        "import os, sys, time, multiprocessing\n"
+        "from concurrent.futures import ProcessPoolExecutor\n"
+        "from stmvl.demo import exit_with_parent\n"
+        "if __name__ == '__main__':\n"
+        "    pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context('spawn'),\n"
+        "                               initializer=exit_with_parent, initargs=(0.1,))\n"
+        "    print(pool.submit(os.getpid).result(), flush=True)\n"
+        "    pool.submit(time.sleep, 120)\n"
+        "    time.sleep(120)\n")
+    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        child = int(parent.stdout.readline())
+        assert _alive(child), "the child runs while its parent does"
+        parent.send_signal(signal.SIGTERM)
+        parent.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        while _alive(child) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _alive(child), "the child outlived the killed demo process"
+    finally:
+        parent.kill()
+
+
+def _alive(pid: int) -> bool:
+    """The process exists and is not a zombie (an orphan's exit may stay unreaped where PID 1 is not an init)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return "\nState:\tZ" not in status

@@ -446,7 +446,8 @@ def run_side_by_side(out: Path, runs: list[tuple[str, list[str]]], recipe: str, 
     show = any(getattr(h, "_stmvl_console", False) for h in logging.getLogger("stmvl").handlers)
     _log(f"{len(runs)} runs, {jobs} at a time with {per_run} thread(s) each")
     started = time.perf_counter()
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=exit_with_parent) as pool:
         futures = [pool.submit(_train_in_child, out, name, overrides, recipe, reuse, per_run, show)
                    for name, overrides in runs]
         done, pending = wait(futures, return_when=FIRST_EXCEPTION)
@@ -457,6 +458,25 @@ def run_side_by_side(out: Path, runs: list[tuple[str, list[str]]], recipe: str, 
                 raise future.exception()
     # each run's record holds its own seconds; side by side they overlap, so the report's total overstates the wall
     _log(f"{len(runs)} runs side by side: {(time.perf_counter() - started) / 60:.1f} min wall")
+
+
+def exit_with_parent(poll_seconds: float = 1.0) -> None:
+    """Make this process end soon after the process that started it has gone (it is then re-parented).
+
+    The initializer of `run_side_by_side`'s children: a `kill` of `stmvl demo --compare --jobs 2` (SIGTERM, as a
+    scheduler's time limit sends) ends the demo process at once, and its children would otherwise go on training
+    on the cores, unseen (seen in stop 33: two orphaned runs kept both cores busy). A watcher thread, not
+    PR_SET_PDEATHSIG, so that it works on macOS too."""
+    import threading
+
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_seconds)
+        os._exit(1)  # the run is abandoned like its parent; its loader workers watch this process in turn
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 def _train_in_child(out: Path, name: str, overrides: list[str], recipe: str, reuse: bool, threads: int,
