@@ -1,18 +1,26 @@
-"""The demo as it would run on the reference slow machine, emulated on one core of this one.
+"""The demo as it would run on the reference slow machine, emulated on one or two cores of this one.
 
 Issue 13's reference machine has 2 cores without native bf16 and an fp32 2048^3 matmul peak of about 70 GFLOP/s
-(2 threads), so `auto` picks fp32 there. This script runs `stmvl demo` (or `--full`) pinned to one core of this
-machine, in fp32 with one thread (its data-loader worker shares that core), measures that core's fp32 2048^3
-matmul peak before and after, and projects every stage's time to the reference machine by the ratio of the peaks:
+(2 threads), so `auto` picks fp32 there. This script runs `stmvl demo` (or `--full`) pinned to `--cores` of this
+machine with one thread per core (its data-loader worker shares them), measures the fp32 2048^3 matmul peak of those
+cores with as many threads before and after, and projects every stage's time to the reference machine by the ratio
+of the peaks:
 
-    reference seconds = measured seconds * (this core's peak / --reference-gflops)
+    reference seconds = measured seconds * (these cores' peak / --reference-gflops)
 
-An estimate, not a measurement: it assumes the demo's non-matmul work scales like its matmuls, and two cores of
-the reference machine lose a little to threading that one core here does not pay (so the projection leans
-optimistic there), while the loader worker here takes time from the one core (pessimistic). Linux only
-(`os.sched_setaffinity`). The install is not part of the run; add it (about a minute) for `make demo`'s target.
+`--isa avx2` (the default) also hides this CPU's AVX-512 from torch: ATEN_CPU_CAPABILITY=avx2 makes ATen run its
+AVX2 kernels and ONEDNN_MAX_CPU_ISA=AVX2 stops oneDNN at AVX2, so a bf16 matmul is emulated as on an AVX2 laptop
+(about 40x slower than fp32) and the demo runs with `optim.precision=auto`, which has to find fp32 by itself; the
+precision each training stage resolved to is read back from its config.yaml. `--isa native` keeps this CPU's
+kernels and forces `optim.precision=fp32`.
 
-    python benchmarks/bench_reference_demo.py [--full] [--core 1] [--out runs/ref-demo] [demo overrides]
+An estimate, not a measurement: it assumes the demo's non-matmul work scales like its matmuls; with one core, two
+cores of the reference machine lose a little to threading that one core here does not pay (so the projection leans
+optimistic there), while the loader worker here takes time from the one core (pessimistic). `--cores 0,1` runs with
+two threads, as the reference machine would. Linux only (`os.sched_setaffinity`). The install is not part of the
+run; add it (about half a minute) for `make demo`'s target.
+
+    python benchmarks/bench_reference_demo.py [--full] [--cores 0[,1]] [--isa avx2|native] [--out DIR] [overrides]
     python benchmarks/bench_reference_demo.py --from-run runs/ref-demo --peak-gflops 87.5   # project a finished run
 
 Writes benchmarks/results/reference_demo[_full].json and prints a markdown table.
@@ -32,6 +40,9 @@ from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
 REFERENCE_GFLOPS = 70.0  # fp32 2048^3 matmul, 2 threads, on the reference machine (issue 13)
+# what torch sees on a CPU with AVX2 and no AVX-512: both variables are read when torch / oneDNN first load
+AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+TRAINING_STAGES = ("teacher_run", "pretrain")  # the demo's folders whose config.yaml records a resolved precision
 
 
 def project_seconds(seconds: float, peak_gflops: float, reference_gflops: float = REFERENCE_GFLOPS) -> float:
@@ -51,13 +62,13 @@ def projection(summary: dict, peak_gflops: float, reference_gflops: float = REFE
             "stages": rows, "results": summary.get("results", {})}
 
 
-def one_core_fp32_peak() -> float:
-    """fp32 2048^3 matmul GFLOP/s on one thread of the core this process is pinned to."""
+def fp32_peak(threads: int) -> float:
+    """fp32 2048^3 matmul GFLOP/s with `threads` threads on the cores this process is pinned to."""
     import torch
 
     from stmvl.train.flops import matmul_peak
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
     return matmul_peak("fp32", "cpu", None, 2048) / 1e9
 
 
@@ -67,17 +78,42 @@ def cpu_capability() -> str:
     return torch.backends.cpu.get_cpu_capability()
 
 
-def run_demo(out: Path, full: bool, overrides: list[str]) -> int:
-    """`stmvl demo` in fp32 on one thread; its exit code. It runs on the core main() pinned this process to (a child
-    inherits the CPU affinity, its data-loader worker too)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    command = [sys.executable, "-m", "stmvl.cli", "demo", "--out", str(out), "optim.precision=fp32",
-               "runtime.threads=1", *overrides] + (["--full"] if full else [])
+def run_demo(out: Path, full: bool, overrides: list[str], threads: int, isa: str) -> int:
+    """`stmvl demo` on `threads` threads; its exit code. It runs on the cores main() pinned this process to (a child
+    inherits the CPU affinity and the environment, its data-loader worker too). With isa "native" the precision is
+    forced to fp32; with "avx2" `auto` chooses."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    precision = ["optim.precision=fp32"] if isa == "native" else []
+    command = [sys.executable, "-m", "stmvl.cli", "demo", "--out", str(out), *precision,
+               f"runtime.threads={threads}", *overrides] + (["--full"] if full else [])
     return subprocess.run(command, env=env).returncode
 
 
+def resolved_precisions(out: Path) -> dict[str, str]:
+    """The first line of each training stage's config.yaml, where the engine writes what `optim.precision` resolved
+    to and why, e.g. {"pretrain": "optim.precision auto -> fp32: auto: CPU without ..."}."""
+    found = {}
+    for stage in TRAINING_STAGES:
+        config = out / stage / "config.yaml"
+        if config.exists():
+            first = config.read_text().splitlines()[0]
+            found[stage] = first.lstrip("# ").strip()
+    return found
+
+
+def parse_cores(text: str) -> set[int]:
+    """"0" or "0,1" -> {0} or {0, 1}."""
+    try:
+        cores = {int(part) for part in text.split(",") if part.strip()}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--cores: expected core numbers like 0 or 0,1, got {text!r}") from None
+    if not cores:
+        raise argparse.ArgumentTypeError("--cores: name at least one core")
+    return cores
+
+
 def table(result: dict) -> str:
-    lines = ["| stage | TFLOP | seconds here (1 core, fp32) | projected on the reference machine |",
+    lines = ["| stage | TFLOP | seconds here | projected on the reference machine |",
              "|---|---|---|---|"]
     for name, row in result["stages"].items():
         lines.append(f"| {name} | {row['tflop']} | {row['seconds']} | {row['reference_seconds']} "
@@ -88,7 +124,12 @@ def table(result: dict) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--full", action="store_true", help="the full tier (stmvl demo --full)")
-    parser.add_argument("--core", type=int, default=1, help="the CPU core to pin the run to")
+    parser.add_argument("--cores", type=parse_cores, default={1},
+                        help="the CPU cores to pin the run to, one thread each: 1 (default) or 0,1")
+    parser.add_argument("--core", type=int, help="the same as --cores with one core (kept for older commands)")
+    parser.add_argument("--isa", choices=("avx2", "native"), default="avx2",
+                        help="avx2: torch runs its AVX2 kernels and auto picks the precision (default); "
+                             "native: this CPU's kernels, fp32 forced")
     parser.add_argument("--out", type=Path, help="demo output folder (default runs/ref-demo[-full])")
     parser.add_argument("--from-run", type=Path, help="project this finished demo folder instead of running one")
     parser.add_argument("--peak-gflops", type=float, help="with --from-run: the core's peak (default: measure now)")
@@ -96,18 +137,22 @@ def main() -> int:
     parser.add_argument("overrides", nargs="*", help="passed on to stmvl demo, e.g. optim.max_steps=20 for a check")
     args = parser.parse_args()
     if not hasattr(os, "sched_setaffinity"):
-        print("bench_reference_demo: needs os.sched_setaffinity (Linux) to pin the run to one core", file=sys.stderr)
+        print("bench_reference_demo: needs os.sched_setaffinity (Linux) to pin the run to its cores", file=sys.stderr)
         return 2
-    os.sched_setaffinity(0, {args.core})
-    peaks = [args.peak_gflops] if args.peak_gflops else [one_core_fp32_peak()]
+    cores = {args.core} if args.core is not None else args.cores
+    if args.isa == "avx2":
+        os.environ.update(AVX2_ENV)  # before the first torch import, in this process and its children
+    os.sched_setaffinity(0, cores)
+    threads = len(cores)
+    peaks = [args.peak_gflops] if args.peak_gflops else [fp32_peak(threads)]
     out = args.from_run or args.out or Path("runs/ref-demo" + ("-full" if args.full else ""))
     started = time.perf_counter()
     if not args.from_run:
-        code = run_demo(out, args.full, args.overrides)
+        code = run_demo(out, args.full, args.overrides, threads, args.isa)
         if code:
             print(f"bench_reference_demo: stmvl demo exited with {code}; nothing projected", file=sys.stderr)
             return code
-        peaks.append(one_core_fp32_peak())
+        peaks.append(fp32_peak(threads))
     summary_file = out / "summary.json"
     if not summary_file.exists():
         print(f"bench_reference_demo: {summary_file} not found: not a finished demo folder", file=sys.stderr)
@@ -115,9 +160,14 @@ def main() -> int:
     result = projection(json.loads(summary_file.read_text()), sum(peaks) / len(peaks), args.reference_gflops)
     if not args.from_run:
         result["wall_seconds"] = round(time.perf_counter() - started, 1)
-    result.update(peaks_gflops=[round(p, 1) for p in peaks], run=str(out), core=args.core,
-                  machine=platform.processor() or platform.machine(), cpu_capability=cpu_capability(),
-                  date=datetime.date.today().isoformat())
+    precisions = resolved_precisions(out)
+    not_fp32 = [stage for stage, line in precisions.items() if "-> fp32" not in line]
+    if not_fp32:
+        print(f"bench_reference_demo: {', '.join(not_fp32)} did not train in fp32, unlike the reference machine: "
+              "the projection does not apply", file=sys.stderr)
+    result.update(peaks_gflops=[round(p, 1) for p in peaks], run=str(out), cores=sorted(cores), threads=threads,
+                  isa=args.isa, precisions=precisions, machine=platform.processor() or platform.machine(),
+                  cpu_capability=cpu_capability(), date=datetime.date.today().isoformat())
     RESULTS.mkdir(exist_ok=True)
     name = "reference_demo" + ("_full" if result["tier"] == "full" else "") + ".json"
     (RESULTS / name).write_text(json.dumps(result, indent=1) + "\n")

@@ -1,5 +1,6 @@
 """The reference-machine projection of benchmarks/bench_reference_demo.py, on a hand-made demo summary."""
 
+import argparse
 import importlib.util
 from pathlib import Path
 
@@ -33,3 +34,22 @@ def test_projection_scales_every_stage_by_the_ratio_of_peaks():
 def test_projection_refuses_a_non_positive_peak():
     with pytest.raises(ValueError, match="positive"):
         load_script().project_seconds(10.0, 0.0)
+
+
+def test_cores_parse_to_a_set_and_bad_input_names_the_option():
+    bench = load_script()
+    assert bench.parse_cores("1") == {1} and bench.parse_cores("0,1") == {0, 1}
+    for bad in ("a", ",", "0,x"):
+        with pytest.raises(argparse.ArgumentTypeError, match="--cores"):
+            bench.parse_cores(bad)
+
+
+def test_the_precision_each_training_stage_resolved_to_is_read_from_its_config(tmp_path):
+    bench = load_script()
+    (tmp_path / "pretrain").mkdir()
+    (tmp_path / "pretrain" / "config.yaml").write_text(
+        "# optim.precision auto -> fp32: auto: CPU with AVX-512 BF16 (AVX2), but a bf16 matmul measured 45.0x the "
+        "time of fp32 here\noptim:\n  precision: auto\n")
+    found = bench.resolved_precisions(tmp_path)  # the demo reused a teacher: no teacher_run folder
+    assert found == {"pretrain": "optim.precision auto -> fp32: auto: CPU with AVX-512 BF16 (AVX2), but a bf16 "
+                                 "matmul measured 45.0x the time of fp32 here"}

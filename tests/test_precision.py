@@ -64,3 +64,20 @@ def test_demo_stage_overrides_reach_the_teacher():
     given = ["optim.precision=fp32", "optim.max_steps=5", "runtime.threads=1", "model.loss.vtm=0",
              "teacher:optim.max_steps=7"]
     assert teacher_overrides(given) == ["optim.precision=fp32", "runtime.threads=1", "optim.max_steps=7"]
+
+
+def test_auto_picks_fp32_on_torchs_avx2_kernels_as_on_the_reference_machine():
+    """benchmarks/bench_reference_demo.py emulates a CPU without native bf16 by hiding AVX-512 from ATen and oneDNN;
+    there a bf16 matmul is emulated, whatever the CPU reports, and auto has to land on fp32 (by the CPU flags on an
+    AVX2 machine, by the measured slowdown on one with AVX-512 BF16 or AMX)."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import torch; from stmvl.train import precision as P; "
+            "chosen = P.resolve('auto', torch.device('cpu')); "
+            "print(torch.backends.cpu.get_cpu_capability(), chosen.name, '|', chosen.reason)")
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    capability, name = out.split()[:2]
+    assert capability in ("AVX2", "DEFAULT") and name == "fp32", out
