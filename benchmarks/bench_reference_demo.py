@@ -124,9 +124,9 @@ def table(result: dict) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--full", action="store_true", help="the full tier (stmvl demo --full)")
-    parser.add_argument("--cores", type=parse_cores, default={1},
+    # --core: the option's name before two cores were possible, kept for the commands in BENCHMARKS.md
+    parser.add_argument("--cores", "--core", type=parse_cores, default={1},
                         help="the CPU cores to pin the run to, one thread each: 1 (default) or 0,1")
-    parser.add_argument("--core", type=int, help="the same as --cores with one core (kept for older commands)")
     parser.add_argument("--isa", choices=("avx2", "native"), default="avx2",
                         help="avx2: torch runs its AVX2 kernels and auto picks the precision (default); "
                              "native: this CPU's kernels, fp32 forced")
@@ -139,7 +139,7 @@ def main() -> int:
     if not hasattr(os, "sched_setaffinity"):
         print("bench_reference_demo: needs os.sched_setaffinity (Linux) to pin the run to its cores", file=sys.stderr)
         return 2
-    cores = {args.core} if args.core is not None else args.cores
+    cores = args.cores
     if args.isa == "avx2":
         os.environ.update(AVX2_ENV)  # before the first torch import, in this process and its children
     os.sched_setaffinity(0, cores)

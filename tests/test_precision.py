@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -70,10 +73,6 @@ def test_auto_picks_fp32_on_torchs_avx2_kernels_as_on_the_reference_machine():
     """benchmarks/bench_reference_demo.py emulates a CPU without native bf16 by hiding AVX-512 from ATen and oneDNN;
     there a bf16 matmul is emulated, whatever the CPU reports, and auto has to land on fp32 (by the CPU flags on an
     AVX2 machine, by the measured slowdown on one with AVX-512 BF16 or AMX)."""
-    import os
-    import subprocess
-    import sys
-
     code = ("import torch; from stmvl.train import precision as P; "
             "chosen = P.resolve('auto', torch.device('cpu')); "
             "print(torch.backends.cpu.get_cpu_capability(), chosen.name, '|', chosen.reason)")
