@@ -20,6 +20,10 @@ optimistic there), while the loader worker here takes time from the one core (pe
 two threads, as the reference machine would. Linux only (`os.sched_setaffinity`). The install is not part of the
 run; add it (about half a minute) for `make demo`'s target.
 
+A second projection needs no assumption about what scales with the peak: calibrate_reference.py times a pretraining
+step that the reference machine itself ran (issue 13) on the same cores, and each stage's seconds are multiplied by
+that step ratio (the `calibrated_seconds` column; only when the calibration used this run's threads and kernels).
+
     python benchmarks/bench_reference_demo.py [--full] [--cores 0[,1]] [--isa avx2|native] [--out DIR] [overrides]
     python benchmarks/bench_reference_demo.py --from-run runs/ref-demo --peak-gflops 87.5   # project a finished run
 
@@ -42,6 +46,7 @@ RESULTS = Path(__file__).parent / "results"
 REFERENCE_GFLOPS = 70.0  # fp32 2048^3 matmul, 2 threads, on the reference machine (issue 13)
 # what torch sees on a CPU with AVX2 and no AVX-512: both variables are read when torch / oneDNN first load
 AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+CALIBRATION = RESULTS / "reference_calibration.json"  # written by calibrate_reference.py
 TRAINING_STAGES = ("teacher_run", "pretrain")  # the demo's folders whose config.yaml records a resolved precision
 
 
@@ -52,14 +57,33 @@ def project_seconds(seconds: float, peak_gflops: float, reference_gflops: float 
     return seconds * peak_gflops / reference_gflops
 
 
-def projection(summary: dict, peak_gflops: float, reference_gflops: float = REFERENCE_GFLOPS) -> dict:
-    """Per-stage measured and projected seconds and TFLOP of a demo's summary.json (`stages`, `total`, `results`)."""
+def projection(
+    summary: dict, peak_gflops: float, reference_gflops: float = REFERENCE_GFLOPS, step_ratio: float | None = None
+) -> dict:
+    """Per-stage measured and projected seconds and TFLOP of a demo's summary.json (`stages`, `total`, `results`).
+
+    step_ratio: the calibration of calibrate_reference.py (reference s/step over s/step on these cores); when given,
+    each row also has `calibrated_seconds` = seconds * step_ratio."""
     rows = {}
     for name, stage in list(summary["stages"].items()) + [("total", summary["total"])]:
         rows[name] = {"seconds": round(stage["seconds"], 1), "tflop": round(stage["flops"] / 1e12, 2),
                       "reference_seconds": round(project_seconds(stage["seconds"], peak_gflops, reference_gflops), 1)}
+        if step_ratio is not None:
+            rows[name]["calibrated_seconds"] = round(stage["seconds"] * step_ratio, 1)
     return {"tier": summary.get("tier"), "peak_gflops": round(peak_gflops, 1), "reference_gflops": reference_gflops,
-            "stages": rows, "results": summary.get("results", {})}
+            "step_ratio": step_ratio, "stages": rows, "results": summary.get("results", {})}
+
+
+def load_calibration(path: Path | None, threads: int, isa: str) -> tuple[float | None, str]:
+    """The step ratio of calibrate_reference.py's result file, if it was measured with this run's threads and
+    kernels; else None and why not."""
+    if path is None or not path.exists():
+        return None, f"no calibration file ({path}); run benchmarks/calibrate_reference.py"
+    calibration = json.loads(path.read_text())
+    if calibration.get("threads") != threads or calibration.get("isa") != isa:
+        return None, (f"{path} was measured with {calibration.get('threads')} threads and {calibration.get('isa')} "
+                      f"kernels, this run uses {threads} and {isa}")
+    return float(calibration["step_ratio"]), f"step ratio {calibration['step_ratio']} from {path}"
 
 
 def fp32_peak(threads: int) -> float:
@@ -113,11 +137,12 @@ def parse_cores(text: str) -> set[int]:
 
 
 def table(result: dict) -> str:
-    lines = ["| stage | TFLOP | seconds here | projected on the reference machine |",
-             "|---|---|---|---|"]
+    calibrated = result.get("step_ratio") is not None
+    lines = ["| stage | TFLOP | seconds here | by the matmul peaks | by the step ratio |", "|---|---|---|---|---|"]
     for name, row in result["stages"].items():
+        by_step = f"{row['calibrated_seconds']} ({row['calibrated_seconds'] / 60:.1f} min)" if calibrated else "-"
         lines.append(f"| {name} | {row['tflop']} | {row['seconds']} | {row['reference_seconds']} "
-                     f"({row['reference_seconds'] / 60:.1f} min) |")
+                     f"({row['reference_seconds'] / 60:.1f} min) | {by_step} |")
     return "\n".join(lines)
 
 
@@ -134,6 +159,8 @@ def main() -> int:
     parser.add_argument("--from-run", type=Path, help="project this finished demo folder instead of running one")
     parser.add_argument("--peak-gflops", type=float, help="with --from-run: the core's peak (default: measure now)")
     parser.add_argument("--reference-gflops", type=float, default=REFERENCE_GFLOPS)
+    parser.add_argument("--calibration", type=Path, default=CALIBRATION,
+                        help="calibrate_reference.py's result, for the step-ratio projection (default: %(default)s)")
     parser.add_argument("overrides", nargs="*", help="passed on to stmvl demo, e.g. optim.max_steps=20 for a check")
     args = parser.parse_args()
     if not hasattr(os, "sched_setaffinity"):
@@ -157,7 +184,11 @@ def main() -> int:
     if not summary_file.exists():
         print(f"bench_reference_demo: {summary_file} not found: not a finished demo folder", file=sys.stderr)
         return 2
-    result = projection(json.loads(summary_file.read_text()), sum(peaks) / len(peaks), args.reference_gflops)
+    ratio, calibration_note = load_calibration(args.calibration, threads, args.isa)
+    if ratio is None:
+        print(f"bench_reference_demo: no step-ratio projection: {calibration_note}", file=sys.stderr)
+    result = projection(json.loads(summary_file.read_text()), sum(peaks) / len(peaks), args.reference_gflops, ratio)
+    result["calibration"] = calibration_note
     if not args.from_run:
         result["wall_seconds"] = round(time.perf_counter() - started, 1)
     precisions = resolved_precisions(out)

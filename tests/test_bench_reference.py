@@ -2,15 +2,18 @@
 
 import argparse
 import importlib.util
+import json
+import sys
 from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_reference_demo.py"
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+SCRIPT = BENCHMARKS / "bench_reference_demo.py"
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("bench_reference_demo", SCRIPT)
+def load_script(name="bench_reference_demo"):
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -28,7 +31,7 @@ def test_projection_scales_every_stage_by_the_ratio_of_peaks():
     assert result["stages"]["total"]["reference_seconds"] == 812.5
     assert result["stages"]["corpus"]["reference_seconds"] == 62.5
     assert result["results"]["stm"]["synth_test.itc.t2v_r1"] == 24.0
-    assert "| total | 33.5 | 650.0 | 812.5 (13.5 min) |" in bench.table(result)
+    assert "| total | 33.5 | 650.0 | 812.5 (13.5 min) | - |" in bench.table(result)
 
 
 def test_projection_refuses_a_non_positive_peak():
@@ -53,3 +56,30 @@ def test_the_precision_each_training_stage_resolved_to_is_read_from_its_config(t
     found = bench.resolved_precisions(tmp_path)  # the demo reused a teacher: no teacher_run folder
     assert found == {"pretrain": "optim.precision auto -> fp32: auto: CPU with AVX-512 BF16 (AVX2), but a bf16 "
                                  "matmul measured 45.0x the time of fp32 here"}
+
+
+def test_the_step_ratio_projection_multiplies_every_stage_and_needs_a_calibration_of_the_same_set_up(tmp_path):
+    bench = load_script()
+    summary = {"tier": "quick", "stages": {"pretrain stm": {"seconds": 300.0, "flops": 20e12}},
+               "total": {"seconds": 400.0, "flops": 21e12}}
+    result = bench.projection(summary, peak_gflops=140.0, reference_gflops=70.0, step_ratio=1.75)
+    assert result["stages"]["total"] == {"seconds": 400.0, "tflop": 21.0, "reference_seconds": 800.0,
+                                         "calibrated_seconds": 700.0}
+    assert "| total | 21.0 | 400.0 | 800.0 (13.3 min) | 700.0 (11.7 min) |" in bench.table(result)
+    calibration = tmp_path / "reference_calibration.json"
+    assert bench.load_calibration(calibration, 2, "avx2")[0] is None  # no file yet
+    calibration.write_text(json.dumps({"step_ratio": 1.75, "threads": 2, "isa": "avx2"}))
+    assert bench.load_calibration(calibration, 2, "avx2")[0] == 1.75
+    ratio, why = bench.load_calibration(calibration, 1, "avx2")  # measured on two threads, not one
+    assert ratio is None and "2 threads" in why
+
+
+def test_the_step_ratio_is_the_reference_step_over_the_median_step_here():
+    sys.path.insert(0, str(BENCHMARKS))  # the calibration script imports its sibling
+    try:
+        calibrate = load_script("calibrate_reference")
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    assert calibrate.step_ratio(8.75, [5.0, 4.8, 5.2]) == pytest.approx(1.75)
+    with pytest.raises(ValueError, match="positive"):
+        calibrate.step_ratio(8.75, [])

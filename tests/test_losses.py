@@ -118,7 +118,7 @@ def test_vtm_negatives_with_the_contrastive_temperature_are_hard():
 def test_vtm_loss_scores_3b_pairs_with_labels():
     seen = {}
 
-    def fuse(states, mask, video, video_index):
+    def fuse(states, mask, video, video_index, first_token_only=False):
         video = video[video_index]
         seen["pairs"] = states.shape[0]
         # fused CLS = text CLS + mean video token, so matching depends on the pair
@@ -136,7 +136,7 @@ def test_vtm_on_the_first_rows_scores_their_pairs_with_negatives_from_the_whole_
     """loss.fusion_samples: the first `rows` samples' pairs only, the same pairs the full loss scores for them."""
     pairs = {}
 
-    def fuse(states, mask, video, video_index):
+    def fuse(states, mask, video, video_index, first_token_only=False):
         pairs["distinct_videos"] = video.shape[0]
         video = video[video_index]
         pairs["text"], pairs["video"] = states[:, 0, 0].tolist(), video[:, 0, 0].tolist()

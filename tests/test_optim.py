@@ -92,3 +92,22 @@ def test_schedule_keeps_per_group_ratio_and_resumes():
     fresh = WarmupCosineSchedule(build_optimizer([{"params": [a]}], 1e-4, 0.0, (0.9, 0.999), 1e-8), 20, 4, 0.01)
     fresh.load_state_dict({"last_step": 7})
     assert fresh.get_last_lr()[0] == pytest.approx(seen[7])
+
+
+def test_the_fused_update_matches_the_per_parameter_one_and_its_state_loads_into_either():
+    def run(fused):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 5), nn.LayerNorm(5), nn.Linear(5, 2))
+        opt = build_optimizer(default_param_groups(model, 0.05), 1e-2, 0.05, (0.9, 0.98), 1e-6, fused=fused)
+        for _ in range(5):
+            model(torch.randn(4, 6)).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+        return model, opt
+
+    (fused_model, fused_opt), (plain_model, plain_opt) = run(True), run(False)
+    assert fused_opt.defaults["fused"] and not plain_opt.defaults["fused"]
+    for a, b in zip(fused_model.parameters(), plain_model.parameters()):
+        assert torch.allclose(a, b, atol=1e-6)
+    plain_opt.load_state_dict(fused_opt.state_dict())  # same layout: a checkpoint of one loads into the other
+    assert torch.equal(plain_opt.state_dict()["state"][0]["exp_avg"], fused_opt.state_dict()["state"][0]["exp_avg"])

@@ -48,6 +48,32 @@ def test_text_only_fusion_and_both_modes(model):
         model.fuse(text, mask, torch.randn(2, 7, 32))
 
 
+def test_class_position_only_fusion_matches_the_full_layers_in_value_and_gradient():
+    """fuse(first_token_only=True): what VTM and ITM read, at a fraction of the last layer's cost, unchanged."""
+    torch.manual_seed(0)
+    model = BertEncoder(TextConfig(**{**CFG, "layers": 4}, fusion_start=2), cross_width=16).eval()
+    ids = torch.randint(5, 50, (3, 6))
+    mask = torch.tensor([[1] * 6, [1] * 4 + [0] * 2, [1] * 2 + [0] * 4])  # padding is a key the query must skip
+    text = model(ids, mask)
+    videos = torch.randn(2, 7, 16)
+    index = torch.tensor([1, 0, 1])
+
+    def class_state(first_token_only):
+        model.zero_grad()
+        states = text.detach().requires_grad_()
+        fused = model.fuse(states, mask, videos, video_index=index, first_token_only=first_token_only)
+        (fused[:, 0] * torch.linspace(-1, 1, 32)).sum().backward()
+        grads = [p.grad.clone() for p in model.layers[2:].parameters()]
+        return fused, states.grad, grads
+
+    full, full_grad, full_params = class_state(False)
+    first, first_grad, first_params = class_state(True)
+    assert full.shape == (3, 6, 32) and first.shape == (3, 1, 32)
+    assert torch.allclose(first, full[:, :1], atol=1e-5)
+    assert torch.allclose(first_grad, full_grad, atol=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(first_params, full_params))
+
+
 def test_mlm_head_is_tied_to_word_embeddings(model):
     states = torch.randn(2, 3, 32)
     h = model.mlm.norm(torch.nn.functional.gelu(model.mlm.dense(states)))

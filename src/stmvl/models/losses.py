@@ -217,8 +217,9 @@ def vtm_loss(
     """Video-text matching: positives, one hard negative video per text and one hard negative text per video.
 
     Args:
-        fuse: fusion layers, fuse(text_states [P, L, H], text_mask [P, L], video_tokens [U, n, D], video_index=[P])
-            -> [P, L, H], pair p scoring video video_index[p] of the U distinct videos (BertEncoder.fuse).
+        fuse: fusion layers, fuse(text_states [P, L, H], text_mask [P, L], video_tokens [U, n, D], video_index=[P],
+            first_token_only=True) -> [P, 1, H], pair p scoring video video_index[p] of the U distinct videos
+            (BertEncoder.fuse; only the class position is read).
         itm_head: [P, H] -> [P, 2] logits (class 1 = match).
         video_tokens: [B, n, D]; text_states: [B, L, H] text-only states; text_mask: [B, L].
         sim: [B, B] local text-to-video cosine similarity used to draw the negatives.
@@ -268,7 +269,8 @@ def vtm_loss(
     labels[:b] = 1
     labels[b:2 * b] = torch.where(neg_video >= 0, labels[b:2 * b], IGNORE_INDEX)
     labels[2 * b:3 * b] = torch.where(neg_text >= 0, labels[2 * b:3 * b], IGNORE_INDEX)
-    fused = fuse(torch.cat(pair_text), torch.cat(pair_mask), torch.cat(videos), video_index=torch.cat(pair_video))
+    fused = fuse(torch.cat(pair_text), torch.cat(pair_mask), torch.cat(videos), video_index=torch.cat(pair_video),
+                 first_token_only=True)
     return F.cross_entropy(itm_head(fused[:, 0]), labels, ignore_index=IGNORE_INDEX)
 
 

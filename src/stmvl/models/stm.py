@@ -639,7 +639,8 @@ class STMModel(nn.Module):
 
         With ``video_index`` (long [B]), ``video_tokens`` [U, n, D] holds the distinct videos and text ``i`` is
         paired with video ``video_index[i]`` (the fusion layers then project each video once)."""
-        return self.itm_head(self.text.fuse(text_states, text_mask, video_tokens, video_index=video_index)[:, 0])
+        fused = self.text.fuse(text_states, text_mask, video_tokens, video_index=video_index, first_token_only=True)
+        return self.itm_head(fused[:, 0])
 
     def itm_score(self, video_tokens: Tensor, texts: Sequence[str] | dict) -> Tensor:
         """Match probability [B] of each video with its text."""

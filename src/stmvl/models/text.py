@@ -64,8 +64,13 @@ class BertLayer(nn.Module):
         video: torch.Tensor | None = None,
         video_mask: torch.Tensor | None = None,
         video_index: torch.Tensor | None = None,
+        first_token_only: bool = False,
     ) -> torch.Tensor:
-        x = self.self_norm(x + self.dropout(self.self_attn(x, attn_mask=attn_mask)))
+        """``x [B, L, H]`` -> ``[B, L, H]``, or ``[B, 1, H]`` (position 0 only) with ``first_token_only``: every
+        position is still a key and value of the self-attention, but only the first one is a query and goes through
+        the cross-attention and feed-forward; its output is the same as position 0 of the full layer."""
+        query = x[:, :1] if first_token_only else x
+        x = self.self_norm(query + self.dropout(self.self_attn(query, x, attn_mask=attn_mask)))
         if self.has_cross:
             if video is None:
                 raise ValueError("a fusion layer needs video tokens")
@@ -146,12 +151,16 @@ class BertEncoder(nn.Module):
         video_tokens: torch.Tensor,
         video_mask: torch.Tensor | None = None,
         video_index: torch.Tensor | None = None,
+        first_token_only: bool = False,
     ) -> torch.Tensor:
         """Fusion layers ``[F, L)`` on text states ``[B, L, H]`` attending to ``video_tokens [B, n, Dv]``.
 
         ``video_mask [B, n]``: True/1 = a real video token (None = all real). ``video_index`` (long ``[B]``):
         ``video_tokens`` (and ``video_mask``) hold ``U`` distinct videos ``[U, n, Dv]`` and text ``i`` attends to
         video ``video_index[i]``; each fusion layer projects a video's keys and values once, not once per text.
+        ``first_token_only``: return ``[B, 1, H]``, the class position only (what VTM/ITM reads). The last layer
+        then runs its queries, cross-attention and feed-forward on that position alone (about 0.4x the fusion
+        FLOPs with two fusion layers); the value equals ``[:, :1]`` of the full output.
         """
         if not self.has_fusion:
             raise ValueError("this text encoder has no fusion layers (fusion_start == layers)")
@@ -164,8 +173,10 @@ class BertEncoder(nn.Module):
         if vmask is not None and video_index is not None:
             vmask = vmask[video_index]
         x = text_states
-        for layer in self.layers[self.cfg.fusion_start :]:
-            x = layer(x, mask, video_tokens, vmask, video_index)
+        fusion_layers = self.layers[self.cfg.fusion_start :]
+        last = len(fusion_layers) - 1
+        for i, layer in enumerate(fusion_layers):
+            x = layer(x, mask, video_tokens, vmask, video_index, first_token_only=first_token_only and i == last)
         return x
 
     def forward(

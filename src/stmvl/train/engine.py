@@ -300,7 +300,9 @@ class Trainer:
             self.model.get_submodule(name).requires_grad_(False)
         seed_everything(rt.seed + self.dist.rank)  # per-rank randomness (dropout, masks) from here on
         self._plan_steps()
-        self.optimizer = build_optimizer(self._param_groups(), o.lr, o.weight_decay, o.betas, o.eps)
+        # the fp16 grad scaler unscales the gradients itself before the step; keep it on the per-parameter AdamW
+        self.optimizer = build_optimizer(self._param_groups(), o.lr, o.weight_decay, o.betas, o.eps,
+                                         fused=self.precision != "fp16")
         self.schedule = WarmupCosineSchedule(self.optimizer, self.total_steps, self.warmup_steps, o.min_lr_ratio,
                                              o.schedule)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
@@ -572,6 +574,9 @@ class Trainer:
         self._check_resume_geometry(st, ckpt)
         self._load_model_state(model_state, ckpt)
         self.optimizer.load_state_dict(st["optimizer"])
+        # the saved groups carry the kernel choice of the run that wrote them; this run's precision decides it
+        for group in self.optimizer.param_groups:
+            group["fused"] = self.optimizer.defaults["fused"]
         self.schedule.load_state_dict(st["schedule"])
         self.scaler.load_state_dict(st["scaler"])
         self.global_step, self.epoch, self.batch_in_epoch = st["global_step"], st["epoch"], st["batch_in_epoch"]

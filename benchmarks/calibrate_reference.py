@@ -1,0 +1,99 @@
+"""How much slower the reference machine runs this project's pretraining step than these cores, measured on a step
+the reference machine itself ran.
+
+Issue 13's reference machine (2 cores, AVX2, no native bf16) ran `benchmarks/bench_pretrain.py --sizes demo
+--precisions fp32` of the commit the issue was filed against and took 8.75 s per step (2 threads; batch 32, 64 px,
+width 192 x 6 student, MiniLM with fusion layers). This script runs the same benchmark of the same commit here, from a
+temporary `git worktree` with this checkout's Python, pinned to `--cores` with one thread per core and torch's AVX2
+kernels (`--isa avx2`, as bench_reference_demo.py), and writes
+
+    step ratio = reference s/step / s/step here
+
+to benchmarks/results/reference_calibration.json. `bench_reference_demo.py` multiplies a demo's seconds on the same
+cores by it: unlike the ratio of matmul peaks it also carries what the step spends outside matmuls (elementwise
+kernels, the second thread's poor use on small tensors, Python), as the reference machine paid it. Needs the git
+history (a full clone) and Linux (`os.sched_setaffinity`).
+
+    python benchmarks/calibrate_reference.py [--cores 0,1] [--steps 5] [--repeats 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from bench_reference_demo import AVX2_ENV, cpu_capability, parse_cores
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULT = ROOT / "benchmarks" / "results" / "reference_calibration.json"
+# the commit issue 13 was filed against, and what its benchmark's demo step took on the reference machine
+REFERENCE_COMMIT = "4996a8d"
+REFERENCE_STEP_SECONDS = 8.75
+
+
+def step_ratio(reference_seconds: float, here_seconds: list[float]) -> float:
+    """Reference s/step over the median s/step measured here: how many times longer a second here takes there."""
+    if reference_seconds <= 0 or not here_seconds or min(here_seconds) <= 0:
+        raise ValueError(f"step times must be positive, got {reference_seconds} and {here_seconds}")
+    return reference_seconds / statistics.median(here_seconds)
+
+
+def benchmark_step(worktree: Path, threads: int, steps: int) -> float:
+    """s/step of the old commit's demo fp32 benchmark, run from `worktree` with this interpreter."""
+    env = {**os.environ, **AVX2_ENV, "PYTHONPATH": str(worktree / "src"), "OMP_NUM_THREADS": str(threads),
+           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    command = [sys.executable, "benchmarks/bench_pretrain.py", "--sizes", "demo", "--precisions", "fp32",
+               "--steps", str(steps), "--threads", str(threads)]
+    subprocess.run(command, cwd=worktree, env=env, check=True, stdout=subprocess.DEVNULL)
+    rows = json.loads((worktree / "benchmarks" / "results" / "pretrain.json").read_text())["rows"]
+    return float(rows[0]["seconds_per_step"])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cores", type=parse_cores, default={0, 1}, help="cores to pin to, one thread each")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per run (after one warm-up step)")
+    parser.add_argument("--repeats", type=int, default=2, help="runs of the benchmark; the median s/step counts")
+    parser.add_argument("--commit", default=REFERENCE_COMMIT)
+    parser.add_argument("--reference-step-seconds", type=float, default=REFERENCE_STEP_SECONDS)
+    args = parser.parse_args()
+    if not hasattr(os, "sched_setaffinity"):
+        print("calibrate_reference: needs os.sched_setaffinity (Linux) to pin the run to its cores", file=sys.stderr)
+        return 2
+    os.environ.update(AVX2_ENV)  # before torch loads, for cpu_capability() below
+    os.sched_setaffinity(0, args.cores)
+    threads = len(args.cores)
+    with tempfile.TemporaryDirectory() as tmp:
+        worktree = Path(tmp) / "reference-commit"
+        added = subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "-q", str(worktree),
+                                args.commit], capture_output=True, text=True)
+        if added.returncode:
+            print(f"calibrate_reference: cannot check out {args.commit} (a full clone is needed): "
+                  f"{added.stderr.strip()}", file=sys.stderr)
+            return 2
+        try:
+            here = [benchmark_step(worktree, threads, args.steps) for _ in range(args.repeats)]
+        finally:
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(worktree)], check=False)
+    ratio = step_ratio(args.reference_step_seconds, here)
+    result = {"commit": args.commit, "reference_step_seconds": args.reference_step_seconds,
+              "step_seconds_here": here, "step_ratio": round(ratio, 3), "cores": sorted(args.cores),
+              "threads": threads, "isa": "avx2", "cpu_capability": cpu_capability(),
+              "machine": platform.processor() or platform.machine(), "date": datetime.date.today().isoformat()}
+    RESULT.parent.mkdir(exist_ok=True)
+    RESULT.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"demo step of {args.commit} (fp32, {threads} threads): {statistics.median(here):.3f} s here against "
+          f"{args.reference_step_seconds} s on the reference machine: step ratio {ratio:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
