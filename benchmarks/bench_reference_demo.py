@@ -83,7 +83,7 @@ def load_calibration(path: Path | None, threads: int, isa: str) -> tuple[float |
     if calibration.get("threads") != threads or calibration.get("isa") != isa:
         return None, (f"{path} was measured with {calibration.get('threads')} threads and {calibration.get('isa')} "
                       f"kernels, this run uses {threads} and {isa}")
-    return float(calibration["step_ratio"]), f"step ratio {calibration['step_ratio']} from {path}"
+    return float(calibration["step_ratio"]), f"step ratio {calibration['step_ratio']} from {path.name}"
 
 
 def fp32_peak(threads: int) -> float:
