@@ -159,8 +159,8 @@ class BertEncoder(nn.Module):
         ``video_tokens`` (and ``video_mask``) hold ``U`` distinct videos ``[U, n, Dv]`` and text ``i`` attends to
         video ``video_index[i]``; each fusion layer projects a video's keys and values once, not once per text.
         ``first_token_only``: return ``[B, 1, H]``, the class position only (what VTM/ITM reads). The last layer
-        then runs its queries, cross-attention and feed-forward on that position alone (about 0.4x the fusion
-        FLOPs with two fusion layers); the value equals ``[:, :1]`` of the full output.
+        then runs its queries, cross-attention and feed-forward on that position alone (with two fusion layers
+        the pairs cost about 0.6x the FLOPs); the value equals ``[:, :1]`` of the full output.
         """
         if not self.has_fusion:
             raise ValueError("this text encoder has no fusion layers (fusion_start == layers)")
