@@ -307,3 +307,27 @@ def test_training_datasets_refuse_a_non_utf8_annotation_as_a_user_error(tmp_path
         VideoTextDataset(annotation, tmp_path)
     assert str(info.value) == (f"{annotation}: annotation file is not UTF-8 text: byte 0xef at offset 34 (line 1); "
                                f"save it as UTF-8")
+
+
+def test_the_data_decoder_fps_threads_and_cache_keys_reach_every_dataset(corpus, tmp_path):
+    from stmvl.config import load_config
+    from stmvl.tasks.data import eval_datasets, pretrain_datasets
+
+    cfg = load_config("demo", [f"data.synthetic.dir={corpus}", "data.sampling=fps", "data.fps=2",
+                               "data.decode_threads=0", "data.decoded_cache_mib=8"])
+    expected = {"backend": "pyav", "threads": 0, "sample_fps": 2.0}
+    by_media = pretrain_datasets(cfg, tmp_path, seed=0)
+    video, image = by_media["video"][0], by_media["image"][0]
+    assert video.video_kwargs == image.video_kwargs == expected
+    assert video.decoded_cache.max_bytes == 8 * 2**20 and image.decoded_cache is None
+    first = video[0]["video"]
+    assert len(video.decoded_cache) == 1 and torch.equal(video[0]["video"], first)  # same epoch: same crop
+    for _, dataset in eval_datasets(cfg).values():  # evaluation reads each clip once: no cache
+        assert dataset.video_kwargs == expected and dataset.decoded_cache is None
+
+
+def test_a_decoded_cache_without_pyav_is_refused_naming_both_keys():
+    from stmvl.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"data.decoded_cache_mib=8 needs data.decoder: pyav \(got 'decord'\)"):
+        load_config("demo", ["data.decoder=decord", "data.decoded_cache_mib=8"])

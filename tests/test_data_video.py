@@ -212,5 +212,71 @@ def test_a_stream_without_a_time_base_is_decoded_straight_through():
     from stmvl.data.video import _decode_wanted
 
     container = _NoTimeBase()
-    out = _decode_wanted(container, container, [3, 150], 25.0, "raw.h264")  # a gap over SEEK_GAP_FRAMES
+    out = _decode_wanted(container, container, [3, 150], 25.0, "raw.h264",  # a gap over SEEK_GAP_FRAMES
+                         to_rgb=lambda frame: frame.to_ndarray(format="rgb24"))
     assert sorted(out) == [3, 150] and out[150][0, 0, 0] == 150 and out[3][0, 0, 0] == 3
+
+
+def test_the_kept_converter_gives_each_frame_its_own_pixels_as_a_fresh_conversion_would(tmp_path):
+    from stmvl.data.video import _RGBConverter
+
+    rng = np.random.default_rng(0)
+    path = tmp_path / "noise.mp4"
+    _write_video(path, rng.integers(0, 256, (6, 32, 48, 3), dtype=np.uint8))
+    convert = _RGBConverter()
+    with av.open(str(path)) as container:
+        pairs = [(convert(frame), frame.to_ndarray(format="rgb24")) for frame in container.decode(video=0)]
+    assert len(pairs) == 6
+    for kept, fresh in pairs:  # checked after all conversions: no array shares a buffer a later frame overwrote
+        assert kept.shape == (32, 48, 3) and kept.dtype == np.uint8 and np.array_equal(kept, fresh)
+    assert not np.array_equal(pairs[0][0], pairs[1][0])
+
+
+def test_the_decoded_clip_cache_samples_the_frames_of_a_fresh_read_within_its_byte_budget(tmp_path):
+    from stmvl.data.video import DecodedClipCache
+
+    paths = []
+    for k in range(3):
+        paths.append(tmp_path / f"ramp{k}.mp4")
+        _write_video(paths[-1], _ramp(12))
+    clip_bytes = 12 * 32 * 32 * 3
+
+    def reads(cache, epoch):
+        for k, path in enumerate(paths):
+            fresh = read_video(path, 4, "rand", np.random.default_rng([epoch, k]))
+            cached = read_video(path, 4, "rand", np.random.default_rng([epoch, k]), cache=cache)
+            assert cached[1] == fresh[1] and torch.equal(cached[0], fresh[0])
+
+    roomy = DecodedClipCache(10 * clip_bytes)
+    for epoch in range(3):
+        reads(roomy, epoch)
+    assert (roomy.misses, roomy.hits, len(roomy), roomy.nbytes) == (3, 6, 3, 3 * clip_bytes)
+    tight = DecodedClipCache(2 * clip_bytes)  # three clips read in turn through room for two: the oldest goes
+    for epoch in range(2):
+        reads(tight, epoch)
+    assert (tight.misses, tight.hits, len(tight), tight.nbytes) == (6, 0, 2, 2 * clip_bytes)
+    too_small = DecodedClipCache(clip_bytes - 1)
+    reads(too_small, 0)
+    assert len(too_small) == 0 and too_small.nbytes == 0
+
+
+def test_the_cache_keys_clip_bounds_skips_in_memory_bytes_and_needs_pyav(tmp_path):
+    from stmvl.data.video import DecodedClipCache
+
+    path = tmp_path / "ramp.mp4"
+    _write_video(path, _ramp(12))
+    cache = DecodedClipCache(10**6)
+    whole = read_video(path, 2, "middle", cache=cache)
+    trimmed = read_video(path, 2, "middle", start=0.2, cache=cache)
+    assert len(cache) == 2 and trimmed[1] == read_video(path, 2, "middle", start=0.2)[1] != whole[1]
+    read_video(path.read_bytes(), 2, "middle", cache=cache)
+    assert len(cache) == 2 and cache.misses == 2
+    with pytest.raises(ValueError, match="needs backend 'pyav'"):
+        read_video(path, 2, "middle", backend="decord", cache=cache)
+
+
+def test_decoder_threads_change_speed_not_pixels(tmp_path):
+    path = tmp_path / "noise.mp4"
+    _write_video(path, np.random.default_rng(1).integers(0, 256, (10, 32, 32, 3), dtype=np.uint8))
+    one, auto = read_video(path, 5, "middle", threads=1), read_video(path, 5, "middle", threads=0)
+    assert one[1] == auto[1] and torch.equal(one[0], auto[0])

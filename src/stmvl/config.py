@@ -147,6 +147,11 @@ class DataConfig:
     image_batch_size: int = field(default=128, metadata=_range(1, None))  # per rank
     num_workers: int = field(default=4, metadata=_range(0, None))
     decoder: str = field(default="pyav", metadata=_choices("pyav", "decord"))
+    # decoding threads per clip (0: the decoder's choice, about one per core); each loader worker holds a core
+    decode_threads: int = field(default=1, metadata=_range(0, None))
+    # training clips kept decoded in each loader worker's memory (MiB, 0 = off; pyav): for small corpora read for
+    # many epochs, whose files then decode once (docs/data.md)
+    decoded_cache_mib: int = field(default=0, metadata=_range(0, None))
     max_bad_fraction: float = field(default=0.01, metadata=_range(0.0, 1.0))  # stop when more media fail
     # media over these caps are quarantined (reason too_large) before their pixels are allocated (docs/data.md)
     max_image_pixels: int = field(default=8192 * 8192, metadata=_range(1, None))  # width x height of an image
@@ -751,6 +756,9 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"data.crop_scale: need 0 < min <= max <= 1, got {[lo, hi]}")
     if cfg.data.sampling == "fps" and cfg.data.fps is None:
         raise ConfigError("data.sampling is 'fps' but data.fps is null: set data.fps")
+    if cfg.data.decoded_cache_mib and cfg.data.decoder != "pyav":
+        raise ConfigError(f"data.decoded_cache_mib={cfg.data.decoded_cache_mib} needs data.decoder: pyav "
+                          f"(got {cfg.data.decoder!r}); set data.decoded_cache_mib=0 or data.decoder=pyav")
     syn = cfg.data.synthetic
     if syn.num_images > syn.num_train:
         raise ConfigError(f"data.synthetic.num_images ({syn.num_images}) exceeds data.synthetic.num_train "

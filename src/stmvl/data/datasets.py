@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 from .annotations import AnnotationError, PackedRecords, load_annotations, load_answer_list, media_key
 from .quarantine import BrokenMediaGuard, Quarantine, as_media_error
 from .transforms import EvalTransform, TrainTransform, build_transform, to_float
-from .video import MediaLimits, read_media, resolve_media_path
+from .video import DecodedClipCache, MediaLimits, read_media, resolve_media_path
 
 RETRIEVAL_MODES = ("single", "paragraph", "multi")
 
@@ -42,7 +42,10 @@ class MediaDataset(Dataset):
         train: random resized crop (area fraction in ``crop_scale``, + ``hflip``) when True, eval resize otherwise.
         quarantine: where broken media are listed; ``max_bad_fraction`` bounds the failure rate.
         min_frames: videos with fewer frames are treated as broken (reason ``too_short``).
-        video_kwargs: passed to ``read_video`` (``backend``, ``sample_fps``).
+        video_kwargs: passed to ``read_video`` (``backend``, ``sample_fps``, ``threads``; see
+            ``stmvl.data.video.video_options``).
+        decoded_cache_mib: keep up to this many MiB of whole decoded clips in memory (per process; 0 = off) and
+            sample later epochs' frames from them (``stmvl.data.video.DecodedClipCache``).
         limits: pixel and duration caps (``MediaLimits.from_config(cfg.data)``; default: MediaLimits()); media over
             them are broken (reason ``too_large``) before their pixels are allocated.
     """
@@ -68,6 +71,7 @@ class MediaDataset(Dataset):
         min_frames: int = 1,
         video_kwargs: dict | None = None,
         limits: MediaLimits | None = None,
+        decoded_cache_mib: int = 0,
     ):
         kind = self.kind if self.kind != "video" else ("image" if media_type == "image" else "video")
         self.records = records if isinstance(records, PackedRecords) else load_annotations(records, kind)
@@ -84,6 +88,8 @@ class MediaDataset(Dataset):
         self.min_frames = int(min_frames)
         self.video_kwargs = dict(video_kwargs or {})
         self.limits = limits or MediaLimits()
+        self.decoded_cache = (DecodedClipCache(int(decoded_cache_mib) * 2**20)
+                              if decoded_cache_mib and media_type == "video" else None)
         self.guard = BrokenMediaGuard(quarantine, self.corpus, max_bad_fraction=max_bad_fraction, seed=self.seed)
 
     def __len__(self) -> int:
@@ -113,7 +119,8 @@ class MediaDataset(Dataset):
         rng, generator = sample_generators(self.seed, self.epoch, index)
         kwargs = dict(self.video_kwargs)
         if self.media_type == "video":
-            kwargs.update(min_frames=self.min_frames, start=record.get("start"), end=record.get("end"))
+            kwargs.update(min_frames=self.min_frames, start=record.get("start"), end=record.get("end"),
+                          cache=self.decoded_cache)
         try:
             frames = read_media(path, self.media_type, self.num_frames, self.sampling, rng, limits=self.limits,
                                 **kwargs)

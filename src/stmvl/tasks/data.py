@@ -15,7 +15,7 @@ from stmvl.data.datasets import ProbeDataset, RetrievalDataset, VideoTextCollato
 from stmvl.data.mixing import MediaSource, MixedBatchStream
 from stmvl.data.quarantine import Quarantine
 from stmvl.data.transforms import to_float
-from stmvl.data.video import MediaLimits
+from stmvl.data.video import MediaLimits, video_options
 
 SYNTHETIC_MARKER = "manifest.json"
 
@@ -108,11 +108,12 @@ def pretrain_datasets(cfg: RunConfig, run_dir: Path, seed: int) -> dict[str, lis
                       sampling=cfg.data.sampling, train=True, hflip=cfg.data.flip,
                       crop_scale=tuple(cfg.data.crop_scale), seed=seed, corpus=c.name,
                       quarantine=quarantine, max_bad_fraction=cfg.data.max_bad_fraction,
-                      limits=MediaLimits.from_config(cfg.data))
+                      limits=MediaLimits.from_config(cfg.data), video_kwargs=video_options(cfg.data))
         if isinstance(recs, ShardIndex):
             ds = ShardStream(recs, id_offset=offset, **common)
         else:
-            ds = VideoTextDataset(recs, c.media_root, id_offset=offset, **common)
+            ds = VideoTextDataset(recs, c.media_root, id_offset=offset, decoded_cache_mib=cfg.data.decoded_cache_mib,
+                                  **common)
         by_media.setdefault(c.media_type, []).append(ds)
     return by_media
 
@@ -191,7 +192,8 @@ def eval_datasets(cfg: RunConfig, kinds: tuple[str, ...] = ("retrieval", "probe"
         c = local_eval_corpus(cfg, c)
         _require(c.annotation, f"eval corpus {c.name!r} annotation")
         common = dict(num_frames=ev.num_frames, img_size=img_size, sampling=ev.sampling, train=False,
-                      corpus=c.name, seed=cfg.runtime.seed, limits=MediaLimits.from_config(cfg.data))
+                      corpus=c.name, seed=cfg.runtime.seed, limits=MediaLimits.from_config(cfg.data),
+                      video_kwargs=video_options(cfg.data))
         if c.kind == "retrieval":
             ds = RetrievalDataset(c.annotation, c.media_root, mode=c.caption_mode, **common)
         else:

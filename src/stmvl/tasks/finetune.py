@@ -34,7 +34,7 @@ from stmvl.data.datasets import MCDataset, QADataset, RetrievalDataset, VideoTex
 from stmvl.data.mixing import MediaSource, MixedBatchStream
 from stmvl.data.quarantine import Quarantine
 from stmvl.data.transforms import to_float
-from stmvl.data.video import MediaLimits
+from stmvl.data.video import MediaLimits, video_options
 from stmvl.models.config import ModelConfig
 from stmvl.models.qa import QA_UNUSED_GROUPS, VideoQAModel
 from stmvl.models.stm import STMModel
@@ -241,7 +241,8 @@ def _train_dataset_kwargs(cfg: RunConfig, run_dir: Path, corpus: CorpusConfig) -
     d = cfg.data
     return dict(num_frames=d.num_frames, img_size=d.img_size, sampling=d.sampling, train=True, hflip=d.flip,
                 crop_scale=tuple(d.crop_scale), seed=cfg.runtime.seed, corpus=corpus.name,
-                quarantine=Quarantine(run_dir), max_bad_fraction=d.max_bad_fraction, limits=MediaLimits.from_config(d))
+                quarantine=Quarantine(run_dir), max_bad_fraction=d.max_bad_fraction, limits=MediaLimits.from_config(d),
+                video_kwargs=video_options(d), decoded_cache_mib=d.decoded_cache_mib)
 
 
 def retrieval_train_dataset(cfg: RunConfig, run_dir: Path):
@@ -267,7 +268,8 @@ def qa_train_dataset(cfg: RunConfig, run_dir: Path):
 def _eval_common(cfg: RunConfig, corpus: CorpusConfig) -> dict[str, Any]:
     ev = cfg.eval
     return dict(num_frames=ev.num_frames, img_size=ev.img_size or cfg.data.img_size, sampling=ev.sampling,
-                train=False, corpus=corpus.name, seed=cfg.runtime.seed, limits=MediaLimits.from_config(cfg.data))
+                train=False, corpus=corpus.name, seed=cfg.runtime.seed, limits=MediaLimits.from_config(cfg.data),
+                video_kwargs=video_options(cfg.data))
 
 
 def evaluate_downstream(model: nn.Module, cfg: RunConfig, device: torch.device | str,
