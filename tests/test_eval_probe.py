@@ -203,3 +203,31 @@ def test_mc_annotation_with_ragged_options_is_refused_before_any_clip_is_read(tm
         evaluate_mc(OptionModel(), dataset)
     assert str(info.value) == (f"{path}: record 2: 2 options, but record 0 has 3; every multiple-choice item needs "
                                "the same number of options")
+
+
+def test_the_probe_and_its_controls_in_one_pass_equal_separate_runs_and_decode_each_clip_once():
+    from stmvl.eval.probe import evaluate_probe_orders
+
+    class CountingDataset(ProbeDataset):
+        reads = 0
+
+        def __getitem__(self, index):
+            CountingDataset.reads += 1
+            return super().__getitem__(index)
+
+    class CountingModel(OrderModel):
+        texts = 0
+
+        def text_features(self, input_ids, attention_mask):
+            CountingModel.texts += input_ids.shape[0]
+            return super().text_features(input_ids, attention_mask)
+
+    orders = (None, "reverse", "permute")
+    together = evaluate_probe_orders(CountingModel(), CountingDataset(), orders, batch_size=3, seed=3)
+    assert CountingDataset.reads == 4 and CountingModel.texts == 8  # 4 clips, a caption and a foil each
+    separate = [evaluate_probe(OrderModel(), ProbeDataset(), batch_size=3, shuffle_frames=mode, seed=3)
+                for mode in orders]
+    assert together == separate
+    assert [r["itc_acc"] for r in together[:2]] == [1.0, 0.0]
+    without_itm = evaluate_probe_orders(OrderModel(), ProbeDataset(), orders, batch_size=3, seed=3, itm=False)
+    assert [{k: v for k, v in r.items() if k != "itm_acc"} for r in separate] == without_itm

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
@@ -295,18 +296,41 @@ def score_texts_per_clip(
     Returns:
         (itm [B, K], itc [B, K]) on the CPU in float32; itc is the frame-mean cosine, as in retrieval.
     """
-    size, count = video.shape[0], len(texts[0])
-    # flattened clip-major: row b * K + k is text k of clip b
+    side = encode_texts_per_clip(model, texts, max_length, device, autocast)
+    return score_clips_against_texts(model, video, side, device, autocast, itm=itm)
+
+
+@dataclass
+class ClipTexts:
+    """The encoded texts of :func:`encode_texts_per_clip`: K per clip, flattened clip-major (row b * K + k)."""
+
+    count: int  # K
+    states: torch.Tensor  # [B * K, L, H]
+    mask: torch.Tensor  # [B * K, L]
+    embeds: torch.Tensor  # [B * K, E]
+
+
+def encode_texts_per_clip(model: Any, texts: Sequence[Sequence[str]], max_length: int, device: torch.device,
+                          autocast: bool) -> ClipTexts:
+    """Encode B lists of K texts once, for scoring against one or more versions of the B clips."""
     tokens = tokenize(model, [text for clip_texts in texts for text in clip_texts], max_length)
     ids, mask = tokens["input_ids"].to(device), tokens["attention_mask"].to(device)
     with autocast_context(device, autocast):
+        states, embeds = model.text_features(ids, mask)
+    return ClipTexts(len(texts[0]), states, mask, embeds)
+
+
+def score_clips_against_texts(model: Any, video: torch.Tensor, texts: ClipTexts, device: torch.device,
+                              autocast: bool, itm: bool = True) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """(itm [B, K] or None, itc [B, K]) of clips float [B, T, 3, H, W] with their encoded texts (CPU, float32)."""
+    size, count = video.shape[0], texts.count
+    with autocast_context(device, autocast):
         video_tokens, frame_embeds = model.video_features(video.to(device))
-        text_states, text_embeds = model.text_features(ids, mask)
         logits = None
         if itm:
             video_index = torch.arange(size, device=device).repeat_interleave(count)
-            logits = model.itm_logits(video_tokens, text_states, mask, video_index=video_index)
-    text_embeds = text_embeds.float().view(size, count, -1)
+            logits = model.itm_logits(video_tokens, texts.states, texts.mask, video_index=video_index)
+    text_embeds = texts.embeds.float().view(size, count, -1)
     itc = torch.einsum("bfe,bke->bkf", frame_embeds.float(), text_embeds).mean(-1).cpu()
     return None if logits is None else positive_probability(logits).view(size, count).cpu(), itc
 

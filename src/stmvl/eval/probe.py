@@ -12,11 +12,12 @@ about chance under it.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
-from stmvl.eval.features import describe_protocol, evaluation_mode, map_clips, score_texts_per_clip
+from stmvl.eval.features import (describe_protocol, encode_texts_per_clip, evaluation_mode, map_clips,
+                                 score_clips_against_texts)
 
 SHUFFLE_MODES = (None, "reverse", "permute")
 DEFAULT_PROBE_TEXT_LEN = 32
@@ -77,6 +78,31 @@ def preference_credit(true_score: torch.Tensor, foil_score: torch.Tensor) -> tor
     return (true_score > foil_score).float() + 0.5 * (true_score == foil_score).float()
 
 
+class FrameOrders:
+    """A view of a clip dataset whose item i holds clip i under each frame order of ``modes`` (see
+    :func:`frame_permutation`): ``"video"`` uint8 [M, T, 3, H, W]. The clip is decoded once for all M orders."""
+
+    def __init__(self, dataset: Any, modes: Sequence[str | None], seed: int = 0):
+        for mode in modes:
+            frame_permutation(0, 1, mode)  # validate every mode before any clip is decoded
+        self.dataset, self.modes, self.seed = dataset, tuple(modes), seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        item = dict(self.dataset[index])
+        video = item["video"]
+        item["video"] = torch.stack([video[frame_permutation(index, video.shape[0], mode, self.seed)]
+                                     for mode in self.modes])
+        return item
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "dataset":
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+
 def evaluate_probe(
     model: Any,
     dataset: Any,
@@ -103,31 +129,62 @@ def evaluate_probe(
     Returns:
         ``{"itc_acc", "itm_acc"}`` in [0, 1] (``itm_acc`` only with ``itm``), ``"n"`` (clips) and ``"protocol"``.
     """
+    return evaluate_probe_orders(model, dataset, (shuffle_frames,), batch_size=batch_size, num_workers=num_workers,
+                                 device=device, autocast=autocast, seed=seed, max_text_len=max_text_len, itm=itm)[0]
+
+
+def evaluate_probe_orders(
+    model: Any,
+    dataset: Any,
+    orders: Sequence[str | None],
+    *,
+    batch_size: int = 32,
+    num_workers: int = 0,
+    device: torch.device | str = "cpu",
+    autocast: bool = False,
+    seed: int = 0,
+    max_text_len: int | None = None,
+    itm: bool = True,
+) -> list[dict[str, Any]]:
+    """:func:`evaluate_probe` under each frame order of ``orders`` (e.g. ``(None, "permute")``: the probe and its
+    shuffled control) in one pass: each clip is decoded once and each caption and foil encoded once.
+
+    Returns one result per order, each exactly what ``evaluate_probe(..., shuffle_frames=order)`` returns.
+    """
     device = torch.device(device)
     max_len = max_text_len or getattr(dataset, "max_text_len", None) or DEFAULT_PROBE_TEXT_LEN
-    clips = ShuffledFrames(dataset, shuffle_frames, seed) if shuffle_frames else dataset
+    clips = FrameOrders(dataset, orders, seed)
 
     def score(batch: dict[str, Any]) -> tuple[torch.Tensor, ...]:
         pairs = [[caption, foil] for caption, foil in zip(batch["caption"], batch["foil"])]
-        itm_scores, itc = score_texts_per_clip(model, batch["video"], pairs, max_len, device, autocast, itm=itm)
-        credits = (preference_credit(itc[:, 0], itc[:, 1]),)
-        return credits + ((preference_credit(itm_scores[:, 0], itm_scores[:, 1]),) if itm else ())
+        texts = encode_texts_per_clip(model, pairs, max_len, device, autocast)
+        credits: tuple[torch.Tensor, ...] = ()
+        for m in range(len(clips.modes)):  # batch["video"]: [B, M, T, 3, H, W]
+            itm_scores, itc = score_clips_against_texts(model, batch["video"][:, m], texts, device, autocast, itm=itm)
+            credits += (preference_credit(itc[:, 0], itc[:, 1]),)
+            credits += (preference_credit(itm_scores[:, 0], itm_scores[:, 1]),) if itm else ()
+        return credits
 
     with evaluation_mode(model):
         credits = map_clips(clips, score, batch_size=batch_size, num_workers=num_workers)
-    accuracy = {"itc_acc": float(credits[0].mean())}
-    if itm:
-        accuracy["itm_acc"] = float(credits[1].mean())
-    return {
-        **accuracy,
-        "n": int(credits[0].numel()),
-        "protocol": describe_protocol(
-            dataset,
-            task="temporal_probe",
-            shuffle_frames=shuffle_frames or "none",
-            shuffle_seed=seed if shuffle_frames == "permute" else None,
-            text_max_len=max_len,
-            ties="half credit",
-            autocast="bf16" if autocast else "fp32",
-        ),
-    }
+    per_order = 2 if itm else 1
+    results = []
+    for m, mode in enumerate(clips.modes):
+        itc_credit = credits[m * per_order]
+        accuracy = {"itc_acc": float(itc_credit.mean())}
+        if itm:
+            accuracy["itm_acc"] = float(credits[m * per_order + 1].mean())
+        results.append({
+            **accuracy,
+            "n": int(itc_credit.numel()),
+            "protocol": describe_protocol(
+                dataset,
+                task="temporal_probe",
+                shuffle_frames=mode or "none",
+                shuffle_seed=seed if mode == "permute" else None,
+                text_max_len=max_len,
+                ties="half credit",
+                autocast="bf16" if autocast else "fp32",
+            ),
+        })
+    return results

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from stmvl.config import RunConfig
-from stmvl.eval.probe import evaluate_probe
+from stmvl.eval.probe import evaluate_probe_orders
 from stmvl.eval.retrieval import evaluate_retrieval
 
 from .data import eval_datasets
@@ -31,10 +31,12 @@ def evaluate_corpora(model, cfg: RunConfig, device: torch.device | str, autocast
         if corpus.kind == "retrieval":
             results[name] = evaluate_retrieval(model, dataset, k_test=ev.k_test, **common)
         elif corpus.kind == "probe":
-            results[name] = evaluate_probe(model, dataset, **common)
+            # the control in the same pass: each clip decoded once, each caption and foil encoded once
+            orders = (None, "permute") if ev.shuffled_frames_control else (None,)
+            scored = evaluate_probe_orders(model, dataset, orders, seed=cfg.runtime.seed, **common)
+            results[name] = scored[0]
             if ev.shuffled_frames_control:
-                results[f"{name}_shuffled"] = evaluate_probe(model, dataset, shuffle_frames="permute",
-                                                             seed=cfg.runtime.seed, **common)
+                results[f"{name}_shuffled"] = scored[1]
     return results
 
 
