@@ -232,8 +232,14 @@ def test_the_kept_converter_gives_each_frame_its_own_pixels_as_a_fresh_conversio
     assert not np.array_equal(pairs[0][0], pairs[1][0])
 
 
-def test_the_decoded_clip_cache_samples_the_frames_of_a_fresh_read_within_its_byte_budget(tmp_path):
+def test_the_decoded_clip_cache_samples_the_frames_of_a_fresh_read_within_its_byte_budget(tmp_path, monkeypatch):
+    import stmvl.data.video as video
     from stmvl.data.video import DecodedClipCache
+
+    decoded_counts = []
+    decode = video._decode_wanted
+    monkeypatch.setattr(video, "_decode_wanted", lambda c, s, wanted, *a, **k: (decoded_counts.append(len(wanted)),
+                                                                                decode(c, s, wanted, *a, **k))[1])
 
     paths = []
     for k in range(3):
@@ -255,9 +261,11 @@ def test_the_decoded_clip_cache_samples_the_frames_of_a_fresh_read_within_its_by
     for epoch in range(2):
         reads(tight, epoch)
     assert (tight.misses, tight.hits, len(tight), tight.nbytes) == (6, 0, 2, 2 * clip_bytes)
-    too_small = DecodedClipCache(clip_bytes - 1)
+    too_small = DecodedClipCache(clip_bytes - 1)  # read as without a cache: nothing decoded whole, nothing kept
+    decoded_counts.clear()
     reads(too_small, 0)
-    assert len(too_small) == 0 and too_small.nbytes == 0
+    assert len(too_small) == 0 and too_small.nbytes == 0 and too_small.misses == 3
+    assert max(decoded_counts) <= 4  # the sampled frames only, never the whole clip
 
 
 def test_the_cache_keys_clip_bounds_skips_in_memory_bytes_and_needs_pyav(tmp_path):

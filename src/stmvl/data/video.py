@@ -282,7 +282,8 @@ class DecodedClipCache:
     For corpora small enough to stay decoded and read for many epochs (the demo's 3000 clips of 16 frames at 64 px
     take 590 MB): a clip is decoded whole once and every later epoch samples its frames from memory, so a loader
     worker spends its time on crops instead of on opening and decoding files. Each DataLoader worker holds its own
-    cache (persistent workers keep it across epochs). A clip larger than ``max_bytes`` is not kept.
+    cache (persistent workers keep it across epochs). A clip whose frames would take more than ``max_bytes`` (from
+    its header) is read as without a cache: only its sampled frames are decoded, and nothing is kept.
     """
 
     def __init__(self, max_bytes: int):
@@ -293,6 +294,10 @@ class DecodedClipCache:
 
     def __len__(self) -> int:
         return len(self._clips)
+
+    def fits(self, nbytes: int) -> bool:
+        """Whether a clip of ``nbytes`` can be kept at all (0 bytes: a header without a frame size)."""
+        return 0 < nbytes <= self.max_bytes
 
     def get(self, key: tuple) -> DecodedClip | None:
         clip = self._clips.get(key)
@@ -367,11 +372,14 @@ def read_video(
         _require_frames(name, last - first, min_frames)
         indices = sample_frame_indices(last - first, num_frames, sampling, rng, fps=info.fps, sample_fps=sample_fps,
                                        first=first)
-        wanted = range(first, last) if cache is not None else sorted(set(indices))
+        # a clip whose frames cannot fit the cache is read as without one: only its sampled frames decoded
+        whole = cache is not None and not isinstance(media, (bytes, bytearray)) and cache.fits(
+            (last - first) * stream.codec_context.width * stream.codec_context.height * 3)
+        wanted = range(first, last) if whole else sorted(set(indices))
         decoded = _decode_wanted(container, stream, wanted, info.fps, name, limits)
     finally:
         container.close()
-    if cache is not None and not isinstance(media, (bytes, bytearray)):
+    if whole:
         cache.put(key, DecodedClip(decoded, first, last, info.fps))
     return _assemble(decoded, indices), indices
 
