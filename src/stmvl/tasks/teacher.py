@@ -13,6 +13,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -63,7 +64,9 @@ class LockedTextCLIP(nn.Module):
         The tower is frozen and dropout-free here, so each distinct caption is encoded once and cached: the static
         image captions repeat a lot, and the text tower would otherwise cost more than the image tower.
         """
-        keys = [bytes(row[m.bool()].cpu().numpy().tobytes()) for row, m in zip(ids, mask)]
+        # keys in numpy: per-row torch ops cost more than the encoding under the engine's FLOP counter
+        ids_np, keep = ids.cpu().numpy().astype(np.int64, copy=False), mask.cpu().numpy().astype(bool)
+        keys = [row[row_keep].tobytes() for row, row_keep in zip(ids_np, keep)]
         missing = [i for i, k in enumerate(dict.fromkeys(keys)) if k not in self._cache]
         if missing:
             unique = list(dict.fromkeys(keys))
@@ -125,7 +128,7 @@ class TeacherTask(StreamTask):
         costs the same and the engine's one counted step per kind gives exact FLOPs (a lazily filled cache makes
         the first step, the one counted, many times dearer than the rest). Shard corpora, which have no annotation
         file to read, keep the lazy cache."""
-        texts = corpus_texts(self.cfg)
+        texts = sorted(corpus_texts(self.cfg), key=len)  # batches of similar lengths pad little
         tokenizer = tokenizer_for(self.cfg.model.text)
         device = next(model.parameters()).device
         for start in range(0, len(texts), CAPTION_BATCH):
