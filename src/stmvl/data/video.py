@@ -355,7 +355,8 @@ def read_video(
         return _read_video_decord(media, name, num_frames, sampling, rng, start, end, min_frames, sample_fps, limits,
                                   threads)
     key = (name, start, end)
-    clip = cache.get(key) if cache is not None and not isinstance(media, (bytes, bytearray)) else None
+    cacheable = cache is not None and not isinstance(media, (bytes, bytearray))
+    clip = cache.get(key) if cacheable else None
     if clip is not None:
         _require_frames(name, clip.last - clip.first, min_frames)
         indices = sample_frame_indices(clip.last - clip.first, num_frames, sampling, rng, fps=clip.fps,
@@ -373,8 +374,7 @@ def read_video(
         indices = sample_frame_indices(last - first, num_frames, sampling, rng, fps=info.fps, sample_fps=sample_fps,
                                        first=first)
         # a clip whose frames cannot fit the cache is read as without one: only its sampled frames decoded
-        whole = cache is not None and not isinstance(media, (bytes, bytearray)) and cache.fits(
-            (last - first) * stream.codec_context.width * stream.codec_context.height * 3)
+        whole = cacheable and cache.fits((last - first) * stream.codec_context.width * stream.codec_context.height * 3)
         wanted = range(first, last) if whole else sorted(set(indices))
         decoded = _decode_wanted(container, stream, wanted, info.fps, name, limits)
     finally:

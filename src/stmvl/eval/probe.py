@@ -50,29 +50,6 @@ def frame_permutation(index: int, num_frames: int, mode: str | None, seed: int =
     return order
 
 
-class ShuffledFrames:
-    """A view of a clip dataset with the frames of item i reordered by :func:`frame_permutation`."""
-
-    def __init__(self, dataset: Any, mode: str | None, seed: int = 0):
-        self.dataset, self.mode, self.seed = dataset, mode, seed
-        frame_permutation(0, 1, mode)  # validate the mode before any clip is decoded
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        item = dict(self.dataset[index])
-        video = item["video"]
-        item["video"] = video[frame_permutation(index, video.shape[0], self.mode, self.seed)]
-        return item
-
-    def __getattr__(self, name: str) -> Any:
-        # Protocol attributes (split, num_frames, ...) come from the wrapped dataset.
-        if name == "dataset":
-            raise AttributeError(name)
-        return getattr(self.dataset, name)
-
-
 def preference_credit(true_score: torch.Tensor, foil_score: torch.Tensor) -> torch.Tensor:
     """1 where the caption wins, 0.5 on a tie, 0 where the foil wins: [B], [B] -> float [B]."""
     return (true_score > foil_score).float() + 0.5 * (true_score == foil_score).float()
@@ -98,9 +75,24 @@ class FrameOrders:
         return item
 
     def __getattr__(self, name: str) -> Any:
+        # Protocol attributes (split, num_frames, ...) come from the wrapped dataset.
         if name == "dataset":
             raise AttributeError(name)
         return getattr(self.dataset, name)
+
+
+class ShuffledFrames(FrameOrders):
+    """A view of a clip dataset with the frames of item i reordered by :func:`frame_permutation` (one order of
+    :class:`FrameOrders`): ``"video"`` uint8 [T, 3, H, W]."""
+
+    def __init__(self, dataset: Any, mode: str | None, seed: int = 0):
+        super().__init__(dataset, (mode,), seed)
+        self.mode = mode
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        item = super().__getitem__(index)
+        item["video"] = item["video"][0]
+        return item
 
 
 def evaluate_probe(

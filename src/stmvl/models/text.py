@@ -199,6 +199,15 @@ class BertEncoder(nn.Module):
         return self.mlm(states, self.embeddings.word.weight)
 
 
+def token_keys(ids: torch.Tensor, mask: torch.Tensor) -> list[bytes]:
+    """One hashable key per caption: the bytes of its int64 token ids under the mask (ids, mask: [B, L]).
+
+    Computed in numpy: per-row torch ops cost more than the encoding itself when the engine counts the FLOPs of a
+    cache fill (FlopCounterMode intercepts every torch call)."""
+    ids_np, keep = ids.cpu().numpy().astype(np.int64, copy=False), mask.cpu().numpy().astype(bool)
+    return [row[row_keep].tobytes() for row, row_keep in zip(ids_np, keep)]
+
+
 class FrozenStateCache:
     """The text-only states of captions the frozen layers ``[0, F)`` have already encoded, keyed by token ids.
 
@@ -223,14 +232,6 @@ class FrozenStateCache:
         """Memory held by the cached states."""
         return sum(t.numel() * t.element_size() for t in self._states.values())
 
-    @staticmethod
-    def _keys(ids: torch.Tensor, mask: torch.Tensor) -> list[bytes]:
-        """One key per row: the bytes of its int64 token ids under the mask. Computed in numpy: per-row torch ops
-        cost more than the encoding itself when the engine counts the FLOPs of the cache fill (FlopCounterMode
-        intercepts every torch call)."""
-        ids_np, keep = ids.cpu().numpy().astype(np.int64, copy=False), mask.cpu().numpy().astype(bool)
-        return [row[row_keep].tobytes() for row, row_keep in zip(ids_np, keep)]
-
     def states(self, encoder: BertEncoder, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Text-only states ``[B, L, H]`` of the batch, from the cache where present (see the class docstring)."""
         if input_ids.dim() != 2:
@@ -244,7 +245,7 @@ class FrozenStateCache:
     @torch.no_grad()
     def _encode_missing(self, encoder: BertEncoder, ids: torch.Tensor, mask: torch.Tensor) -> list[bytes]:
         """The key of every row; each distinct caption not cached yet is encoded (once) and kept."""
-        keys = self._keys(ids, mask)
+        keys = token_keys(ids, mask)
         first_row: dict[bytes, int] = {}
         for i, key in enumerate(keys):
             if key not in self._states:

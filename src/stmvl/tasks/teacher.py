@@ -13,13 +13,13 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from stmvl.config import ConfigError, RunConfig
 from stmvl.models.teacher import CLIPTeacher
+from stmvl.models.text import token_keys
 from stmvl.models.weights import load_bert, save_model
 from stmvl.models.stm import text_weights_folder
 from stmvl.train.engine import TrainContext, unwrap_model
@@ -64,9 +64,7 @@ class LockedTextCLIP(nn.Module):
         The tower is frozen and dropout-free here, so each distinct caption is encoded once and cached: the static
         image captions repeat a lot, and the text tower would otherwise cost more than the image tower.
         """
-        # keys in numpy: per-row torch ops cost more than the encoding under the engine's FLOP counter
-        ids_np, keep = ids.cpu().numpy().astype(np.int64, copy=False), mask.cpu().numpy().astype(bool)
-        keys = [row[row_keep].tobytes() for row, row_keep in zip(ids_np, keep)]
+        keys = token_keys(ids, mask)
         missing = [i for i, k in enumerate(dict.fromkeys(keys)) if k not in self._cache]
         if missing:
             unique = list(dict.fromkeys(keys))
