@@ -148,3 +148,18 @@ def test_sincos_tables_are_built_once_per_grid_and_device_and_match_the_formula(
     with torch.inference_mode():
         fresh = sincos_table((50,), 64)
     assert not fresh.is_inference()  # usable in a later training step
+
+
+def test_cross_attention_context_index_equals_repeating_the_context_in_value_and_gradient():
+    # a context row shared by several queries: its gradient is the sum over them, as if each had its own copy
+    torch.manual_seed(0)
+    attention = layers.CrossAttention(16, 4, context_dim=8)
+    x = torch.randn(5, 3, 16)
+    context = torch.randn(2, 7, 8, requires_grad=True)
+    index = torch.tensor([1, 0, 1, 1, 0])
+    out = attention(x, context, context_index=index)
+    (grad,) = torch.autograd.grad(out.square().sum(), context)
+    expected = attention(x, context[index])
+    (expected_grad,) = torch.autograd.grad(expected.square().sum(), context)
+    assert torch.allclose(out, expected, atol=1e-6)
+    assert torch.allclose(grad, expected_grad, atol=1e-5)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from stmvl.models.layers import sincos_1d
-from stmvl.models.vit import VideoViT, count_parameters, vit_config
+from stmvl.models.vit import PatchEmbed, VideoViT, count_parameters, vit_config
 
 
 @pytest.fixture(scope="module")
@@ -121,3 +121,21 @@ def test_bad_input_is_rejected(tiny):
         tiny(torch.rand(1, 3, 4, 32, 32))
     with pytest.raises(ValueError, match="not divisible"):
         tiny(torch.rand(1, 1, 3, 30, 32))
+
+
+@pytest.mark.parametrize("channels, tubelet, patch, frames, size", [(6, 1, 8, 3, 40), (3, 2, 16, 4, 32), (3, 1, 16, 1, 48)])
+def test_patch_embedding_is_the_convolution_it_stores(channels, tubelet, patch, frames, size):
+    # the forward is a reshape + linear; the stored Conv3d (what checkpoints and the UMT importer hold) must give
+    # the same tokens, frame-major, and the same weight gradient
+    torch.manual_seed(0)
+    embed = PatchEmbed(channels, 32, patch, tubelet)
+    x = torch.randn(2, channels, frames, size, size)
+    tokens = embed(x)
+    expected = embed.proj(x).flatten(2).transpose(1, 2)
+    assert tokens.shape == expected.shape
+    assert torch.allclose(tokens, expected, atol=1e-5)
+    (grad,) = torch.autograd.grad(tokens.square().sum(), embed.proj.weight)
+    (expected_grad,) = torch.autograd.grad(expected.square().sum(), embed.proj.weight)
+    assert torch.allclose(grad, expected_grad, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="does not split"):
+        embed(torch.randn(1, channels, frames, size + 1, size))

@@ -175,7 +175,9 @@ class CrossAttention(nn.Module):
         k = _split_heads(self.k(context), self.heads)
         v = _split_heads(self.v(context), self.heads)
         if context_index is not None:
-            k, v = k[context_index], v[context_index]
+            # index_select, not k[context_index]: its backward is an index_add, where advanced indexing's is an
+            # accumulating index_put (2.0 against 0.3 ms for the demo's fusion pairs on a CPU)
+            k, v = k.index_select(0, context_index), v.index_select(0, context_index)
         p = self.dropout if self.training else 0.0
         return self.out(_merge_heads(attend(q, k, v, attn_mask=attn_mask, dropout_p=p)))
 

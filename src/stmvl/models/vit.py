@@ -11,6 +11,7 @@ from typing import NamedTuple
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
 from stmvl.models.config import VisionConfig
@@ -77,7 +78,16 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv3d(in_channels, width, kernel_size=(tubelet, patch, patch), stride=(tubelet, patch, patch))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x).flatten(2).transpose(1, 2)
+        # The kernel equals the stride, so the convolution is one matmul over non-overlapping patches. Written as
+        # that matmul (same weights, same sums): on a CPU oneDNN's Conv3d took 4.3 ms forward + backward for a demo
+        # batch against 2.2 ms for the reshape + linear, and the demo runs it three times a video step.
+        B, C, T, H, W = x.shape
+        tub, p = self.proj.kernel_size[0], self.proj.kernel_size[1]
+        if T % tub or H % p or W % p:
+            raise ValueError(f"input [{C}, {T}, {H}, {W}] does not split into {tub}x{p}x{p} patches")
+        patches = x.reshape(B, C, T // tub, tub, H // p, p, W // p, p).permute(0, 2, 4, 6, 1, 3, 5, 7)
+        patches = patches.reshape(B, (T // tub) * (H // p) * (W // p), C * tub * p * p)
+        return F.linear(patches, self.proj.weight.flatten(1), self.proj.bias)
 
 
 class Block(nn.Module):
