@@ -41,7 +41,20 @@ def test_scaled_down_demo_reports_the_compute_of_every_stage(tmp_path):
     assert compute["numbers"]["total"]["TFLOP"] == pytest.approx(summary["total"]["flops"] / 1e12, abs=0.01)
     attributes = next(s for s in report["sections"] if s["title"].startswith("What the top-ranked clip"))
     assert attributes["numbers"]["captions"] >= 1 and 0 <= attributes["numbers"]["shape"] <= 100
-    assert stages["attribute check"]["flops"] > 0
+    # the attribute check ranks by the similarity the final evaluation saved: nothing encoded again, and that
+    # matrix gives the retrieval table's R@1
+    assert stages["attribute check"]["flops"] == 0
+    assert "the final evaluation's ITC similarity" in attributes["text"]
+    saved = torch.load(tmp_path / "demo" / "pretrain" / "similarity" / "synth_test.pt", weights_only=True)
+    assert saved["itc"].shape == (16, 16) and len(saved["texts"]) == 16 and len(saved["videos"]) == 16
+    from stmvl.eval.metrics import retrieval_metrics
+    from stmvl.tasks.data import eval_datasets
+    from stmvl.tasks.pretrain import load_run_config as load_cfg
+
+    (_, test_set), = eval_datasets(load_cfg(str(tmp_path / "demo" / "pretrain" / "config.yaml")),
+                                    ("retrieval",)).values()
+    r1 = retrieval_metrics(saved["itc"], test_set.txt2vid, test_set.vid2txt)["t2v_r1"]
+    assert r1 == pytest.approx(summary["results"]["stm"]["synth_test.itc.t2v_r1"])
     for key in ("synth_test.itc.t2v_r1", "synth_probe.itc_acc", "synth_probe_shuffled.itc_acc"):
         assert summary["results"]["stm"][key] is not None
     # the quick tier scores ITC only (eval.itm: never), and its report says so

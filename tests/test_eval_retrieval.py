@@ -110,8 +110,11 @@ def test_itc_similarity_is_frame_mean_of_cosines():
 
 def test_itm_reranking_lifts_the_third_itc_candidate_to_first():
     model, dataset = build(cyclic_sim(), 4.0 * torch.eye(4))
-    result = evaluate_retrieval(model, dataset, batch_size=5, k_test=3)
+    similarity = {}
+    result = evaluate_retrieval(model, dataset, batch_size=5, k_test=3, similarity_out=similarity)
     itc, itm = result["itc"], result["itm"]
+    # the matrix the ITC table ranked by is handed back (the ITM re-ranking does not change it)
+    torch.testing.assert_close(similarity["itc"], cyclic_sim(), atol=1e-6, rtol=0)
     assert (itc["t2v_r1"], itc["t2v_r5"], itc["t2v_medr"], itc["t2v_meanr"]) == (0.0, 100.0, 3.0, 3.0)
     assert (itc["v2t_r1"], itc["v2t_medr"]) == (0.0, 3.0)
     assert (itm["t2v_r1"], itm["v2t_r1"], itm["t2v_meanr"], itm["r_mean"]) == (100.0, 100.0, 1.0, 100.0)

@@ -296,13 +296,14 @@ def attribute_accuracy(sim: torch.Tensor, caption_attrs: list[dict], clip_attrs:
     return {"captions": count, **{name: 100.0 * n / max(count, 1) for name, n in hits.items()}}
 
 
-def attribute_section(model_dir: Path, cfg) -> tuple["Section", dict[str, float]] | None:
-    """The attribute check of the final model on the synthetic test clips (ITC similarities, all tokens), with
-    the seconds and FLOPs it cost; None without the synthetic corpus' test annotations."""
-    from stmvl.api import encode_text, encode_video, load_model, read_clip
+def attribute_section(model_dir: Path, cfg, run_dir: Path | None = None) -> tuple["Section", dict[str, float]] | None:
+    """The attribute check of the final model on the synthetic test clips, with the seconds and FLOPs it cost; None
+    without the synthetic corpus' test annotations.
+
+    It ranks by the similarity the final evaluation saved (``<run_dir>/similarity``, the ranking the retrieval table
+    reports, at no cost); a run without it (an older run reused) is scored again by pooled ITC embeddings."""
     from stmvl.data.annotations import read_records
     from stmvl.report import Section
-    from stmvl.train.flops import count_flops
 
     root = Path(cfg.data.synthetic.dir)
     clips_file, captions_file = root / "annotations" / "test_video.json", root / "annotations" / "retrieval_test.json"
@@ -310,6 +311,45 @@ def attribute_section(model_dir: Path, cfg) -> tuple["Section", dict[str, float]
         return None
     clips, captions = read_records(clips_file), read_records(captions_file)
     started = time.perf_counter()
+    saved = saved_test_similarity(run_dir, cfg, captions_file, captions, clips) if run_dir is not None else None
+    if saved is not None:
+        sim, clip_attrs, flops = saved[0], saved[1], 0.0
+        how = "the final evaluation's ITC similarity (the ranking of the retrieval table)"
+    else:
+        sim, flops = pooled_similarity(model_dir, root, captions, clips)
+        clip_attrs, how = [c["attributes"] for c in clips], "ITC similarity of pooled embeddings"
+    # a caption's own attributes are those of the clip it was written from (the same "video" in both files)
+    by_video = {c["video"]: c["attributes"] for c in clips}
+    numbers = attribute_accuracy(sim, [by_video[c["video"]] for c in captions], clip_attrs)
+    text = (f"For each one-object test caption, whether the clip ranked first ({how}) has the caption's colour, "
+            "shape and motion (chance: 1/8, 1/6 and 1/7). R@1 alone does not say which attribute a miss got wrong.")
+    section = Section("What the top-ranked clip gets right (one-object captions, %)", numbers, text=text)
+    return section, {"seconds": time.perf_counter() - started, "flops": flops}
+
+
+def saved_test_similarity(run_dir: Path, cfg, captions_file: Path, captions: list[dict],
+                          clips: list[dict]) -> tuple[torch.Tensor, list[dict]] | None:
+    """(similarity [captions, clips], each column's attributes) saved by the final evaluation of the retrieval corpus
+    read from ``captions_file``; None when there is none or it holds other texts or clips."""
+    name = next((c.name for c in cfg.eval.corpora if c.kind == "retrieval"
+                 and Path(c.annotation).resolve() == captions_file.resolve()), None)
+    path = Path(run_dir) / "similarity" / f"{name}.pt"
+    if name is None or not path.is_file():
+        return None
+    saved = torch.load(path, weights_only=True)
+    root = Path(cfg.data.synthetic.dir)
+    by_path = {str((root / c["video"]).resolve()): c["attributes"] for c in clips}
+    columns = [by_path.get(str(Path(v).resolve())) for v in saved["videos"]]
+    if saved["texts"] != [c["caption"] for c in captions] or any(a is None for a in columns):
+        return None
+    return saved["itc"], columns
+
+
+def pooled_similarity(model_dir: Path, root: Path, captions: list[dict], clips: list[dict]) -> tuple[torch.Tensor, float]:
+    """ITC similarity [captions, clips] of the model's pooled embeddings, and the FLOPs it cost."""
+    from stmvl.api import encode_text, encode_video, load_model, read_clip
+    from stmvl.train.flops import count_flops
+
     model = load_model(model_dir).eval()
     box: dict[str, torch.Tensor] = {}
 
@@ -320,13 +360,7 @@ def attribute_section(model_dir: Path, cfg) -> tuple["Section", dict[str, float]
         box["sim"] = torch.cat(texts) @ torch.cat(videos).t()
 
     flops = count_flops(embed)
-    # a caption's own attributes are those of the clip it was written from (the same "video" in both files)
-    by_video = {c["video"]: c["attributes"] for c in clips}
-    numbers = attribute_accuracy(box["sim"], [by_video[c["video"]] for c in captions], [c["attributes"] for c in clips])
-    text = ("For each one-object test caption, whether the clip ranked first (ITC) has the caption's colour, shape and "
-            "motion (chance: 1/8, 1/6 and 1/7). R@1 alone does not say which attribute a miss got wrong.")
-    section = Section("What the top-ranked clip gets right (one-object captions, %)", numbers, text=text)
-    return section, {"seconds": time.perf_counter() - started, "flops": flops}
+    return box["sim"], flops
 
 
 def compute_section(stages: dict[str, dict[str, float]], precision: str) -> "Section":
@@ -390,7 +424,7 @@ def write_demo_report(out: Path, runs: dict[str, dict], stages: dict[str, dict[s
                         ("synth_probe_shuffled", "Control: the same probe with the frames shuffled (should be ~50%)")):
         if name in results:
             sections.append(Section.from_result(title, results[name]))
-    attributes = attribute_section(Path(main["model_dir"]), cfg)
+    attributes = attribute_section(Path(main["model_dir"]), cfg, Path(main["run_dir"]))
     if attributes is not None:
         sections.append(attributes[0])
         stages["attribute check"] = attributes[1]  # the caller's dict: its total includes this stage

@@ -130,6 +130,7 @@ def evaluate_retrieval(
     autocast: bool = False,
     max_text_len: int | None = None,
     itm: bool = True,
+    similarity_out: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, Any]:
     """Retrieval evaluation of ``model`` on ``dataset`` with both tables.
 
@@ -142,6 +143,8 @@ def evaluate_retrieval(
         k_test: candidates re-ranked by ITM per query.
         max_text_len: tokenizer truncation; defaults to ``dataset.max_text_len`` or 32.
         itm: set False to skip the re-ranking (only the ``itc`` table is returned).
+        similarity_out: a dict that receives ``"itc"``: the ITC similarity ``[texts, videos]`` (float, CPU) the
+            ``itc`` table ranks by, for error analysis (the metrics stay JSON-ready).
 
     Returns:
         ``{"itc": metrics, "itm": metrics, "protocol": {...}}`` (see :func:`stmvl.eval.metrics.retrieval_metrics`).
@@ -158,6 +161,8 @@ def evaluate_retrieval(
         model, dataset.texts, max_length=max_len, batch_size=batch_size, device=device, autocast=autocast
     )
     sim = itc_similarity(text_embeds, frame_embeds)
+    if similarity_out is not None:
+        similarity_out["itc"] = sim.detach().float().cpu()
     result: dict[str, Any] = {"itc": retrieval_metrics(sim, dataset.txt2vid, dataset.vid2txt, source=source)}
     k = min(k_test, max(sim.shape))
     if itm:

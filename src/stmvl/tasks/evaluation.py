@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -14,13 +15,15 @@ from .data import eval_datasets
 
 
 def evaluate_corpora(model, cfg: RunConfig, device: torch.device | str, autocast: bool = False,
-                     kinds: tuple[str, ...] = ("retrieval", "probe"), final: bool = True) -> dict[str, Any]:
+                     kinds: tuple[str, ...] = ("retrieval", "probe"), final: bool = True,
+                     similarity_dir: Path | None = None) -> dict[str, Any]:
     """{corpus name: result} for every eval corpus of the requested kinds.
 
     Retrieval results hold both tables ("itc", "itm"); probe results hold ITC / ITM accuracy, and, with
     eval.shuffled_frames_control, the same probe with the frames of every clip in a shuffled order under
     "<name>_shuffled" (an order-aware model must fall to about chance there). Without ITM (eval.itm 'never', or
     'final' when ``final`` is False: an intermediate evaluation of a run) only the ITC table and accuracy are there.
+    ``similarity_dir``: also write each retrieval corpus' ITC similarity there (:func:`save_similarity`).
     """
     ev = cfg.eval
     itm = uses_itm(ev.itm, final)
@@ -29,7 +32,10 @@ def evaluate_corpora(model, cfg: RunConfig, device: torch.device | str, autocast
     results: dict[str, Any] = {}
     for name, (corpus, dataset) in eval_datasets(cfg, kinds).items():
         if corpus.kind == "retrieval":
-            results[name] = evaluate_retrieval(model, dataset, k_test=ev.k_test, **common)
+            similarity: dict[str, torch.Tensor] = {}
+            results[name] = evaluate_retrieval(model, dataset, k_test=ev.k_test, similarity_out=similarity, **common)
+            if similarity_dir is not None:
+                save_similarity(Path(similarity_dir) / f"{name}.pt", similarity["itc"], dataset)
         elif corpus.kind == "probe":
             # the control in the same pass: each clip decoded once, each caption and foil encoded once
             orders = (None, "permute") if ev.shuffled_frames_control else (None,)
@@ -38,6 +44,15 @@ def evaluate_corpora(model, cfg: RunConfig, device: torch.device | str, autocast
             if ev.shuffled_frames_control:
                 results[f"{name}_shuffled"] = scored[1]
     return results
+
+
+def save_similarity(path: Path, similarity: torch.Tensor, dataset) -> Path:
+    """Write ``{"itc": float [texts, videos], "texts": [str], "videos": [media path of each column]}`` to ``path``
+    (torch.save): what the ITC table ranked, to see which clip each text put first."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    videos = [str(dataset.media_path(record)) for record in dataset.records]
+    torch.save({"itc": similarity, "texts": list(dataset.texts), "videos": videos}, path)
+    return path
 
 
 def uses_itm(choice: str, final: bool) -> bool:

@@ -110,8 +110,11 @@ class PretrainTask(StreamTask):
 
     def evaluate(self, model: nn.Module, epoch: int) -> dict[str, Any]:
         # kept nested (the engine logs a flattened copy) for reports
+        # the final evaluation also keeps each retrieval corpus' similarity matrix (<run>/similarity/<name>.pt)
+        keep = self.ctx.finished and self.ctx.rank == 0
         self.last_results = evaluate_corpora(unwrap_model(model), self.cfg, self.ctx.device,
-                                             autocast=self.ctx.precision == "bf16", final=self.ctx.finished)
+                                             autocast=self.ctx.precision == "bf16", final=self.ctx.finished,
+                                             similarity_dir=Path(self.ctx.run_dir) / "similarity" if keep else None)
         return self.last_results
 
 
