@@ -123,7 +123,8 @@ def test_bad_input_is_rejected(tiny):
         tiny(torch.rand(1, 1, 3, 30, 32))
 
 
-@pytest.mark.parametrize("channels, tubelet, patch, frames, size", [(6, 1, 8, 3, 40), (3, 2, 16, 4, 32), (3, 1, 16, 1, 48)])
+@pytest.mark.parametrize("channels, tubelet, patch, frames, size",
+                         [(6, 1, 8, 3, 40), (3, 2, 16, 4, 32), (3, 1, 16, 1, 48)])
 def test_patch_embedding_is_the_convolution_it_stores(channels, tubelet, patch, frames, size):
     # the forward is a reshape + linear; the stored Conv3d (what checkpoints and the UMT importer hold) must give
     # the same tokens, frame-major, and the same weight gradient
