@@ -219,6 +219,16 @@ def test_evaluate_command_reproduces_the_end_of_training_numbers(recipe, tmp_pat
     assert again["t"]["itm"] == pytest.approx(result["results"]["t"]["itm"])
     assert again["p"]["itc_acc"] == pytest.approx(result["results"]["p"]["itc_acc"])
     assert again["t"]["protocol"]["k_test"] == 2
+    # the final evaluation kept the retrieval corpus' ITC matrix, and it ranks to the reported ITC numbers
+    from stmvl.eval.metrics import retrieval_metrics
+    from stmvl.tasks.data import eval_datasets
+
+    saved = torch.load(Path(result["run_dir"]) / "similarity" / "t.pt", weights_only=True)
+    (_, dataset), = eval_datasets(load_run_config(str(recipe), common), ("retrieval",)).values()
+    assert saved["texts"] == dataset.texts and len(saved["videos"]) == len(dataset)
+    ranked = retrieval_metrics(saved["itc"], dataset.txt2vid, dataset.vid2txt)
+    assert ranked == pytest.approx(result["results"]["t"]["itc"])
+    assert not (Path(result["run_dir"]) / "similarity" / "p.pt").exists()  # probes have no matrix
 
 
 def test_itm_only_at_the_final_evaluation_and_never(recipe, tmp_path):
