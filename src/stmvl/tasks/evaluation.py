@@ -32,9 +32,10 @@ def evaluate_corpora(model, cfg: RunConfig, device: torch.device | str, autocast
     results: dict[str, Any] = {}
     for name, (corpus, dataset) in eval_datasets(cfg, kinds).items():
         if corpus.kind == "retrieval":
-            similarity: dict[str, torch.Tensor] = {}
+            # the matrix is copied off the device only when it is to be written (the final evaluation of a run)
+            similarity: dict[str, torch.Tensor] | None = {} if similarity_dir is not None else None
             results[name] = evaluate_retrieval(model, dataset, k_test=ev.k_test, similarity_out=similarity, **common)
-            if similarity_dir is not None:
+            if similarity is not None:
                 save_similarity(Path(similarity_dir) / f"{name}.pt", similarity["itc"], dataset)
         elif corpus.kind == "probe":
             # the control in the same pass: each clip decoded once, each caption and foil encoded once
