@@ -104,6 +104,58 @@ def test_loader_skips_broken_media_and_quarantines_exactly_them(corpus, tmp_path
     assert all(e["corpus"] == "broken" for e in entries)
 
 
+def test_a_prefilled_cache_changes_no_sample_and_leaves_broken_media_to_the_quarantine(corpus, tmp_path,
+                                                                                       monkeypatch):
+    import stmvl.data.video as video
+
+    annotation, media, bad = _broken_corpus(corpus, tmp_path)
+    kwargs = dict(num_frames=4, img_size=16, min_frames=4, max_bad_fraction=0.5, decoded_cache_mib=64)
+    lazy = VideoTextDataset(annotation, media, quarantine=Quarantine(tmp_path / "lazy"), **kwargs)
+    quarantine = Quarantine(tmp_path / "run")
+    prefilled = VideoTextDataset(annotation, media, quarantine=quarantine, **kwargs)
+    assert prefilled.prefill_decoded_cache(2) == 10  # the 10 good clips; the 5 broken files left to the reads
+    assert len(prefilled.decoded_cache) == 10 and prefilled.decoded_cache.misses == 0
+    decoded = []  # the files the reads decode from here on
+    decode = video._decode_wanted
+    monkeypatch.setattr(video, "_decode_wanted", lambda c, s, w, fps, name, *a: (decoded.append(name),
+                                                                                 decode(c, s, w, fps, name, *a))[1])
+    for epoch in range(2):
+        lazy.set_epoch(epoch)
+        prefilled.set_epoch(epoch)
+        for i in range(len(lazy)):
+            want, got = lazy[i], prefilled[i]
+            assert torch.equal(got["video"], want["video"]) and got["index"] == want["index"]
+    # each good clip decoded once, by the lazy dataset's first read: never again by the prefilled one; the broken
+    # files are quarantined as without the prefill
+    good = [name for name in decoded if Path(name).name not in bad]
+    assert len(good) == len(set(good)) == 10 and len(prefilled.decoded_cache) == 10
+    assert sorted((e["path"].rsplit("/", 1)[-1], e["reason"]) for e in quarantine.entries()) == sorted(bad.items())
+    assert VideoTextDataset(annotation, media, **{**kwargs, "decoded_cache_mib": 0}).prefill_decoded_cache(2) == 0
+
+
+def test_a_prefill_without_a_cache_is_refused_naming_both_keys():
+    from stmvl.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"data.decoded_cache_prefill=2 fills the decoded-clip cache, but "
+                                          r"data.decoded_cache_mib is 0"):
+        load_config("demo", ["data.decoded_cache_mib=0", "data.decoded_cache_prefill=2"])
+    assert load_config("demo", []).data.decoded_cache_prefill == 2
+
+
+def test_prefill_keeps_to_the_cache_budget(corpus):
+    from stmvl.data.video import DecodedClipCache, prefill_decoded_cache
+
+    clips = [(corpus / f"videos/train/train_{i:05d}.mp4", None, None) for i in range(6)]
+    clip_bytes = 8 * 32 * 32 * 3
+    cache = DecodedClipCache(3 * clip_bytes + 100)
+    assert prefill_decoded_cache(cache, clips + clips[:2], 2) == 3  # full after three; duplicates decode once
+    assert len(cache) == 3 and cache.nbytes == 3 * clip_bytes
+    trimmed = DecodedClipCache(10 * clip_bytes)
+    assert prefill_decoded_cache(trimmed, [(clips[0][0], 0.25, None)], 1) == 1
+    (key, clip), = trimmed._clips.items()
+    assert key == (str(clips[0][0]), 0.25, None) and clip.first > 0 and clip.last == 8
+
+
 def test_failure_bound_stops_with_a_clear_error(corpus, tmp_path):
     annotation, media, _ = _broken_corpus(corpus, tmp_path)
     ds = VideoTextDataset(annotation, media, num_frames=2, img_size=16, min_frames=4, max_bad_fraction=0.1)

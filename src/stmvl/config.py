@@ -152,6 +152,9 @@ class DataConfig:
     # training clips kept decoded in each loader worker's memory (MiB, 0 = off; pyav): for small corpora read for
     # many epochs, whose files then decode once (docs/data.md)
     decoded_cache_mib: int = field(default=0, metadata=_range(0, None))
+    # processes that decode the training clips into that cache before the first step (0 = off: the first epoch
+    # decodes each clip as it reads it, in the loader's process)
+    decoded_cache_prefill: int = field(default=0, metadata=_range(0, None))
     max_bad_fraction: float = field(default=0.01, metadata=_range(0.0, 1.0))  # stop when more media fail
     # media over these caps are quarantined (reason too_large) before their pixels are allocated (docs/data.md)
     max_image_pixels: int = field(default=8192 * 8192, metadata=_range(1, None))  # width x height of an image
@@ -759,6 +762,9 @@ def validate(cfg: RunConfig) -> None:
     if cfg.data.decoded_cache_mib and cfg.data.decoder != "pyav":
         raise ConfigError(f"data.decoded_cache_mib={cfg.data.decoded_cache_mib} needs data.decoder: pyav "
                           f"(got {cfg.data.decoder!r}); set data.decoded_cache_mib=0 or data.decoder=pyav")
+    if cfg.data.decoded_cache_prefill and not cfg.data.decoded_cache_mib:
+        raise ConfigError(f"data.decoded_cache_prefill={cfg.data.decoded_cache_prefill} fills the decoded-clip cache, "
+                          f"but data.decoded_cache_mib is 0; set data.decoded_cache_mib or data.decoded_cache_prefill=0")
     syn = cfg.data.synthetic
     if syn.num_images > syn.num_train:
         raise ConfigError(f"data.synthetic.num_images ({syn.num_images}) exceeds data.synthetic.num_train "

@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 from .annotations import AnnotationError, PackedRecords, load_annotations, load_answer_list, media_key
 from .quarantine import BrokenMediaGuard, Quarantine, as_media_error
 from .transforms import EvalTransform, TrainTransform, build_transform, to_float
-from .video import DecodedClipCache, MediaLimits, read_media, resolve_media_path
+from .video import DecodedClipCache, MediaLimits, prefill_decoded_cache, read_media, resolve_media_path
 
 RETRIEVAL_MODES = ("single", "paragraph", "multi")
 
@@ -129,6 +129,17 @@ class MediaDataset(Dataset):
             raise
         except Exception as err:
             raise as_media_error(err, str(path)) from err
+
+    def prefill_decoded_cache(self, processes: int) -> int:
+        """Decode every clip of this dataset into its decoded-clip cache (``decoded_cache_mib``) with ``processes``
+        processes, before the first epoch would decode them one by one; returns how many were put (0 without a
+        cache). Reads afterwards return what they would have returned without it."""
+        if self.decoded_cache is None:
+            return 0
+        records = (self.records[i] for i in range(len(self)))
+        clips = [(self.media_path(r), r.get("start"), r.get("end")) for r in records]
+        return prefill_decoded_cache(self.decoded_cache, clips, processes, min_frames=self.min_frames,
+                                     limits=self.limits, threads=self.video_kwargs.get("threads", 1))
 
     def load_guarded(self, index: int) -> tuple[torch.Tensor, dict, int]:
         """load_clip with broken-media replacement: (video, record, index actually used)."""

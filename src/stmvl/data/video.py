@@ -295,6 +295,9 @@ class DecodedClipCache:
     def __len__(self) -> int:
         return len(self._clips)
 
+    def __contains__(self, key: tuple) -> bool:
+        return key in self._clips
+
     def fits(self, nbytes: int) -> bool:
         """Whether a clip of ``nbytes`` can be kept at all (0 bytes: a header without a frame size)."""
         return 0 < nbytes <= self.max_bytes
@@ -316,6 +319,29 @@ class DecodedClipCache:
             self.nbytes -= self._clips.popitem(last=False)[1].nbytes
         self._clips[key] = clip
         self.nbytes += size
+
+
+def _open_checked(media: Media, name: str, start: float | None, end: float | None, min_frames: int,
+                  limits: MediaLimits, threads: int):
+    """(container, stream, info, first, last) of a video whose header passed every check; the caller closes it."""
+    container = _open_container(media, name)
+    try:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        stream.codec_context.thread_count = int(threads)
+        info = _stream_info(container, stream)
+        _check_stream(name, stream, info, limits)
+        first, last = _trim_range(info, start, end, name)
+        _require_frames(name, last - first, min_frames)
+    except BaseException:
+        container.close()
+        raise
+    return container, stream, info, first, last
+
+
+def _rgb_bytes(stream, num_frames: int) -> int:
+    """Bytes of ``num_frames`` RGB frames at the stream's header size (0 when the header has no size)."""
+    return num_frames * stream.codec_context.width * stream.codec_context.height * 3
 
 
 def read_video(
@@ -362,19 +388,12 @@ def read_video(
         indices = sample_frame_indices(clip.last - clip.first, num_frames, sampling, rng, fps=clip.fps,
                                        sample_fps=sample_fps, first=clip.first)
         return _assemble(clip.frames, indices), indices
-    container = _open_container(media, name)
+    container, stream, info, first, last = _open_checked(media, name, start, end, min_frames, limits, threads)
     try:
-        stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
-        stream.codec_context.thread_count = int(threads)
-        info = _stream_info(container, stream)
-        _check_stream(name, stream, info, limits)
-        first, last = _trim_range(info, start, end, name)
-        _require_frames(name, last - first, min_frames)
         indices = sample_frame_indices(last - first, num_frames, sampling, rng, fps=info.fps, sample_fps=sample_fps,
                                        first=first)
         # a clip whose frames cannot fit the cache is read as without one: only its sampled frames decoded
-        whole = cacheable and cache.fits((last - first) * stream.codec_context.width * stream.codec_context.height * 3)
+        whole = cacheable and cache.fits(_rgb_bytes(stream, last - first))
         wanted = range(first, last) if whole else sorted(set(indices))
         decoded = _decode_wanted(container, stream, wanted, info.fps, name, limits)
     finally:
@@ -382,6 +401,63 @@ def read_video(
     if whole:
         cache.put(key, DecodedClip(decoded, first, last, info.fps))
     return _assemble(decoded, indices), indices
+
+
+ClipRange = tuple[str | os.PathLike, float | None, float | None]  # (video file, start, end) as read_video takes them
+
+
+def prefill_decoded_cache(cache: DecodedClipCache, clips: Sequence[ClipRange], processes: int, *,
+                          min_frames: int = 1, limits: MediaLimits | None = None, threads: int = 1) -> int:
+    """Decode ``clips`` whole into ``cache`` with ``processes`` forked processes; returns how many were put.
+
+    What the first epoch does clip by clip as it reads them (:func:`read_video` with ``cache``), done in parallel
+    before training starts, when the cores have nothing else to do. The cached clips are exactly those the first
+    reads would have kept, so every later read samples the same frames. Stops when the cache is full (the rest are
+    decoded as they are read). A clip that fails a check or does not decode is left out without a word: the training
+    read meets the same failure and counts and quarantines it as usual.
+    """
+    limits = limits or DEFAULT_LIMITS
+    keys = dict.fromkeys((os.fspath(media), start, end) for media, start, end in clips)
+    jobs = [(*key, min_frames, limits, threads, cache.max_bytes) for key in keys if key not in cache]
+    put = 0
+
+    def keep(results) -> None:
+        nonlocal put
+        for result in results:
+            if result is None:
+                continue
+            key, clip = result
+            if cache.nbytes + clip.nbytes > cache.max_bytes:
+                return  # full: a put would evict an earlier clip
+            cache.put(key, clip)
+            put += 1
+
+    if processes <= 1 or len(jobs) < 2:
+        keep(map(_decode_for_cache, jobs))
+    else:
+        import multiprocessing
+
+        # fork: the children only open and decode with PyAV and numpy (no torch op, whose thread pool a fork breaks)
+        with multiprocessing.get_context("fork").Pool(processes) as pool:
+            keep(pool.imap(_decode_for_cache, jobs, chunksize=max(1, min(64, len(jobs) // (processes * 8)))))
+    return put
+
+
+def _decode_for_cache(job: tuple) -> tuple[tuple, DecodedClip] | None:
+    """((path, start, end), the whole decoded clip) as read_video would cache it, or None (error, or too large)."""
+    path, start, end, min_frames, limits, threads, max_bytes = job
+    try:
+        name = _check_file(path)
+        container, stream, info, first, last = _open_checked(path, name, start, end, min_frames, limits, threads)
+        try:
+            if not 0 < _rgb_bytes(stream, last - first) <= max_bytes:
+                return None
+            decoded = _decode_wanted(container, stream, range(first, last), info.fps, name, limits)
+        finally:
+            container.close()
+    except Exception:  # noqa: BLE001 - the training read reports it (see prefill_decoded_cache)
+        return None
+    return (name, start, end), DecodedClip(decoded, first, last, info.fps)
 
 
 def _require_frames(name: str, available: int, min_frames: int) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -18,13 +19,14 @@ from stmvl.data.transforms import to_float
 from stmvl.data.video import MediaLimits, video_options
 
 SYNTHETIC_MARKER = "manifest.json"
+logger = logging.getLogger(__name__)
 
 
 def ensure_synthetic_corpus(cfg: RunConfig, log=None) -> Path | None:
     """Generate the synthetic corpus of `data.synthetic` unless one is already in its folder (a corpus written with
     other settings is used as it is, with a warning naming the differences). `log(message)` reports progress
     (default: this module's logger)."""
-    log = log or logging.getLogger(__name__).info
+    log = log or logger.info
     syn = cfg.data.synthetic
     if not syn.enabled:
         return None
@@ -34,7 +36,7 @@ def ensure_synthetic_corpus(cfg: RunConfig, log=None) -> Path | None:
     if (root / SYNTHETIC_MARKER).exists():
         differ = synthetic_corpus_differences(root, syn)
         if differ:  # kept as it is (other runs' annotations point into it), but never silently
-            logging.getLogger(__name__).warning(
+            logger.warning(
                 "data.synthetic: using the corpus already in %s, written with other settings than the config's: %s "
                 "(point data.synthetic.dir at another folder for a corpus with the config's settings)", root,
                 ", ".join(differ))
@@ -118,6 +120,23 @@ def pretrain_datasets(cfg: RunConfig, run_dir: Path, seed: int) -> dict[str, lis
     return by_media
 
 
+def prefill_decoded_caches(cfg: RunConfig, datasets: Iterable[Any]) -> None:
+    """data.decoded_cache_prefill: decode the clips of every dataset that keeps a decoded-clip cache (the parts of a
+    ConcatDataset too) with that many processes, before the first step."""
+    processes = cfg.data.decoded_cache_prefill
+    if not processes:
+        return
+    for dataset in datasets:
+        for part in getattr(dataset, "datasets", [dataset]):
+            if getattr(part, "decoded_cache", None) is None:
+                continue
+            started = time.perf_counter()
+            count = part.prefill_decoded_cache(processes)
+            logger.info("decoded-clip cache of %s: %d of %d clips decoded by %d processes in %.1f s (%d MiB)",
+                        part.corpus, count, len(part), processes, time.perf_counter() - started,
+                        part.decoded_cache.nbytes // 2**20)
+
+
 def require_full_batch(media: str, corpora: Sequence[str], samples: int, batch_size: int, world_size: int) -> None:
     """A ConfigError when the file corpora of one media type hold less than one full batch per rank (every batch of
     a training step is full, so such a corpus would yield no step); the message names the corpora and the key."""
@@ -132,6 +151,7 @@ def pretrain_stream(cfg: RunConfig, run_dir: Path, tokenizer, rank: int, world_s
     """The mixed video/image batch stream of a pretraining run (one media type per step)."""
     seed = cfg.runtime.seed
     by_media = pretrain_datasets(cfg, run_dir, seed)
+    prefill_decoded_caches(cfg, (ds for datasets in by_media.values() for ds in datasets))
     batch_sizes = {"video": cfg.data.video_batch_size, "image": cfg.data.image_batch_size}
     sources, weights = {}, {}
     for media, all_datasets in by_media.items():

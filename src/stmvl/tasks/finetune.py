@@ -40,7 +40,8 @@ from stmvl.models.qa import QA_UNUSED_GROUPS, VideoQAModel
 from stmvl.models.stm import STMModel
 from stmvl.train.engine import TrainContext, Trainer, unwrap_model
 
-from .data import StreamTask, _concat, _require, local_eval_corpus, require_full_batch, tokenizer_for
+from .data import (StreamTask, _concat, _require, local_eval_corpus, prefill_decoded_caches, require_full_batch,
+                   tokenizer_for)
 from .evaluation import evaluate_corpora
 
 log = logging.getLogger(__name__)
@@ -344,6 +345,7 @@ class _FinetuneTask(StreamTask):
     def build_stream(self) -> MixedBatchStream:
         ctx = self.ctx
         dataset = self._dataset(ctx.run_dir)
+        prefill_decoded_caches(self.cfg, [dataset])
         corpora = [str(getattr(part, "corpus", "?")) for part in getattr(dataset, "datasets", [dataset])]
         require_full_batch("video", corpora, len(dataset), self.cfg.data.video_batch_size, ctx.world_size)
         if self.cache_clips:
