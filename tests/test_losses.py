@@ -215,6 +215,16 @@ def test_mvm_and_uta_values():
     assert uta_loss(visible_pred, full, keep).item() == pytest.approx(0.0, abs=1e-6)
 
 
+def test_mvm_gradient_equals_that_of_normalising_both_sides():
+    torch.manual_seed(0)
+    target = torch.randn(2, 3, 7, 16)
+    pred = torch.randn(2, 3, 7, 16, requires_grad=True)
+    mvm_loss(pred, target).backward()
+    reference = pred.detach().clone().requires_grad_(True)
+    (2 - 2 * (F.normalize(reference, dim=-1) * F.normalize(target, dim=-1)).sum(-1)).mean().backward()
+    torch.testing.assert_close(pred.grad, reference.grad, rtol=1e-5, atol=1e-8)
+
+
 def free_port() -> int:
     # other test files may run torchrun at the same time: never hard-code the rendezvous port
     with socket.socket() as s:
