@@ -34,3 +34,28 @@ def test_cpu_attention_is_counted_like_the_matmuls_it_replaces():
     # backward: the flash kernel recomputes the scores (5 matmuls), the explicit path keeps them (4)
     assert count_flops(lambda: F.scaled_dot_product_attention(q, k, k).sum().backward()) == matmuls * 7 // 2
     assert count_flops(lambda: explicit_attention(q, k, k).sum().backward()) == matmuls * 3
+
+
+class _ModeAndThreads(torch.utils.data.Dataset):
+    """Each item reports the dispatch modes and intra-op threads of the process that loads it."""
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, index: int) -> dict:
+        return {"video": torch.zeros(1, 3, 2, 2, dtype=torch.uint8),
+                "modes": torch._C._len_torch_dispatch_stack(), "threads": torch.get_num_threads()}
+
+
+def test_evaluation_workers_leave_the_flop_counter_of_the_process_that_forked_them():
+    # a forked worker inherits the mode: every torch call of its loading would run through Python, counted for nothing
+    from stmvl.eval.features import map_clips
+
+    seen = []
+
+    def record(batch):
+        seen.extend(zip(batch["modes"], batch["threads"]))
+        return (batch["video"].flatten(1).sum(1),)
+
+    flops = count_flops(lambda: map_clips(_ModeAndThreads(), record, batch_size=2, num_workers=1))
+    assert seen == [(0, 1)] * 4 and flops == 0

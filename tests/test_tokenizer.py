@@ -38,6 +38,24 @@ def test_padding_truncation_and_decode(tok):
     assert tok.decode(tok("Unbelievably, a CAT!")["input_ids"][0]) == "unbelievably a cat"
 
 
+def test_a_batch_costs_a_fixed_number_of_torch_calls(tok):
+    # FlopCounterMode intercepts every torch call in Python; a cache fill tokenizes thousands of captions under it
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Counter(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Counter.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    with Counter():
+        out = tok(["a dog runs", "a red circle moves left", "x"] * 50)
+    assert Counter.calls <= 4
+    assert out["input_ids"].dtype == out["attention_mask"].dtype == torch.long
+    assert out["attention_mask"].sum(1).tolist() == [5, 7, 3] * 50 and out["input_ids"][2, 3:].eq(0).all()
+
+
 def test_matches_transformers_tokenizer_on_packaged_folder(tok):
     transformers = pytest.importorskip("transformers")
     reference = transformers.BertTokenizerFast.from_pretrained(str(minilm_folder()))

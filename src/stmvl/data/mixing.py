@@ -23,8 +23,16 @@ from .quarantine import TooManyBadSamples, bad_sample_counts, defer_bound, unwra
 
 def one_thread_per_worker(worker_id: int) -> None:
     """DataLoader worker set-up: one intra-op thread per decoding worker (N workers would otherwise each start as
-    many threads as there are cores, and fight the training process for them)."""
+    many threads as there are cores, and fight the training process for them), outside any torch dispatch mode.
+
+    A forked worker inherits the dispatch modes active where its loader started: the FlopCounterMode around an
+    evaluation (runtime.count_flops) would route every torch call of its decoding and transforms through Python, and
+    its counts never reach the parent anyway."""
+    from torch.utils._python_dispatch import _pop_mode
+
     torch.set_num_threads(1)
+    while torch._C._len_torch_dispatch_stack():
+        _pop_mode()
 
 
 class DistributedBatchSampler(Sampler[list[int]]):

@@ -51,6 +51,7 @@ from stmvl.errors import UserError
 
 from .annotations import AnnotationError, unencodable_field, validate_optional_fields
 from .datasets import sample_generators
+from .mixing import one_thread_per_worker
 from .quarantine import BrokenMediaGuard, Quarantine, TooManyBadSamples, as_media_error
 from .transforms import build_transform
 from .video import MediaError, MediaLimits, read_image, read_media, sample_frame_indices
@@ -505,17 +506,13 @@ class ShardStream:
         kwargs: dict[str, Any] = {}
         if num_workers > 0:
             # one intra-op thread per decoding worker, as for the file corpora (stmvl.data.mixing)
-            kwargs["worker_init_fn"] = _one_thread
+            kwargs["worker_init_fn"] = one_thread_per_worker
             if prefetch_factor is not None:
                 kwargs["prefetch_factor"] = prefetch_factor
         pin = torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
         loader = DataLoader(dataset, batch_size=None, num_workers=workers if num_workers > 0 else 0,
                             pin_memory=pin, **kwargs)
         return iter(loader)
-
-
-def _one_thread(worker_id: int) -> None:
-    torch.set_num_threads(1)
 
 
 class _WorkerBatches(IterableDataset):

@@ -152,9 +152,11 @@ def map_clips(
     total = len(dataset)
     rank, world = rank_and_world()
     shard = shard_range(total, rank, world)
+    from stmvl.data.mixing import one_thread_per_worker
+
     loader = DataLoader(
         Subset(dataset, list(shard)), batch_size=batch_size, shuffle=False, num_workers=num_workers,
-        collate_fn=collate_clips,
+        collate_fn=collate_clips, worker_init_fn=one_thread_per_worker if num_workers > 0 else None,
     )
     outputs: list[list[torch.Tensor]] = []
     error = None
