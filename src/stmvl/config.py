@@ -764,7 +764,8 @@ def validate(cfg: RunConfig) -> None:
                           f"(got {cfg.data.decoder!r}); set data.decoded_cache_mib=0 or data.decoder=pyav")
     if cfg.data.decoded_cache_prefill and not cfg.data.decoded_cache_mib:
         raise ConfigError(f"data.decoded_cache_prefill={cfg.data.decoded_cache_prefill} fills the decoded-clip cache, "
-                          f"but data.decoded_cache_mib is 0; set data.decoded_cache_mib or data.decoded_cache_prefill=0")
+                          f"but data.decoded_cache_mib is 0; set data.decoded_cache_mib or "
+                          f"data.decoded_cache_prefill=0")
     syn = cfg.data.synthetic
     if syn.num_images > syn.num_train:
         raise ConfigError(f"data.synthetic.num_images ({syn.num_images}) exceeds data.synthetic.num_train "
