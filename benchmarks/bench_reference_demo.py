@@ -23,11 +23,15 @@ run; add it (about half a minute) for `make demo`'s target.
 A second projection needs no assumption about what scales with the peak: calibrate_reference.py times a pretraining
 step that the reference machine itself ran (issue 13) on the same cores, and each stage's seconds are multiplied by
 that step ratio (the `calibrated_seconds` column; only when the calibration used this run's threads and kernels).
+A shared machine's speed drifts (the ratio moved by a fifth within seven minutes on one): `--bracket` runs the
+calibration just before and just after the demo and projects with the mean of the two ratios (both recorded).
 
-    python benchmarks/bench_reference_demo.py [--full] [--cores 0[,1]] [--isa avx2|native] [--out DIR] [overrides]
+    python benchmarks/bench_reference_demo.py [--full] [--cores 0[,1]] [--isa avx2|native] [--bracket] [--out DIR]
+                                              [overrides]
     python benchmarks/bench_reference_demo.py --from-run runs/ref-demo --peak-gflops 87.5   # project a finished run
 
-Writes benchmarks/results/reference_demo[_full].json and prints a markdown table.
+Writes benchmarks/results/reference_demo[_full][_two_cores].json (one file per tier and core count) and prints a
+markdown table.
 """
 
 from __future__ import annotations
@@ -136,6 +140,23 @@ def parse_cores(text: str) -> set[int]:
     return cores
 
 
+def result_name(tier: str, cores: int) -> str:
+    """The results file of a run: one per tier and core count, so a two-core run keeps the one-core result."""
+    count = "" if cores == 1 else "_two_cores" if cores == 2 else f"_{cores}_cores"
+    return "reference_demo" + ("_full" if tier == "full" else "") + count + ".json"
+
+
+def bracket_calibration(cores: set[int], isa: str) -> float:
+    """calibrate_reference.py on `cores` now (it writes CALIBRATION); its step ratio."""
+    if isa != "avx2":
+        raise SystemExit("bench_reference_demo: --bracket needs --isa avx2, the calibration's kernels")
+    command = [sys.executable, str(Path(__file__).with_name("calibrate_reference.py")),
+               "--cores", ",".join(map(str, sorted(cores)))]
+    if subprocess.run(command).returncode:
+        raise SystemExit("bench_reference_demo: calibrate_reference.py failed; nothing projected")
+    return float(json.loads(CALIBRATION.read_text())["step_ratio"])
+
+
 def table(result: dict) -> str:
     calibrated = result.get("step_ratio") is not None
     lines = ["| stage | TFLOP | seconds here | by the matmul peaks | by the step ratio |", "|---|---|---|---|---|"]
@@ -161,6 +182,8 @@ def main() -> int:
     parser.add_argument("--reference-gflops", type=float, default=REFERENCE_GFLOPS)
     parser.add_argument("--calibration", type=Path, default=CALIBRATION,
                         help="calibrate_reference.py's result, for the step-ratio projection (default: %(default)s)")
+    parser.add_argument("--bracket", action="store_true",
+                        help="calibrate just before and just after the demo and project with the mean step ratio")
     parser.add_argument("overrides", nargs="*", help="passed on to stmvl demo, e.g. optim.max_steps=20 for a check")
     args = parser.parse_args()
     if not hasattr(os, "sched_setaffinity"):
@@ -173,24 +196,37 @@ def main() -> int:
     threads = len(cores)
     peaks = [args.peak_gflops] if args.peak_gflops else [fp32_peak(threads)]
     out = args.from_run or args.out or Path("runs/ref-demo" + ("-full" if args.full else ""))
+    if args.bracket and args.from_run:
+        print("bench_reference_demo: --bracket calibrates around a demo it runs, not around --from-run",
+              file=sys.stderr)
+        return 2
+    bracket = [bracket_calibration(cores, args.isa)] if args.bracket else []
     started = time.perf_counter()
     if not args.from_run:
         code = run_demo(out, args.full, args.overrides, threads, args.isa)
         if code:
             print(f"bench_reference_demo: stmvl demo exited with {code}; nothing projected", file=sys.stderr)
             return code
+        wall = round(time.perf_counter() - started, 1)
         peaks.append(fp32_peak(threads))
+        bracket += [bracket_calibration(cores, args.isa)] if args.bracket else []
     summary_file = out / "summary.json"
     if not summary_file.exists():
         print(f"bench_reference_demo: {summary_file} not found: not a finished demo folder", file=sys.stderr)
         return 2
-    ratio, calibration_note = load_calibration(args.calibration, threads, args.isa)
+    if bracket:
+        ratio = round(sum(bracket) / len(bracket), 3)
+        calibration_note = f"mean step ratio of calibrations just before and after the demo: {bracket}"
+    else:
+        ratio, calibration_note = load_calibration(args.calibration, threads, args.isa)
     if ratio is None:
         print(f"bench_reference_demo: no step-ratio projection: {calibration_note}", file=sys.stderr)
     result = projection(json.loads(summary_file.read_text()), sum(peaks) / len(peaks), args.reference_gflops, ratio)
     result["calibration"] = calibration_note
     if not args.from_run:
-        result["wall_seconds"] = round(time.perf_counter() - started, 1)
+        result["wall_seconds"] = wall
+    if bracket:
+        result["step_ratios_bracket"] = bracket
     precisions = resolved_precisions(out)
     not_fp32 = [stage for stage, line in precisions.items() if "-> fp32" not in line]
     if not_fp32:
@@ -200,8 +236,7 @@ def main() -> int:
                   isa=args.isa, precisions=precisions, machine=platform.processor() or platform.machine(),
                   cpu_capability=cpu_capability(), date=datetime.date.today().isoformat())
     RESULTS.mkdir(exist_ok=True)
-    name = "reference_demo" + ("_full" if result["tier"] == "full" else "") + ".json"
-    (RESULTS / name).write_text(json.dumps(result, indent=1) + "\n")
+    (RESULTS / result_name(result["tier"], threads)).write_text(json.dumps(result, indent=1) + "\n")
     print(table(result))
     return 0
 

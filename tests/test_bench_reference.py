@@ -83,3 +83,33 @@ def test_the_step_ratio_is_the_reference_step_over_the_median_step_here():
     assert calibrate.step_ratio(8.75, [5.0, 4.8, 5.2]) == pytest.approx(1.75)
     with pytest.raises(ValueError, match="positive"):
         calibrate.step_ratio(8.75, [])
+
+
+def test_each_tier_and_core_count_keeps_its_own_results_file():
+    bench = load_script()
+    assert bench.result_name("quick", 1) == "reference_demo.json"
+    assert bench.result_name("quick", 2) == "reference_demo_two_cores.json"
+    assert bench.result_name("full", 2) == "reference_demo_full_two_cores.json"
+    assert bench.result_name("full", 4) == "reference_demo_full_4_cores.json"
+
+
+def test_a_bracket_calibration_runs_the_calibration_on_the_same_cores_and_reads_its_ratio(tmp_path, monkeypatch):
+    import subprocess
+
+    bench = load_script()
+    monkeypatch.setattr(bench, "CALIBRATION", tmp_path / "reference_calibration.json")
+    commands = []
+
+    def fake_run(command):
+        commands.append(command)
+        (tmp_path / "reference_calibration.json").write_text(json.dumps({"step_ratio": 2.5 + len(commands) / 10}))
+        return subprocess.CompletedProcess(command, 0)
+
+    monkeypatch.setattr(bench.subprocess, "run", fake_run)
+    assert [bench.bracket_calibration({0, 1}, "avx2") for _ in range(2)] == [2.6, 2.7]
+    assert commands[0][1].endswith("calibrate_reference.py") and commands[0][2:] == ["--cores", "0,1"]
+    monkeypatch.setattr(bench.subprocess, "run", lambda command: subprocess.CompletedProcess(command, 1))
+    with pytest.raises(SystemExit, match="calibrate_reference.py failed"):
+        bench.bracket_calibration({0, 1}, "avx2")
+    with pytest.raises(SystemExit, match="needs --isa avx2"):
+        bench.bracket_calibration({0}, "native")
