@@ -333,9 +333,9 @@ def saved_test_similarity(run_dir: Path, cfg, captions_file: Path, captions: lis
     read from ``captions_file``; None when there is none or it holds other texts or clips."""
     name = next((c.name for c in cfg.eval.corpora if c.kind == "retrieval"
                  and Path(c.annotation).resolve() == captions_file.resolve()), None)
-    if name is None or not (Path(run_dir) / "similarity" / f"{name}.pt").is_file():
+    path = Path(run_dir) / "similarity" / f"{name}.pt" if name is not None else None
+    if path is None or not path.is_file():
         return None
-    path = Path(run_dir) / "similarity" / f"{name}.pt"
     saved = torch.load(path, weights_only=True)
     root = Path(cfg.data.synthetic.dir)
     by_path = {str((root / c["video"]).resolve()): c["attributes"] for c in clips}

@@ -300,7 +300,7 @@ class DecodedClipCache:
 
     def fits(self, nbytes: int) -> bool:
         """Whether a clip of ``nbytes`` can be kept at all (0 bytes: a header without a frame size)."""
-        return 0 < nbytes <= self.max_bytes
+        return _fits(nbytes, self.max_bytes)
 
     def get(self, key: tuple) -> DecodedClip | None:
         clip = self._clips.get(key)
@@ -319,6 +319,10 @@ class DecodedClipCache:
             self.nbytes -= self._clips.popitem(last=False)[1].nbytes
         self._clips[key] = clip
         self.nbytes += size
+
+
+def _fits(nbytes: int, max_bytes: int) -> bool:
+    return 0 < nbytes <= max_bytes
 
 
 def _open_checked(media: Media, name: str, start: float | None, end: float | None, min_frames: int,
@@ -450,7 +454,7 @@ def _decode_for_cache(job: tuple) -> tuple[tuple, DecodedClip] | None:
         name = _check_file(path)
         container, stream, info, first, last = _open_checked(path, name, start, end, min_frames, limits, threads)
         try:
-            if not 0 < _rgb_bytes(stream, last - first) <= max_bytes:
+            if not _fits(_rgb_bytes(stream, last - first), max_bytes):  # read_video would not cache it either
                 return None
             decoded = _decode_wanted(container, stream, range(first, last), info.fps, name, limits)
         finally:
