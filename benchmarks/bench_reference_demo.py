@@ -25,9 +25,13 @@ step that the reference machine itself ran (issue 13) on the same cores, and eac
 that step ratio (the `calibrated_seconds` column; only when the calibration used this run's threads and kernels).
 A shared machine's speed drifts (the ratio moved by a fifth within seven minutes on one): `--bracket` runs the
 calibration just before and just after the demo and projects with the mean of the two ratios (both recorded).
+`--training-run` adds a third projection, bracketed the same way, by the ratio of a second workload the reference
+machine ran: the same commit's small pretraining run of its test suite (`calibrate_reference.py --workload
+training-run`; the `training_run_seconds` column). It has measured 1.2-1.6x the step ratio on one machine, so the
+two bound the projection of a demo whose time is mostly a training loop of small tensors.
 
-    python benchmarks/bench_reference_demo.py [--full] [--cores 0[,1]] [--isa avx2|native] [--bracket] [--out DIR]
-                                              [overrides]
+    python benchmarks/bench_reference_demo.py [--full] [--cores 0[,1]] [--isa avx2|native] [--bracket
+                                              [--training-run]] [--out DIR] [overrides]
     python benchmarks/bench_reference_demo.py --from-run runs/ref-demo --peak-gflops 87.5   # project a finished run
 
 Writes benchmarks/results/reference_demo[_full][_two_cores].json (one file per tier and core count) and prints a
@@ -51,6 +55,7 @@ REFERENCE_GFLOPS = 70.0  # fp32 2048^3 matmul, 2 threads, on the reference machi
 # what torch sees on a CPU with AVX2 and no AVX-512: both variables are read when torch / oneDNN first load
 AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
 CALIBRATION = RESULTS / "reference_calibration.json"  # written by calibrate_reference.py
+TRAINING_RUN_CALIBRATION = RESULTS / "reference_calibration_training_run.json"  # its --workload training-run
 TRAINING_STAGES = ("teacher_run", "pretrain")  # the demo's folders whose config.yaml records a resolved precision
 
 
@@ -146,24 +151,44 @@ def result_name(tier: str, cores: int) -> str:
     return "reference_demo" + ("_full" if tier == "full" else "") + count + ".json"
 
 
-def bracket_calibration(cores: set[int], isa: str) -> float:
-    """calibrate_reference.py on `cores` now (it writes CALIBRATION); its step ratio."""
+def bracket_calibration(cores: set[int], isa: str, workload: str = "step") -> float:
+    """calibrate_reference.py on `cores` now (it writes CALIBRATION, or TRAINING_RUN_CALIBRATION for the
+    training-run workload); its ratio."""
     if isa != "avx2":
         raise SystemExit("bench_reference_demo: --bracket needs --isa avx2, the calibration's kernels")
     command = [sys.executable, str(Path(__file__).with_name("calibrate_reference.py")),
                "--cores", ",".join(map(str, sorted(cores)))]
+    if workload != "step":
+        command += ["--workload", workload, "--repeats", "1"]
     if subprocess.run(command).returncode:
         raise SystemExit("bench_reference_demo: calibrate_reference.py failed; nothing projected")
+    if workload != "step":
+        return float(json.loads(TRAINING_RUN_CALIBRATION.read_text())["training_run_ratio"])
     return float(json.loads(CALIBRATION.read_text())["step_ratio"])
+
+
+def add_training_run_projection(result: dict, ratios: list[float]) -> None:
+    """Record the training-run calibrations around the demo and each stage's seconds times their mean
+    (`training_run_seconds`), beside the step-ratio projection."""
+    mean = round(sum(ratios) / len(ratios), 3)
+    result["training_run_ratios_bracket"], result["training_run_ratio"] = ratios, mean
+    for row in result["stages"].values():
+        row["training_run_seconds"] = round(row["seconds"] * mean, 1)
 
 
 def table(result: dict) -> str:
     calibrated = result.get("step_ratio") is not None
-    lines = ["| stage | TFLOP | seconds here | by the matmul peaks | by the step ratio |", "|---|---|---|---|---|"]
+    by_run = "training_run_ratio" in result
+    lines = ["| stage | TFLOP | seconds here | by the matmul peaks | by the step ratio |"
+             + (" by the training-run ratio |" if by_run else ""), "|---|---|---|---|---|" + ("---|" if by_run else "")]
+
+    def minutes(seconds: float) -> str:
+        return f"{seconds} ({seconds / 60:.1f} min)"
+
     for name, row in result["stages"].items():
-        by_step = f"{row['calibrated_seconds']} ({row['calibrated_seconds'] / 60:.1f} min)" if calibrated else "-"
-        lines.append(f"| {name} | {row['tflop']} | {row['seconds']} | {row['reference_seconds']} "
-                     f"({row['reference_seconds'] / 60:.1f} min) | {by_step} |")
+        by_step = minutes(row["calibrated_seconds"]) if calibrated else "-"
+        lines.append(f"| {name} | {row['tflop']} | {row['seconds']} | {minutes(row['reference_seconds'])} | {by_step} |"
+                     + (f" {minutes(row['training_run_seconds'])} |" if by_run else ""))
     return "\n".join(lines)
 
 
@@ -184,6 +209,9 @@ def main() -> int:
                         help="calibrate_reference.py's result, for the step-ratio projection (default: %(default)s)")
     parser.add_argument("--bracket", action="store_true",
                         help="calibrate just before and just after the demo and project with the mean step ratio")
+    parser.add_argument("--training-run", action="store_true",
+                        help="with --bracket: also calibrate on the reference commit's training-run fixture before "
+                             "and after, and project with the mean of that ratio too (about 4 more minutes)")
     parser.add_argument("overrides", nargs="*", help="passed on to stmvl demo, e.g. optim.max_steps=20 for a check")
     args = parser.parse_args()
     if not hasattr(os, "sched_setaffinity"):
@@ -200,6 +228,10 @@ def main() -> int:
         print("bench_reference_demo: --bracket calibrates around a demo it runs, not around --from-run",
               file=sys.stderr)
         return 2
+    if args.training_run and not args.bracket:
+        print("bench_reference_demo: --training-run needs --bracket", file=sys.stderr)
+        return 2
+    run_bracket = [bracket_calibration(cores, args.isa, "training-run")] if args.training_run else []
     bracket = [bracket_calibration(cores, args.isa)] if args.bracket else []
     started = time.perf_counter()
     if not args.from_run:
@@ -210,6 +242,7 @@ def main() -> int:
         wall = round(time.perf_counter() - started, 1)
         peaks.append(fp32_peak(threads))
         bracket += [bracket_calibration(cores, args.isa)] if args.bracket else []
+        run_bracket += [bracket_calibration(cores, args.isa, "training-run")] if args.training_run else []
     summary_file = out / "summary.json"
     if not summary_file.exists():
         print(f"bench_reference_demo: {summary_file} not found: not a finished demo folder", file=sys.stderr)
@@ -227,6 +260,8 @@ def main() -> int:
         result["wall_seconds"] = wall
     if bracket:
         result["step_ratios_bracket"] = bracket
+    if run_bracket:
+        add_training_run_projection(result, run_bracket)
     precisions = resolved_precisions(out)
     not_fp32 = [stage for stage, line in precisions.items() if "-> fp32" not in line]
     if not_fp32:

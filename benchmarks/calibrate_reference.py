@@ -14,7 +14,14 @@ cores by it: unlike the ratio of matmul peaks it also carries what the step spen
 kernels, the second thread's poor use on small tensors, Python), as the reference machine paid it. Needs the git
 history (a full clone) and Linux (`os.sched_setaffinity`).
 
-    python benchmarks/calibrate_reference.py [--cores 0,1] [--steps 5] [--repeats 2]
+`--workload training-run` times a second thing the reference machine ran, closer to the demo's training loop: the
+same commit's test fixture that writes a small synthetic corpus and pretrains a small STM model (MiniLM text tower,
+fusion layers, batches of 16 clips) for 150 steps, `tests/downstream.py`, which took 407 s there (issue 13: "the
+downstream fixture alone 407 s", inside its pytest run on a machine it calls shared). It writes its own file,
+reference_calibration_training_run.json, with `training_run_ratio`; the two ratios bound what the reference machine
+makes of a workload between the two.
+
+    python benchmarks/calibrate_reference.py [--cores 0,1] [--steps 5] [--repeats 2] [--workload step|training-run]
 """
 
 from __future__ import annotations
@@ -37,6 +44,9 @@ RESULT = ROOT / "benchmarks" / "results" / "reference_calibration.json"
 # the commit issue 13 was filed against, and what its benchmark's demo step took on the reference machine
 REFERENCE_COMMIT = "4996a8d"
 REFERENCE_STEP_SECONDS = 8.75
+# what that commit's downstream test fixture (corpus + 150 pretraining steps) took there, and where its ratio goes
+REFERENCE_TRAINING_RUN_SECONDS = 407.0
+TRAINING_RUN_RESULT = ROOT / "benchmarks" / "results" / "reference_calibration_training_run.json"
 
 
 def step_ratio(reference_seconds: float, here_seconds: list[float]) -> float:
@@ -57,6 +67,20 @@ def benchmark_step(worktree: Path, threads: int, steps: int) -> float:
     return float(rows[0]["seconds_per_step"])
 
 
+def benchmark_training_run(worktree: Path, threads: int) -> float:
+    """Seconds of the old commit's downstream fixture (tests/downstream.py: corpus + 150 pretraining steps), run
+    from `worktree` with this interpreter in a fresh folder."""
+    env = {**os.environ, **AVX2_ENV, "PYTHONPATH": f"{worktree / 'src'}{os.pathsep}{worktree / 'tests'}",
+           "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    with tempfile.TemporaryDirectory() as tmp:
+        code = ("import sys, time; from pathlib import Path; from downstream import make_pretrained_corpus; "
+                "t = time.perf_counter(); make_pretrained_corpus(Path(sys.argv[1])); "
+                "print(time.perf_counter() - t)")
+        done = subprocess.run([sys.executable, "-c", code, tmp], cwd=worktree, env=env, check=True,
+                              capture_output=True, text=True)
+    return float(done.stdout.strip().splitlines()[-1])
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cores", type=parse_cores, default={0, 1}, help="cores to pin to, one thread each")
@@ -64,6 +88,8 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=2, help="runs of the benchmark; the median s/step counts")
     parser.add_argument("--commit", default=REFERENCE_COMMIT)
     parser.add_argument("--reference-step-seconds", type=float, default=REFERENCE_STEP_SECONDS)
+    parser.add_argument("--workload", choices=("step", "training-run"), default="step",
+                        help="the old commit's benchmark step (default), or its downstream test fixture")
     args = parser.parse_args()
     if not hasattr(os, "sched_setaffinity"):
         print("calibrate_reference: needs os.sched_setaffinity (Linux) to pin the run to its cores", file=sys.stderr)
@@ -80,9 +106,14 @@ def main() -> int:
                   f"{added.stderr.strip()}", file=sys.stderr)
             return 2
         try:
-            here = [benchmark_step(worktree, threads, args.steps) for _ in range(args.repeats)]
+            if args.workload == "training-run":
+                here = [benchmark_training_run(worktree, threads) for _ in range(args.repeats)]
+            else:
+                here = [benchmark_step(worktree, threads, args.steps) for _ in range(args.repeats)]
         finally:
             subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(worktree)], check=False)
+    if args.workload == "training-run":
+        return write_training_run(args.commit, here, sorted(args.cores), threads)
     ratio = step_ratio(args.reference_step_seconds, here)
     result = {"commit": args.commit, "reference_step_seconds": args.reference_step_seconds,
               "step_seconds_here": here, "step_ratio": round(ratio, 3), "cores": sorted(args.cores),
@@ -92,6 +123,21 @@ def main() -> int:
     RESULT.write_text(json.dumps(result, indent=1) + "\n")
     print(f"demo step of {args.commit} (fp32, {threads} threads): {statistics.median(here):.3f} s here against "
           f"{args.reference_step_seconds} s on the reference machine: step ratio {ratio:.2f}")
+    return 0
+
+
+def write_training_run(commit: str, here: list[float], cores: list[int], threads: int) -> int:
+    """Write and print the training-run calibration (TRAINING_RUN_RESULT)."""
+    ratio = step_ratio(REFERENCE_TRAINING_RUN_SECONDS, here)
+    result = {"commit": commit, "workload": "tests/downstream.py make_pretrained_corpus (corpus + 150 steps)",
+              "reference_seconds": REFERENCE_TRAINING_RUN_SECONDS, "seconds_here": [round(t, 1) for t in here],
+              "training_run_ratio": round(ratio, 3), "cores": cores, "threads": threads, "isa": "avx2",
+              "cpu_capability": cpu_capability(), "machine": platform.processor() or platform.machine(),
+              "date": datetime.date.today().isoformat()}
+    TRAINING_RUN_RESULT.parent.mkdir(exist_ok=True)
+    TRAINING_RUN_RESULT.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"downstream fixture of {commit} ({threads} threads): {statistics.median(here):.1f} s here against "
+          f"{REFERENCE_TRAINING_RUN_SECONDS:.0f} s on the reference machine: training-run ratio {ratio:.2f}")
     return 0
 
 

@@ -113,3 +113,41 @@ def test_a_bracket_calibration_runs_the_calibration_on_the_same_cores_and_reads_
         bench.bracket_calibration({0, 1}, "avx2")
     with pytest.raises(SystemExit, match="needs --isa avx2"):
         bench.bracket_calibration({0}, "native")
+
+
+def test_the_training_run_bracket_calibrates_that_workload_and_adds_its_projection(tmp_path, monkeypatch):
+    import subprocess
+
+    bench = load_script()
+    monkeypatch.setattr(bench, "TRAINING_RUN_CALIBRATION", tmp_path / "training_run.json")
+    commands = []
+
+    def fake_run(command):
+        commands.append(command)
+        (tmp_path / "training_run.json").write_text(json.dumps({"training_run_ratio": 3.0 + len(commands) / 10}))
+        return subprocess.CompletedProcess(command, 0)
+
+    monkeypatch.setattr(bench.subprocess, "run", fake_run)
+    ratios = [bench.bracket_calibration({0, 1}, "avx2", "training-run") for _ in range(2)]
+    assert ratios == [3.1, 3.2]
+    assert commands[0][2:] == ["--cores", "0,1", "--workload", "training-run", "--repeats", "1"]
+    summary = {"tier": "quick", "stages": {"pretrain stm": {"seconds": 300.0, "flops": 20e12}},
+               "total": {"seconds": 400.0, "flops": 21e12}}
+    result = bench.projection(summary, peak_gflops=140.0, reference_gflops=70.0, step_ratio=1.75)
+    bench.add_training_run_projection(result, ratios)
+    assert result["training_run_ratio"] == 3.15 and result["training_run_ratios_bracket"] == [3.1, 3.2]
+    assert result["stages"]["total"]["training_run_seconds"] == 1260.0
+    assert "| total | 21.0 | 400.0 | 800.0 (13.3 min) | 700.0 (11.7 min) | 1260.0 (21.0 min) |" in bench.table(result)
+
+
+def test_the_training_run_ratio_is_written_to_its_own_file(tmp_path, monkeypatch):
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        calibrate = load_script("calibrate_reference")
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    monkeypatch.setattr(calibrate, "TRAINING_RUN_RESULT", tmp_path / "training_run.json")
+    assert calibrate.write_training_run("4996a8d", [110.0, 130.0, 100.0], [0, 1], 2) == 0
+    written = json.loads((tmp_path / "training_run.json").read_text())
+    assert written["training_run_ratio"] == pytest.approx(407.0 / 110.0, abs=1e-3)  # the median run
+    assert written["seconds_here"] == [110.0, 130.0, 100.0] and written["threads"] == 2
