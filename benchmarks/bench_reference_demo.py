@@ -27,8 +27,8 @@ A shared machine's speed drifts (the ratio moved by a fifth within seven minutes
 calibration just before and just after the demo and projects with the mean of the two ratios (both recorded).
 `--training-run` adds a third projection, bracketed the same way, by the ratio of a second workload the reference
 machine ran: the same commit's small pretraining run of its test suite (`calibrate_reference.py --workload
-training-run`; the `training_run_seconds` column). It has measured 1.2-1.6x the step ratio on one machine, so the
-two bound the projection of a demo whose time is mostly a training loop of small tensors.
+training-run`; the `training_run_seconds` column). On one machine it came out 1.5-1.6x the step ratio measured in
+the same minutes: the reference machine ran the two workloads at speeds no single ratio reconciles (BENCHMARKS.md).
 
     python benchmarks/bench_reference_demo.py [--full] [--cores 0[,1]] [--isa avx2|native] [--bracket
                                               [--training-run]] [--out DIR] [overrides]
