@@ -93,19 +93,28 @@ def test_each_tier_and_core_count_keeps_its_own_results_file():
     assert bench.result_name("full", 4) == "reference_demo_full_4_cores.json"
 
 
+def fake_calibrations(bench, monkeypatch, result: Path, key: str, start: float) -> list:
+    """Replace the script's subprocess.run by a calibration whose n-th run writes {key: start + n / 10} to
+    `result`; returns the list the commands it is given are appended to."""
+    import subprocess
+
+    commands = []
+
+    def fake_run(command):
+        commands.append(command)
+        result.write_text(json.dumps({key: start + len(commands) / 10}))
+        return subprocess.CompletedProcess(command, 0)
+
+    monkeypatch.setattr(bench.subprocess, "run", fake_run)
+    return commands
+
+
 def test_a_bracket_calibration_runs_the_calibration_on_the_same_cores_and_reads_its_ratio(tmp_path, monkeypatch):
     import subprocess
 
     bench = load_script()
     monkeypatch.setattr(bench, "CALIBRATION", tmp_path / "reference_calibration.json")
-    commands = []
-
-    def fake_run(command):
-        commands.append(command)
-        (tmp_path / "reference_calibration.json").write_text(json.dumps({"step_ratio": 2.5 + len(commands) / 10}))
-        return subprocess.CompletedProcess(command, 0)
-
-    monkeypatch.setattr(bench.subprocess, "run", fake_run)
+    commands = fake_calibrations(bench, monkeypatch, tmp_path / "reference_calibration.json", "step_ratio", 2.5)
     assert [bench.bracket_calibration({0, 1}, "avx2") for _ in range(2)] == [2.6, 2.7]
     assert commands[0][1].endswith("calibrate_reference.py") and commands[0][2:] == ["--cores", "0,1"]
     monkeypatch.setattr(bench.subprocess, "run", lambda command: subprocess.CompletedProcess(command, 1))
@@ -116,18 +125,9 @@ def test_a_bracket_calibration_runs_the_calibration_on_the_same_cores_and_reads_
 
 
 def test_the_training_run_bracket_calibrates_that_workload_and_adds_its_projection(tmp_path, monkeypatch):
-    import subprocess
-
     bench = load_script()
     monkeypatch.setattr(bench, "TRAINING_RUN_CALIBRATION", tmp_path / "training_run.json")
-    commands = []
-
-    def fake_run(command):
-        commands.append(command)
-        (tmp_path / "training_run.json").write_text(json.dumps({"training_run_ratio": 3.0 + len(commands) / 10}))
-        return subprocess.CompletedProcess(command, 0)
-
-    monkeypatch.setattr(bench.subprocess, "run", fake_run)
+    commands = fake_calibrations(bench, monkeypatch, tmp_path / "training_run.json", "training_run_ratio", 3.0)
     ratios = [bench.bracket_calibration({0, 1}, "avx2", "training-run") for _ in range(2)]
     assert ratios == [3.1, 3.2]
     assert commands[0][2:] == ["--cores", "0,1", "--workload", "training-run", "--repeats", "1"]

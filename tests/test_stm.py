@@ -239,6 +239,15 @@ def test_temporal_and_foil_negatives_raise_the_contrastive_loss():
     torch.testing.assert_close(a["mvm"], b["mvm"])
 
 
+def losses_and_gradients(model: STMModel, batch: dict, step: int = 3) -> tuple[dict, dict]:
+    """One training step's losses and the gradient of every parameter that gets one (cloned, detached)."""
+    model.zero_grad(set_to_none=True)
+    out = model(batch, step=step)
+    out["loss"].backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return {k: v.detach() for k, v in out.items()}, grads
+
+
 def test_pass_two_and_its_time_reversed_copy_in_one_call_equal_two_calls(monkeypatch):
     """The clips and their time-reversed copies run pass 2 as one stacked student call; every loss and gradient
     equals running them as two calls (the student has no batch statistics)."""
@@ -254,14 +263,7 @@ def test_pass_two_and_its_time_reversed_copy_in_one_call_equal_two_calls(monkeyp
     monkeypatch.setattr(model.vision, "forward", lambda video, **kw: calls.append(video.shape[0])
                         or vision_forward(video, **kw))
 
-    def losses_and_grads():
-        model.zero_grad(set_to_none=True)
-        out = model(batch, step=3)
-        out["loss"].backward()
-        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-        return {k: v.detach() for k, v in out.items()}, grads
-
-    paired, paired_grads = losses_and_grads()
+    paired, paired_grads = losses_and_gradients(model, batch)
     assert calls == [4, 8]  # pass 1 on the clips, then pass 2 on the clips and their reversed copies together
 
     def two_calls(video, keep, weights, other_video, other_keep, other_weights, counts=None):
@@ -270,7 +272,7 @@ def test_pass_two_and_its_time_reversed_copy_in_one_call_equal_two_calls(monkeyp
 
     monkeypatch.setattr(model, "contrastive_tokens_pair", two_calls)
     calls.clear()
-    separate, separate_grads = losses_and_grads()
+    separate, separate_grads = losses_and_gradients(model, batch)
     assert calls == [4, 4, 4]
     assert paired.keys() == separate.keys() and paired_grads.keys() == separate_grads.keys()
     for name in paired:
