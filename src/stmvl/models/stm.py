@@ -428,21 +428,22 @@ class STMModel(nn.Module):
 
         reuse_pass1 = self.cfg.pass2_tokens == "visible" and visible_tokens is not None
         needs_reversed = self.cfg.loss.temporal_negatives and frames > 1
-        reversed_tokens = None
+        reversed_tokens = reversed_keep = reversed_weights = None
         if needs_reversed:
             reversed_weights = None if pass_weights is None else tuple(
                 self.reverse_frames(w, frames) for w in pass_weights
             )
             reversed_keep = self.reverse_frames(keep, frames)
-            if reuse_pass1:
-                tokens2 = visible_tokens
+        if reuse_pass1:
+            tokens2 = visible_tokens
+            if needs_reversed:
                 reversed_tokens = self.contrastive_tokens(video.flip(1), reversed_keep, reversed_weights, counts)
-            else:
-                tokens2, reversed_tokens = self.contrastive_tokens_pair(
-                    video, keep, pass_weights, video.flip(1), reversed_keep, reversed_weights, counts
-                )
+        elif needs_reversed:  # the clips and their reversed copies in one student call
+            tokens2, reversed_tokens = self.contrastive_tokens_pair(
+                video, keep, pass_weights, video.flip(1), reversed_keep, reversed_weights, counts
+            )
         else:
-            tokens2 = visible_tokens if reuse_pass1 else self.contrastive_tokens(video, keep, pass_weights, counts)
+            tokens2 = self.contrastive_tokens(video, keep, pass_weights, counts)
         foil = self.foil_states(batch)
 
         video_embed, text_embed = self.embed_video(tokens2), self.text_class(text_states, mask_ids)
