@@ -239,49 +239,6 @@ def test_temporal_and_foil_negatives_raise_the_contrastive_loss():
     torch.testing.assert_close(a["mvm"], b["mvm"])
 
 
-def losses_and_gradients(model: STMModel, batch: dict, step: int = 3) -> tuple[dict, dict]:
-    """One training step's losses and the gradient of every parameter that gets one (cloned, detached)."""
-    model.zero_grad(set_to_none=True)
-    out = model(batch, step=step)
-    out["loss"].backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    return {k: v.detach() for k, v in out.items()}, grads
-
-
-def test_pass_two_and_its_time_reversed_copy_in_one_call_equal_two_calls(monkeypatch):
-    """The clips and their time-reversed copies run pass 2 as one stacked student call; every loss and gradient
-    equals running them as two calls (the student has no batch statistics)."""
-    torch.manual_seed(0)
-    cfg = tiny_config("stm")
-    cfg = dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, temporal_negatives=True, foil_negatives=True))
-    model = STMModel(cfg).train()
-    batch = make_batch(model)
-    foil = model.tokenizer(CAPTIONS[4:8])
-    batch["foil_input_ids"], batch["foil_attention_mask"] = foil["input_ids"], foil["attention_mask"]
-    calls = []
-    vision_forward = model.vision.forward
-    monkeypatch.setattr(model.vision, "forward", lambda video, **kw: calls.append(video.shape[0])
-                        or vision_forward(video, **kw))
-
-    paired, paired_grads = losses_and_gradients(model, batch)
-    assert calls == [4, 8]  # pass 1 on the clips, then pass 2 on the clips and their reversed copies together
-
-    def two_calls(video, keep, weights, other_video, other_keep, other_weights, counts=None):
-        return (model.contrastive_tokens(video, keep, weights, counts),
-                model.contrastive_tokens(other_video, other_keep, other_weights, counts))
-
-    monkeypatch.setattr(model, "contrastive_tokens_pair", two_calls)
-    calls.clear()
-    separate, separate_grads = losses_and_gradients(model, batch)
-    assert calls == [4, 4, 4]
-    assert paired.keys() == separate.keys() and paired_grads.keys() == separate_grads.keys()
-    for name in paired:
-        torch.testing.assert_close(paired[name], separate[name])
-    for name in paired_grads:
-        torch.testing.assert_close(paired_grads[name], separate_grads[name], rtol=1e-4, atol=1e-6)
-    assert paired_grads["lam"].abs().sum() > 0  # the straight-through mask's gradient takes the paired path too
-
-
 @pytest.mark.parametrize("stem", ["diff", "tubelet2"])
 def test_temporal_stems_run(stem):
     cfg = tiny_config("stm")

@@ -427,23 +427,16 @@ class STMModel(nn.Module):
             )
 
         reuse_pass1 = self.cfg.pass2_tokens == "visible" and visible_tokens is not None
+        tokens2 = visible_tokens if reuse_pass1 else self.contrastive_tokens(video, keep, pass_weights, counts)
         needs_reversed = self.cfg.loss.temporal_negatives and frames > 1
-        reversed_tokens = reversed_keep = reversed_weights = None
+        reversed_tokens = None
         if needs_reversed:
             reversed_weights = None if pass_weights is None else tuple(
                 self.reverse_frames(w, frames) for w in pass_weights
             )
-            reversed_keep = self.reverse_frames(keep, frames)
-        if reuse_pass1:
-            tokens2 = visible_tokens
-            if needs_reversed:
-                reversed_tokens = self.contrastive_tokens(video.flip(1), reversed_keep, reversed_weights, counts)
-        elif needs_reversed:  # the clips and their reversed copies in one student call
-            tokens2, reversed_tokens = self.contrastive_tokens_pair(
-                video, keep, pass_weights, video.flip(1), reversed_keep, reversed_weights, counts
+            reversed_tokens = self.contrastive_tokens(
+                video.flip(1), self.reverse_frames(keep, frames), reversed_weights, counts
             )
-        else:
-            tokens2 = self.contrastive_tokens(video, keep, pass_weights, counts)
         foil = self.foil_states(batch)
 
         video_embed, text_embed = self.embed_video(tokens2), self.text_class(text_states, mask_ids)
@@ -554,24 +547,6 @@ class STMModel(nn.Module):
             weight = weights[0] if choice == "visible" else weights[1]
         count = None if counts is None or choice == "all" else counts[choice]
         return self.vision(video, keep=run, keep_weight=weight, keep_count=count).tokens
-
-    def contrastive_tokens_pair(
-        self, video: Tensor, keep: Tensor, weights: tuple[Tensor, Tensor] | None, other_video: Tensor,
-        other_keep: Tensor, other_weights: tuple[Tensor, Tensor] | None, counts: dict[str, int] | None = None,
-    ) -> tuple[Tensor, Tensor]:
-        """Pass 2 of two clip batches of the same shape (the clips and their time-reversed copies) in one student
-        call: the tokens of each, ``([B, n2, D], [B, n2, D])``, as two `contrastive_tokens` calls would give them.
-
-        Why: every sample runs through the student on its own (no batch statistics), so stacking the two batches
-        changes no value or gradient (with drop_path, its per-sample draws come from one call instead of two), and
-        one call of 2B clips costs less than two of B on a CPU, where the demo's small kernels pay per call.
-        """
-        both_weights = None
-        if weights is not None and other_weights is not None:
-            both_weights = tuple(torch.cat([w, o]) for w, o in zip(weights, other_weights))
-        tokens = self.contrastive_tokens(torch.cat([video, other_video]), torch.cat([keep, other_keep]),
-                                         both_weights, counts)
-        return tokens[: video.shape[0]], tokens[video.shape[0]:]
 
     def encoder_mask_weights(self, mask_st: Tensor) -> tuple[Tensor, Tensor] | None:
         """(1 - mask, mask) as float [B, T'*N] weights of the student's input tokens in pass 1 and pass 2.
