@@ -56,10 +56,17 @@ def step_ratio(reference_seconds: float, here_seconds: list[float]) -> float:
     return reference_seconds / statistics.median(here_seconds)
 
 
+def worktree_env(worktree: Path, threads: int, *folders: str) -> dict[str, str]:
+    """The environment of a run of the old commit: its `src` (and `folders`) first on the path, AVX2 kernels,
+    `threads` threads, offline."""
+    path = os.pathsep.join(str(worktree / folder) for folder in ("src", *folders))
+    return {**os.environ, **AVX2_ENV, "PYTHONPATH": path, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1"}
+
+
 def benchmark_step(worktree: Path, threads: int, steps: int) -> float:
     """s/step of the old commit's demo fp32 benchmark, run from `worktree` with this interpreter."""
-    env = {**os.environ, **AVX2_ENV, "PYTHONPATH": str(worktree / "src"), "OMP_NUM_THREADS": str(threads),
-           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env = worktree_env(worktree, threads)
     command = [sys.executable, "benchmarks/bench_pretrain.py", "--sizes", "demo", "--precisions", "fp32",
                "--steps", str(steps), "--threads", str(threads)]
     subprocess.run(command, cwd=worktree, env=env, check=True, stdout=subprocess.DEVNULL)
@@ -70,8 +77,7 @@ def benchmark_step(worktree: Path, threads: int, steps: int) -> float:
 def benchmark_training_run(worktree: Path, threads: int) -> float:
     """Seconds of the old commit's downstream fixture (tests/downstream.py: corpus + 150 pretraining steps), run
     from `worktree` with this interpreter in a fresh folder."""
-    env = {**os.environ, **AVX2_ENV, "PYTHONPATH": f"{worktree / 'src'}{os.pathsep}{worktree / 'tests'}",
-           "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env = worktree_env(worktree, threads, "tests")
     with tempfile.TemporaryDirectory() as tmp:
         code = ("import sys, time; from pathlib import Path; from downstream import make_pretrained_corpus; "
                 "t = time.perf_counter(); make_pretrained_corpus(Path(sys.argv[1])); "
@@ -115,27 +121,29 @@ def main() -> int:
     if args.workload == "training-run":
         return write_training_run(args.commit, here, sorted(args.cores), threads)
     ratio = step_ratio(args.reference_step_seconds, here)
-    result = {"commit": args.commit, "reference_step_seconds": args.reference_step_seconds,
-              "step_seconds_here": here, "step_ratio": round(ratio, 3), "cores": sorted(args.cores),
-              "threads": threads, "isa": "avx2", "cpu_capability": cpu_capability(),
-              "machine": platform.processor() or platform.machine(), "date": datetime.date.today().isoformat()}
-    RESULT.parent.mkdir(exist_ok=True)
-    RESULT.write_text(json.dumps(result, indent=1) + "\n")
+    write_result(RESULT, {"commit": args.commit, "reference_step_seconds": args.reference_step_seconds,
+                          "step_seconds_here": here, "step_ratio": round(ratio, 3)}, sorted(args.cores), threads)
     print(f"demo step of {args.commit} (fp32, {threads} threads): {statistics.median(here):.3f} s here against "
           f"{args.reference_step_seconds} s on the reference machine: step ratio {ratio:.2f}")
     return 0
 
 
+def write_result(path: Path, fields: dict, cores: list[int], threads: int) -> None:
+    """Write a calibration's `fields` to `path` with the set-up it was measured on (cores, threads, kernels,
+    machine, date)."""
+    result = {**fields, "cores": cores, "threads": threads, "isa": "avx2", "cpu_capability": cpu_capability(),
+              "machine": platform.processor() or platform.machine(), "date": datetime.date.today().isoformat()}
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(json.dumps(result, indent=1) + "\n")
+
+
 def write_training_run(commit: str, here: list[float], cores: list[int], threads: int) -> int:
     """Write and print the training-run calibration (TRAINING_RUN_RESULT)."""
     ratio = step_ratio(REFERENCE_TRAINING_RUN_SECONDS, here)
-    result = {"commit": commit, "workload": "tests/downstream.py make_pretrained_corpus (corpus + 150 steps)",
-              "reference_seconds": REFERENCE_TRAINING_RUN_SECONDS, "seconds_here": [round(t, 1) for t in here],
-              "training_run_ratio": round(ratio, 3), "cores": cores, "threads": threads, "isa": "avx2",
-              "cpu_capability": cpu_capability(), "machine": platform.processor() or platform.machine(),
-              "date": datetime.date.today().isoformat()}
-    TRAINING_RUN_RESULT.parent.mkdir(exist_ok=True)
-    TRAINING_RUN_RESULT.write_text(json.dumps(result, indent=1) + "\n")
+    write_result(TRAINING_RUN_RESULT, {
+        "commit": commit, "workload": "tests/downstream.py make_pretrained_corpus (corpus + 150 steps)",
+        "reference_seconds": REFERENCE_TRAINING_RUN_SECONDS, "seconds_here": [round(t, 1) for t in here],
+        "training_run_ratio": round(ratio, 3)}, cores, threads)
     print(f"downstream fixture of {commit} ({threads} threads): {statistics.median(here):.1f} s here against "
           f"{REFERENCE_TRAINING_RUN_SECONDS:.0f} s on the reference machine: training-run ratio {ratio:.2f}")
     return 0
