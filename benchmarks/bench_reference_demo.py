@@ -29,9 +29,12 @@ calibration just before and just after the demo and projects with the mean of th
 machine ran: the same commit's small pretraining run of its test suite (`calibrate_reference.py --workload
 training-run`; the `training_run_seconds` column). On one machine it came out 1.5-1.6x the step ratio measured in
 the same minutes: the reference machine ran the two workloads at speeds no single ratio reconciles (BENCHMARKS.md).
+`--demo-run` adds a fourth the same way, by the ratio of that commit's demo run end to end in two of the issue's
+configurations (`calibrate_reference.py --workload demo-run`, about 11 minutes each time; the `demo_run_seconds`
+column): the issue's round "about 10 minutes" makes it coarse, but it times the demo's whole pipeline.
 
     python benchmarks/bench_reference_demo.py [--full] [--cores 0[,1]] [--isa avx2|native] [--bracket
-                                              [--training-run]] [--out DIR] [overrides]
+                                              [--training-run] [--demo-run]] [--out DIR] [overrides]
     python benchmarks/bench_reference_demo.py --from-run runs/ref-demo --peak-gflops 87.5   # project a finished run
 
 Writes benchmarks/results/reference_demo[_full][_two_cores].json (one file per tier and core count) and prints a
@@ -56,6 +59,11 @@ REFERENCE_GFLOPS = 70.0  # fp32 2048^3 matmul, 2 threads, on the reference machi
 AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
 CALIBRATION = RESULTS / "reference_calibration.json"  # written by calibrate_reference.py
 TRAINING_RUN_CALIBRATION = RESULTS / "reference_calibration_training_run.json"  # its --workload training-run
+DEMO_RUN_CALIBRATION = RESULTS / "reference_calibration_demo_run.json"  # its --workload demo-run
+# the workloads a bracket can calibrate besides the step: the module constant naming the results file (looked up at
+# call time, so tests can point it elsewhere) and the prefix of the keys and column the ratio goes to
+EXTRA_WORKLOADS = {"training-run": ("TRAINING_RUN_CALIBRATION", "training_run"),
+                   "demo-run": ("DEMO_RUN_CALIBRATION", "demo_run")}
 TRAINING_STAGES = ("teacher_run", "pretrain")  # the demo's folders whose config.yaml records a resolved precision
 
 
@@ -152,8 +160,8 @@ def result_name(tier: str, cores: int) -> str:
 
 
 def bracket_calibration(cores: set[int], isa: str, workload: str = "step") -> float:
-    """calibrate_reference.py on `cores` now (it writes CALIBRATION, or TRAINING_RUN_CALIBRATION for the
-    training-run workload); its ratio."""
+    """calibrate_reference.py on `cores` now (it writes CALIBRATION, or the file EXTRA_WORKLOADS names for another
+    workload); its ratio."""
     if isa != "avx2":
         raise SystemExit("bench_reference_demo: --bracket needs --isa avx2, the calibration's kernels")
     command = [sys.executable, str(Path(__file__).with_name("calibrate_reference.py")),
@@ -163,24 +171,27 @@ def bracket_calibration(cores: set[int], isa: str, workload: str = "step") -> fl
     if subprocess.run(command).returncode:
         raise SystemExit("bench_reference_demo: calibrate_reference.py failed; nothing projected")
     if workload != "step":
-        return float(json.loads(TRAINING_RUN_CALIBRATION.read_text())["training_run_ratio"])
+        constant, key = EXTRA_WORKLOADS[workload]
+        return float(json.loads(globals()[constant].read_text())[f"{key}_ratio"])
     return float(json.loads(CALIBRATION.read_text())["step_ratio"])
 
 
-def add_training_run_projection(result: dict, ratios: list[float]) -> None:
-    """Record the training-run calibrations around the demo and each stage's seconds times their mean
-    (`training_run_seconds`), beside the step-ratio projection."""
+def add_workload_projection(result: dict, workload: str, ratios: list[float]) -> None:
+    """Record a workload's calibrations around the demo (`training_run_ratios_bracket`, ...) and each stage's
+    seconds times their mean (`training_run_seconds`, ...), beside the step-ratio projection."""
+    key = EXTRA_WORKLOADS[workload][1]
     mean = round(sum(ratios) / len(ratios), 3)
-    result["training_run_ratios_bracket"], result["training_run_ratio"] = ratios, mean
+    result[f"{key}_ratios_bracket"], result[f"{key}_ratio"] = ratios, mean
     for row in result["stages"].values():
-        row["training_run_seconds"] = round(row["seconds"] * mean, 1)
+        row[f"{key}_seconds"] = round(row["seconds"] * mean, 1)
 
 
 def table(result: dict) -> str:
     calibrated = result.get("step_ratio") is not None
-    by_run = "training_run_ratio" in result
-    lines = ["| stage | TFLOP | seconds here | by the matmul peaks | by the step ratio |"
-             + (" by the training-run ratio |" if by_run else ""), "|---|---|---|---|---|" + ("---|" if by_run else "")]
+    extra = [(workload, key) for workload, (_, key) in EXTRA_WORKLOADS.items() if f"{key}_ratio" in result]
+    header = "| stage | TFLOP | seconds here | by the matmul peaks | by the step ratio |"
+    lines = [header + "".join(f" by the {workload} ratio |" for workload, _ in extra),
+             "|---|---|---|---|---|" + "---|" * len(extra)]
 
     def minutes(seconds: float) -> str:
         return f"{seconds} ({seconds / 60:.1f} min)"
@@ -188,7 +199,7 @@ def table(result: dict) -> str:
     for name, row in result["stages"].items():
         by_step = minutes(row["calibrated_seconds"]) if calibrated else "-"
         lines.append(f"| {name} | {row['tflop']} | {row['seconds']} | {minutes(row['reference_seconds'])} | {by_step} |"
-                     + (f" {minutes(row['training_run_seconds'])} |" if by_run else ""))
+                     + "".join(f" {minutes(row[f'{key}_seconds'])} |" for _, key in extra))
     return "\n".join(lines)
 
 
@@ -212,6 +223,9 @@ def main() -> int:
     parser.add_argument("--training-run", action="store_true",
                         help="with --bracket: also calibrate on the reference commit's training-run fixture before "
                              "and after, and project with the mean of that ratio too (about 4 more minutes)")
+    parser.add_argument("--demo-run", action="store_true",
+                        help="with --bracket: also calibrate on the reference commit's demo runs before and after, "
+                             "and project with the mean of that ratio too (about 22 more minutes)")
     parser.add_argument("overrides", nargs="*", help="passed on to stmvl demo, e.g. optim.max_steps=20 for a check")
     args = parser.parse_args()
     if not hasattr(os, "sched_setaffinity"):
@@ -228,10 +242,12 @@ def main() -> int:
         print("bench_reference_demo: --bracket calibrates around a demo it runs, not around --from-run",
               file=sys.stderr)
         return 2
-    if args.training_run and not args.bracket:
-        print("bench_reference_demo: --training-run needs --bracket", file=sys.stderr)
+    extra = [workload for workload, wanted in (("training-run", args.training_run), ("demo-run", args.demo_run))
+             if wanted]
+    if extra and not args.bracket:
+        print(f"bench_reference_demo: --{extra[0]} needs --bracket", file=sys.stderr)
         return 2
-    run_bracket = [bracket_calibration(cores, args.isa, "training-run")] if args.training_run else []
+    extra_brackets = {workload: [bracket_calibration(cores, args.isa, workload)] for workload in extra}
     bracket = [bracket_calibration(cores, args.isa)] if args.bracket else []
     started = time.perf_counter()
     if not args.from_run:
@@ -242,7 +258,8 @@ def main() -> int:
         wall = round(time.perf_counter() - started, 1)
         peaks.append(fp32_peak(threads))
         bracket += [bracket_calibration(cores, args.isa)] if args.bracket else []
-        run_bracket += [bracket_calibration(cores, args.isa, "training-run")] if args.training_run else []
+        for workload, ratios in extra_brackets.items():
+            ratios.append(bracket_calibration(cores, args.isa, workload))
     summary_file = out / "summary.json"
     if not summary_file.exists():
         print(f"bench_reference_demo: {summary_file} not found: not a finished demo folder", file=sys.stderr)
@@ -260,8 +277,8 @@ def main() -> int:
         result["wall_seconds"] = wall
     if bracket:
         result["step_ratios_bracket"] = bracket
-    if run_bracket:
-        add_training_run_projection(result, run_bracket)
+    for workload, ratios in extra_brackets.items():
+        add_workload_projection(result, workload, ratios)
     precisions = resolved_precisions(out)
     not_fp32 = [stage for stage, line in precisions.items() if "-> fp32" not in line]
     if not_fp32:

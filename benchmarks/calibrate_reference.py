@@ -21,7 +21,17 @@ downstream fixture alone 407 s", inside its pytest run on a machine it calls sha
 reference_calibration_training_run.json, with `training_run_ratio`. The two ratios need not agree (on one machine the
 fixture's came out 1.5-1.6x the step's, BENCHMARKS.md); a projection by each shows how much the yardstick decides.
 
-    python benchmarks/calibrate_reference.py [--cores 0,1] [--steps 5] [--repeats 2] [--workload step|training-run]
+`--workload demo-run` times the third thing: that commit's demo itself, end to end (`stmvl demo`: corpus, teacher,
+pretraining, evaluation), in the two of the issue's "five runs of about 10 minutes end to end" that overrides
+reproduce: 64 px with 48 steps of 32, and 32 px (patch 8) with 110 steps of 32, both in fp32. That commit's
+`stmvl demo` passes no `optim.*` override to its teacher, so the worktree's demo recipe is set to fp32 instead (the
+issue's runs trained in fp32, teacher included). It writes reference_calibration_demo_run.json with each run's
+seconds and stages and `demo_run_ratio`, the mean of 600 s over each run's wall seconds here. "About 10 minutes" is
+the issue's round figure for five runs, so this ratio is coarse (a tenth either way), but it is the only one of the
+three taken on the demo's whole pipeline.
+
+    python benchmarks/calibrate_reference.py [--cores 0,1] [--steps 5] [--repeats 2]
+                                             [--workload step|training-run|demo-run]
 """
 
 from __future__ import annotations
@@ -35,6 +45,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from bench_reference_demo import AVX2_ENV, cpu_capability, parse_cores
@@ -47,6 +58,14 @@ REFERENCE_STEP_SECONDS = 8.75
 # what that commit's downstream test fixture (corpus + 150 pretraining steps) took there, and where its ratio goes
 REFERENCE_TRAINING_RUN_SECONDS = 407.0
 TRAINING_RUN_RESULT = ROOT / "benchmarks" / "results" / "reference_calibration_training_run.json"
+# the issue's end-to-end demo runs of that commit ("about 10 minutes" each) that overrides of its demo reproduce
+REFERENCE_DEMO_RUN_SECONDS = 600.0
+DEMO_RUNS = {
+    "64px_48x32": ["optim.max_steps=48"],
+    "32px_110x32": ["data.img_size=32", "model.vision.img_size=32", "model.teacher.img_size=32",
+                    "optim.max_steps=110"],
+}
+DEMO_RUN_RESULT = ROOT / "benchmarks" / "results" / "reference_calibration_demo_run.json"
 
 
 def step_ratio(reference_seconds: float, here_seconds: list[float]) -> float:
@@ -87,6 +106,32 @@ def benchmark_training_run(worktree: Path, threads: int) -> float:
     return float(done.stdout.strip().splitlines()[-1])
 
 
+def train_in_fp32(worktree: Path) -> None:
+    """Set the old commit's demo recipe (which its teacher recipe extends) to fp32, as the issue's demo runs were."""
+    recipe = worktree / "src" / "stmvl" / "recipes" / "demo.yaml"
+    text = recipe.read_text()
+    if text.count("  precision: bf16\n") != 1:
+        raise RuntimeError(f"{recipe}: expected one 'precision: bf16' line to set to fp32")
+    recipe.write_text(text.replace("  precision: bf16\n", "  precision: fp32\n"))
+
+
+def benchmark_demo_run(worktree: Path, threads: int, overrides: list[str]) -> dict[str, float]:
+    """Wall seconds of the old commit's `stmvl demo` with `overrides`, run from `worktree` with this interpreter
+    into a fresh folder, and the stage seconds its summary.json recorded (corpus, teacher, pretrain_stm, total)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        started = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "stmvl.cli", "demo", "--out", tmp, *overrides], cwd=worktree,
+                       env=worktree_env(worktree, threads), check=True, stdout=subprocess.DEVNULL)
+        wall = time.perf_counter() - started
+        timings = json.loads((Path(tmp) / "summary.json").read_text())["timings"]
+    return {"seconds": round(wall, 1), **{name: round(seconds, 1) for name, seconds in timings.items()}}
+
+
+def demo_run_ratio(runs: dict[str, dict[str, float]]) -> float:
+    """The mean over the runs of REFERENCE_DEMO_RUN_SECONDS / wall seconds here."""
+    return statistics.mean(step_ratio(REFERENCE_DEMO_RUN_SECONDS, [run["seconds"]]) for run in runs.values())
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cores", type=parse_cores, default={0, 1}, help="cores to pin to, one thread each")
@@ -94,8 +139,9 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=2, help="runs of the benchmark; the median s/step counts")
     parser.add_argument("--commit", default=REFERENCE_COMMIT)
     parser.add_argument("--reference-step-seconds", type=float, default=REFERENCE_STEP_SECONDS)
-    parser.add_argument("--workload", choices=("step", "training-run"), default="step",
-                        help="the old commit's benchmark step (default), or its downstream test fixture")
+    parser.add_argument("--workload", choices=("step", "training-run", "demo-run"), default="step",
+                        help="the old commit's benchmark step (default), its downstream test fixture, or its demo "
+                             "end to end in two of the issue's configurations (about 11 minutes here)")
     args = parser.parse_args()
     if not hasattr(os, "sched_setaffinity"):
         print("calibrate_reference: needs os.sched_setaffinity (Linux) to pin the run to its cores", file=sys.stderr)
@@ -114,12 +160,17 @@ def main() -> int:
         try:
             if args.workload == "training-run":
                 here = [benchmark_training_run(worktree, threads) for _ in range(args.repeats)]
+            elif args.workload == "demo-run":
+                train_in_fp32(worktree)
+                here = {name: benchmark_demo_run(worktree, threads, overrides) for name, overrides in DEMO_RUNS.items()}
             else:
                 here = [benchmark_step(worktree, threads, args.steps) for _ in range(args.repeats)]
         finally:
             subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(worktree)], check=False)
     if args.workload == "training-run":
         return write_training_run(args.commit, here, sorted(args.cores), threads)
+    if args.workload == "demo-run":
+        return write_demo_run(args.commit, here, sorted(args.cores), threads)
     ratio = step_ratio(args.reference_step_seconds, here)
     write_result(RESULT, {"commit": args.commit, "reference_step_seconds": args.reference_step_seconds,
                           "step_seconds_here": here, "step_ratio": round(ratio, 3)}, sorted(args.cores), threads)
@@ -146,6 +197,20 @@ def write_training_run(commit: str, here: list[float], cores: list[int], threads
         "training_run_ratio": round(ratio, 3)}, cores, threads)
     print(f"downstream fixture of {commit} ({threads} threads): {statistics.median(here):.1f} s here against "
           f"{REFERENCE_TRAINING_RUN_SECONDS:.0f} s on the reference machine: training-run ratio {ratio:.2f}")
+    return 0
+
+
+def write_demo_run(commit: str, runs: dict[str, dict[str, float]], cores: list[int], threads: int) -> int:
+    """Write and print the demo-run calibration (DEMO_RUN_RESULT)."""
+    ratio = demo_run_ratio(runs)
+    write_result(DEMO_RUN_RESULT, {
+        "commit": commit, "workload": "stmvl demo, fp32, end to end: " + "; ".join(
+            f"{name}: {' '.join(overrides)}" for name, overrides in DEMO_RUNS.items()),
+        "reference_seconds": REFERENCE_DEMO_RUN_SECONDS, "runs": runs, "demo_run_ratio": round(ratio, 3)},
+        cores, threads)
+    seconds = ", ".join(f"{name} {run['seconds']:.0f} s" for name, run in runs.items())
+    print(f"demo runs of {commit} (fp32, {threads} threads): {seconds} here against about "
+          f"{REFERENCE_DEMO_RUN_SECONDS:.0f} s each on the reference machine: demo-run ratio {ratio:.2f}")
     return 0
 
 

@@ -134,10 +134,27 @@ def test_the_training_run_bracket_calibrates_that_workload_and_adds_its_projecti
     summary = {"tier": "quick", "stages": {"pretrain stm": {"seconds": 300.0, "flops": 20e12}},
                "total": {"seconds": 400.0, "flops": 21e12}}
     result = bench.projection(summary, peak_gflops=140.0, reference_gflops=70.0, step_ratio=1.75)
-    bench.add_training_run_projection(result, ratios)
+    bench.add_workload_projection(result, "training-run", ratios)
     assert result["training_run_ratio"] == 3.15 and result["training_run_ratios_bracket"] == [3.1, 3.2]
     assert result["stages"]["total"]["training_run_seconds"] == 1260.0
     assert "| total | 21.0 | 400.0 | 800.0 (13.3 min) | 700.0 (11.7 min) | 1260.0 (21.0 min) |" in bench.table(result)
+
+
+def test_the_demo_run_bracket_reads_its_own_file_and_adds_a_column_after_the_training_run(tmp_path, monkeypatch):
+    bench = load_script()
+    monkeypatch.setattr(bench, "DEMO_RUN_CALIBRATION", tmp_path / "demo_run.json")
+    commands = fake_calibrations(bench, monkeypatch, tmp_path / "demo_run.json", "demo_run_ratio", 1.9)
+    ratios = [bench.bracket_calibration({0, 1}, "avx2", "demo-run") for _ in range(2)]
+    assert ratios == [2.0, 2.1] and commands[0][2:] == ["--cores", "0,1", "--workload", "demo-run", "--repeats", "1"]
+    summary = {"tier": "quick", "stages": {}, "total": {"seconds": 400.0, "flops": 21e12}}
+    result = bench.projection(summary, peak_gflops=140.0, reference_gflops=70.0, step_ratio=1.75)
+    bench.add_workload_projection(result, "demo-run", ratios)
+    assert result["demo_run_ratio"] == 2.05 and result["stages"]["total"]["demo_run_seconds"] == 820.0
+    assert "| total | 21.0 | 400.0 | 800.0 (13.3 min) | 700.0 (11.7 min) | 820.0 (13.7 min) |" in bench.table(result)
+    bench.add_workload_projection(result, "training-run", [3.0])
+    header, _, total = bench.table(result).splitlines()
+    assert header.endswith("| by the training-run ratio | by the demo-run ratio |")
+    assert total.endswith("| 1200.0 (20.0 min) | 820.0 (13.7 min) |")
 
 
 def test_the_training_run_ratio_is_written_to_its_own_file(tmp_path, monkeypatch):
@@ -151,3 +168,25 @@ def test_the_training_run_ratio_is_written_to_its_own_file(tmp_path, monkeypatch
     written = json.loads((tmp_path / "training_run.json").read_text())
     assert written["training_run_ratio"] == pytest.approx(407.0 / 110.0, abs=1e-3)  # the median run
     assert written["seconds_here"] == [110.0, 130.0, 100.0] and written["threads"] == 2
+
+
+def test_the_demo_run_ratio_is_the_mean_over_both_runs_and_the_old_recipe_is_set_to_fp32(tmp_path, monkeypatch):
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        calibrate = load_script("calibrate_reference")
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    monkeypatch.setattr(calibrate, "DEMO_RUN_RESULT", tmp_path / "demo_run.json")
+    runs = {"64px_48x32": {"seconds": 375.0, "corpus": 30.2}, "32px_110x32": {"seconds": 250.0, "corpus": 23.7}}
+    assert calibrate.write_demo_run("4996a8d", runs, [0, 1], 2) == 0
+    written = json.loads((tmp_path / "demo_run.json").read_text())
+    assert written["demo_run_ratio"] == pytest.approx((600 / 375 + 600 / 250) / 2, abs=1e-3)  # 1.6 and 2.4
+    assert written["runs"] == runs and written["reference_seconds"] == 600.0
+    assert "64px_48x32: optim.max_steps=48" in written["workload"]
+    recipe = tmp_path / "src" / "stmvl" / "recipes" / "demo.yaml"
+    recipe.parent.mkdir(parents=True)
+    recipe.write_text("optim:\n  lr: 1.0e-3\n  precision: bf16\n  clip_grad: 1.0\n")
+    calibrate.train_in_fp32(tmp_path)
+    assert recipe.read_text() == "optim:\n  lr: 1.0e-3\n  precision: fp32\n  clip_grad: 1.0\n"
+    with pytest.raises(RuntimeError, match="precision: bf16"):
+        calibrate.train_in_fp32(tmp_path)  # already fp32: the old recipe is not what the calibration expects
