@@ -75,14 +75,18 @@ def project_seconds(seconds: float, peak_gflops: float, reference_gflops: float 
 
 
 def projection(
-    summary: dict, peak_gflops: float, reference_gflops: float = REFERENCE_GFLOPS, step_ratio: float | None = None
+    summary: dict, peak_gflops: float, reference_gflops: float = REFERENCE_GFLOPS, step_ratio: float | None = None,
+    wall_seconds: float | None = None,
 ) -> dict:
     """Per-stage measured and projected seconds and TFLOP of a demo's summary.json (`stages`, `total`, `results`).
 
     step_ratio: the calibration of calibrate_reference.py (reference s/step over s/step on these cores); when given,
-    each row also has `calibrated_seconds` = seconds * step_ratio."""
+    each row also has `calibrated_seconds` = seconds * step_ratio. wall_seconds: the whole `stmvl demo` command as
+    timed around it, which adds a `whole command` row: the stages' total leaves out the interpreter's start, the
+    imports and the report, which the reference machine pays too."""
     rows = {}
-    for name, stage in list(summary["stages"].items()) + [("total", summary["total"])]:
+    whole = [("whole command", {"seconds": wall_seconds, "flops": summary["total"]["flops"]})] if wall_seconds else []
+    for name, stage in list(summary["stages"].items()) + [("total", summary["total"])] + whole:
         rows[name] = {"seconds": round(stage["seconds"], 1), "tflop": round(stage["flops"] / 1e12, 2),
                       "reference_seconds": round(project_seconds(stage["seconds"], peak_gflops, reference_gflops), 1)}
         if step_ratio is not None:
@@ -271,7 +275,8 @@ def main() -> int:
         ratio, calibration_note = load_calibration(args.calibration, threads, args.isa)
     if ratio is None:
         print(f"bench_reference_demo: no step-ratio projection: {calibration_note}", file=sys.stderr)
-    result = projection(json.loads(summary_file.read_text()), sum(peaks) / len(peaks), args.reference_gflops, ratio)
+    result = projection(json.loads(summary_file.read_text()), sum(peaks) / len(peaks), args.reference_gflops, ratio,
+                        None if args.from_run else wall)
     result["calibration"] = calibration_note
     if not args.from_run:
         result["wall_seconds"] = wall

@@ -66,6 +66,11 @@ def test_the_step_ratio_projection_multiplies_every_stage_and_needs_a_calibratio
     assert result["stages"]["total"] == {"seconds": 400.0, "tflop": 21.0, "reference_seconds": 800.0,
                                          "calibrated_seconds": 700.0}
     assert "| total | 21.0 | 400.0 | 800.0 (13.3 min) | 700.0 (11.7 min) |" in bench.table(result)
+    # the whole command, start-up and report included, is projected on a row of its own
+    whole = bench.projection(summary, peak_gflops=140.0, reference_gflops=70.0, step_ratio=1.75, wall_seconds=410.0)
+    assert list(whole["stages"]) == ["pretrain stm", "total", "whole command"]
+    assert whole["stages"]["whole command"] == {"seconds": 410.0, "tflop": 21.0, "reference_seconds": 820.0,
+                                                "calibrated_seconds": 717.5}
     calibration = tmp_path / "reference_calibration.json"
     assert bench.load_calibration(calibration, 2, "avx2")[0] is None  # no file yet
     calibration.write_text(json.dumps({"step_ratio": 1.75, "threads": 2, "isa": "avx2"}))
