@@ -19,6 +19,15 @@ def load_script(name="bench_reference_demo"):
     return module
 
 
+def load_calibrate_script():
+    """calibrate_reference.py as a module (it imports its sibling bench_reference_demo)."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        return load_script("calibrate_reference")
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
 def test_projection_scales_every_stage_by_the_ratio_of_peaks():
     bench = load_script()
     summary = {"tier": "quick", "results": {"stm": {"synth_test.itc.t2v_r1": 24.0}},
@@ -80,11 +89,7 @@ def test_the_step_ratio_projection_multiplies_every_stage_and_needs_a_calibratio
 
 
 def test_the_step_ratio_is_the_reference_step_over_the_median_step_here():
-    sys.path.insert(0, str(BENCHMARKS))  # the calibration script imports its sibling
-    try:
-        calibrate = load_script("calibrate_reference")
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    calibrate = load_calibrate_script()
     assert calibrate.step_ratio(8.75, [5.0, 4.8, 5.2]) == pytest.approx(1.75)
     with pytest.raises(ValueError, match="positive"):
         calibrate.step_ratio(8.75, [])
@@ -163,11 +168,7 @@ def test_the_demo_run_bracket_reads_its_own_file_and_adds_a_column_after_the_tra
 
 
 def test_the_training_run_ratio_is_written_to_its_own_file(tmp_path, monkeypatch):
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        calibrate = load_script("calibrate_reference")
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    calibrate = load_calibrate_script()
     monkeypatch.setattr(calibrate, "TRAINING_RUN_RESULT", tmp_path / "training_run.json")
     assert calibrate.write_training_run("4996a8d", [110.0, 130.0, 100.0], [0, 1], 2) == 0
     written = json.loads((tmp_path / "training_run.json").read_text())
@@ -176,11 +177,7 @@ def test_the_training_run_ratio_is_written_to_its_own_file(tmp_path, monkeypatch
 
 
 def test_the_demo_run_ratio_is_the_mean_over_both_runs_and_the_old_recipe_is_set_to_fp32(tmp_path, monkeypatch):
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        calibrate = load_script("calibrate_reference")
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    calibrate = load_calibrate_script()
     monkeypatch.setattr(calibrate, "DEMO_RUN_RESULT", tmp_path / "demo_run.json")
     runs = {"64px_48x32": {"seconds": 375.0, "corpus": 30.2}, "32px_110x32": {"seconds": 250.0, "corpus": 23.7}}
     assert calibrate.write_demo_run("4996a8d", runs, [0, 1], 2) == 0
