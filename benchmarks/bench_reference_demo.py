@@ -27,11 +27,12 @@ A shared machine's speed drifts (the ratio moved by a fifth within seven minutes
 calibration just before and just after the demo and projects with the mean of the two ratios (both recorded).
 `--training-run` adds a third projection, bracketed the same way, by the ratio of a second workload the reference
 machine ran: the same commit's small pretraining run of its test suite (`calibrate_reference.py --workload
-training-run`; the `training_run_seconds` column). On one machine it came out 1.5-1.6x the step ratio measured in
+training-run`; the `training_run_seconds` column). On one machine it came out 1.4-1.6x the step ratio measured in
 the same minutes: the reference machine ran the two workloads at speeds no single ratio reconciles (BENCHMARKS.md).
 `--demo-run` adds a fourth the same way, by the ratio of that commit's demo run end to end in two of the issue's
 configurations (`calibrate_reference.py --workload demo-run`, about 11 minutes each time; the `demo_run_seconds`
-column): the issue's round "about 10 minutes" makes it coarse, but it times the demo's whole pipeline.
+column; 0.8x the step ratio on that machine): the issue's round "about 10 minutes" makes it coarse, but it times a
+whole demo. With a finished demo run, a `whole command` row projects the `stmvl demo` process as timed around it.
 
     python benchmarks/bench_reference_demo.py [--full] [--cores 0[,1]] [--isa avx2|native] [--bracket
                                               [--training-run] [--demo-run]] [--out DIR] [overrides]

@@ -27,8 +27,8 @@ reproduce: 64 px with 48 steps of 32, and 32 px (patch 8) with 110 steps of 32, 
 `stmvl demo` passes no `optim.*` override to its teacher, so the worktree's demo recipe is set to fp32 instead (the
 issue's runs trained in fp32, teacher included). It writes reference_calibration_demo_run.json with each run's
 seconds and stages and `demo_run_ratio`, the mean of 600 s over each run's wall seconds here. "About 10 minutes" is
-the issue's round figure for five runs, so this ratio is coarse (a tenth either way), but it is the only one of the
-three taken on the demo's whole pipeline.
+the issue's round figure for five runs, so this ratio is coarse and likely leans low (the 64 px run's 48 steps alone
+take 420 s at the issue's 8.75 s per step), but it is the only one of the three taken on a whole demo.
 
     python benchmarks/calibrate_reference.py [--cores 0,1] [--steps 5] [--repeats 2]
                                              [--workload step|training-run|demo-run]
@@ -136,7 +136,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cores", type=parse_cores, default={0, 1}, help="cores to pin to, one thread each")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per run (after one warm-up step)")
-    parser.add_argument("--repeats", type=int, default=2, help="runs of the benchmark; the median s/step counts")
+    parser.add_argument("--repeats", type=int, default=2,
+                        help="runs of the step or training-run benchmark; the median counts (demo-run: one of each)")
     parser.add_argument("--commit", default=REFERENCE_COMMIT)
     parser.add_argument("--reference-step-seconds", type=float, default=REFERENCE_STEP_SECONDS)
     parser.add_argument("--workload", choices=("step", "training-run", "demo-run"), default="step",
